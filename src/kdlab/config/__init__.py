@@ -1,0 +1,1 @@
+"""Configuration: pydantic schema, named-config registry, CLI overrides."""

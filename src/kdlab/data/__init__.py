@@ -1,0 +1,1 @@
+"""Data: COCO people ROIs, synthetic people generator, transforms, collate."""

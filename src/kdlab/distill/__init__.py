@@ -1,0 +1,1 @@
+"""Distillation: teacher handling, KD losses and tasks."""

@@ -1,0 +1,1 @@
+"""Export: ONNX export and onnxruntime parity."""

@@ -1,0 +1,1 @@
+"""Models: full-image UNet + RoIAlign + hierarchical head, builders, losses."""
