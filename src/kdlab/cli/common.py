@@ -1,0 +1,71 @@
+"""What every CLI shares: one-line errors with exit codes, logging that does not break progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from kdlab.errors import KdlabInputError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one `error:` line (exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise KdlabInputError(f"{message} (see {self.prog} --help)")
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never crash the run
+            self.handleError(record)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    root = logging.getLogger("kdlab")
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.propagate = False
+
+
+class _Terminated(Exception):
+    pass
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run `main`, mapping bad input to exit 2 (`error: ...`), Ctrl-C to 130, SIGTERM to 143, bugs to 1."""
+
+    def _on_term(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        return main(argv)
+    except KdlabInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT)", file=sys.stderr)
+        return EXIT_SIGINT
+    except _Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_SIGTERM
+    except Exception:
+        traceback.print_exc()
+        print("error: unexpected failure (traceback above); please report it", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous)

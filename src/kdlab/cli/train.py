@@ -1,0 +1,98 @@
+"""`train_advanced.py`: train or evaluate one experiment."""
+
+from __future__ import annotations
+
+import json
+
+from kdlab.cli.common import OneLineArgumentParser, run_cli, setup_logging
+
+FLAG_KEYS = {
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "device": "training.device",
+    "seed": "training.seed",
+    "output_dir": "output_dir",
+}
+
+
+def build_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(
+        prog="train_advanced.py",
+        description="Train (or evaluate) one kdlab experiment. Precedence: named config < --set < flags.",
+    )
+    p.add_argument(
+        "--config", help="a named config (see --list_configs), a path to a .py config or a run's config.json"
+    )
+    p.add_argument("--list_configs", action="store_true", help="list the named configs and exit")
+    p.add_argument(
+        "--set", dest="set_items", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override config keys, e.g. --set training.lr=3e-4 model.roi_size=80,60 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, help="training.epochs")
+    p.add_argument("--batch_size", type=int, help="training.batch_size")
+    p.add_argument("--seed", type=int, help="training.seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training.device")
+    p.add_argument("--output_dir", help="where run directories are created (output_dir)")
+    p.add_argument("--resume", help="continue from a checkpoint (<run>/checkpoints/last.pth) or 'auto'")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--test_only", action="store_true", help="evaluate best_model.pth (or --resume) on the val set"
+    )
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from kdlab.config.loader import list_named_configs, resolve_config, validate_config
+    from kdlab.errors import KdlabInputError
+
+    if args.list_configs:
+        for name, doc in list_named_configs().items():
+            print(f"{name:28s} {doc}")
+        return 0
+    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    if args.config:
+        cfg = resolve_config(args.config, args.set_items, flags)
+    elif args.resume and args.resume != "auto":
+        from kdlab.config.loader import parse_set_items, set_dotted
+        from kdlab.experiments.single_run import config_from_checkpoint
+
+        data = config_from_checkpoint(args.resume).model_dump(mode="json")
+        for key, value in parse_set_items(args.set_items):
+            set_dotted(data, key, value)
+        for key, value in flags.items():
+            if value is not None:
+                set_dotted(data, key, value)
+        cfg = validate_config(data, where=f"checkpoint {args.resume}")
+    else:
+        raise KdlabInputError(
+            "--config is required (a name from --list_configs, a .py path or a config.json)"
+        )
+
+    from kdlab.experiments.single_run import RunRequest, execute
+
+    result = execute(
+        RunRequest(
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            test_only=args.test_only,
+            show_progress=not args.no_progress,
+        )  # fmt: skip
+    )
+    if args.test_only:
+        print(json.dumps(result, indent=2))
+    else:
+        metrics = result.get("final_metrics", {})
+        print(
+            f"{cfg.name}: {result['status']}, best target_iou={result.get('best_metric')} "
+            f"(epoch {result.get('best_epoch')}), miou={metrics.get('miou')}, run dir {result.get('run_dir')}"
+        )
+    return 0
+
+
+def entrypoint() -> None:
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,188 @@
+"""The experiment configuration schema (pydantic).
+
+Every section forbids unknown keys, so a typo fails before anything runs. Defaults are the seed's
+people-segmentation sizes (640x640 input, ROI 80x60, mask 160x120, H x W).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+PositiveSize = tuple[int, int]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_size(value: tuple[int, int], what: str) -> tuple[int, int]:
+    if any(v <= 0 for v in value):
+        raise ValueError(f"{what} must be two positive integers (height, width), got {list(value)}")
+    return value
+
+
+class ModelConfig(_Section):
+    """Full-image UNet + RoIAlign + hierarchical ROI head."""
+
+    name: Literal["roi_unet"] = "roi_unet"
+    encoder: str = Field("timm-efficientnet-b3", description="smp encoder name, e.g. timm-efficientnet-b0")
+    encoder_weights: str | None = Field(
+        None, description="null (random init) or a local file path to encoder weights; never downloaded"
+    )
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    feature_channels: int = Field(16, gt=0, description="per-pixel feature channels the UNet outputs")
+    roi_size: PositiveSize = Field((80, 60), description="RoIAlign crop size (H, W)")
+    mask_size: PositiveSize = Field((160, 120), description="predicted mask size per ROI (H, W)")
+    head_channels: int = Field(64, gt=0)
+    roi_sampling_ratio: int = Field(2, ge=0, description="RoIAlign samples per bin (0 = adaptive)")
+    input_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("roi_size", "mask_size")
+    @classmethod
+    def _positive(cls, v: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
+        return _check_size(v, f"model.{info.field_name}")
+
+    @field_validator("decoder_channels")
+    @classmethod
+    def _decoder(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) != 5 or any(c <= 0 for c in v):
+            raise ValueError("model.decoder_channels must be 5 positive integers")
+        return v
+
+    @field_validator("input_std")
+    @classmethod
+    def _std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("model.input_std values must be > 0")
+        return v
+
+
+class SyntheticDataConfig(_Section):
+    """Generate a synthetic COCO people dataset on first use (quickstart, tests)."""
+
+    root: str = Field("data/generated/synthetic_people", description="where train/ and val/ are written")
+    train_images: int = Field(64, gt=0)
+    val_images: int = Field(16, gt=0)
+    image_size: PositiveSize = (256, 256)
+    seed: int = 0
+    max_people: int = Field(5, ge=1)
+
+
+class AugmentConfig(_Section):
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    scale_range: tuple[float, float] = Field((0.75, 1.25), description="random zoom range of scale/crop")
+    brightness: float = Field(0.2, ge=0.0)
+    contrast: float = Field(0.2, ge=0.0)
+    saturation: float = Field(0.2, ge=0.0)
+    hue: float = Field(0.02, ge=0.0, le=0.5)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError("data.augment.scale_range must satisfy 0 < low <= high")
+        return v
+
+
+class DataConfig(_Section):
+    """COCO-format person data. Paths may be relative to the working directory."""
+
+    train_annotations: str | None = None
+    train_images: str | None = None
+    val_annotations: str | None = None
+    val_images: str | None = None
+    synthetic: SyntheticDataConfig | None = Field(
+        None, description="when set, the four paths above default to a generated synthetic dataset"
+    )
+    person_category: str = "person"
+    input_size: PositiveSize = Field((640, 640), description="network input size (H, W)")
+    min_box_size: float = Field(
+        8.0, ge=0.0, description="skip person boxes smaller than this (px, either side)"
+    )
+    max_rois_per_image: int | None = Field(None, gt=0)
+    keep_images_without_people: bool = Field(False, description="train on images with no person too")
+    skip_bad_images: bool = Field(False, description="count unreadable images as warnings instead of failing")
+    num_workers: int = Field(2, ge=0)
+    augment: AugmentConfig = AugmentConfig()
+    max_train_images: int | None = Field(None, gt=0, description="use only the first N training images")
+    max_val_images: int | None = Field(None, gt=0, description="use only the first N validation images")
+
+    @field_validator("input_size")
+    @classmethod
+    def _input(cls, v: tuple[int, int]) -> tuple[int, int]:
+        _check_size(v, "data.input_size")
+        if any(s % 32 for s in v):
+            raise ValueError(
+                f"data.input_size must be multiples of 32 (the UNet downsamples 5 times), got {list(v)}"
+            )
+        return v
+
+
+class LossConfig(_Section):
+    """Weights of the base segmentation loss terms (see kdlab.models.losses)."""
+
+    ce: float = Field(1.0, ge=0.0)
+    dice: float = Field(1.0, ge=0.0)
+    bg_fg: float = Field(0.5, ge=0.0)
+    target: float = Field(0.5, ge=0.0)
+    class_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(50, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0, description="linear LR warm-up length, in epochs")
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+    grad_clip_norm: float | None = Field(1.0, gt=0.0)
+    grad_accum_steps: int = Field(1, gt=0)
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="auto = bf16 on CUDA when supported, else fp16 on CUDA, off on CPU"
+    )
+    channels_last: bool = True
+    val_every: int = Field(1, gt=0, description="validate every N epochs (and always after the last)")
+    save_every: int = Field(5, gt=0, description="write checkpoint_epoch_XXXX.pth every N epochs")
+    log_every_steps: int = Field(10, gt=0)
+    num_vis_images: int = Field(4, ge=0, description="fixed validation images drawn each validation")
+    seed: int = 42
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss: LossConfig = LossConfig()
+
+
+class DistillationConfig(_Section):
+    """Knowledge distillation settings (the KD task arrives with the distillation issue)."""
+
+    enabled: bool = False
+    teacher_checkpoint: str | None = None
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ExportConfig(_Section):
+    onnx: bool = Field(False, description="export the student to ONNX after training")
+    opset: int = Field(17, ge=11)
+
+
+class ExperimentConfig(_Section):
+    """One experiment: everything needed to rebuild the run."""
+
+    name: str = Field("experiment", min_length=1)
+    description: str = ""
+    output_dir: str = "experiments"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    distillation: DistillationConfig = DistillationConfig()
+    export: ExportConfig = ExportConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if "/" in v or "\\" in v or v in {".", ".."}:
+            raise ValueError("name must be a plain directory name (no slashes)")
+        return v

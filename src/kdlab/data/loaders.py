@@ -1,0 +1,179 @@
+"""Datasets and DataLoaders from a config: paths (or a generated synthetic set), sampler, collate.
+
+A batch carries every ROI of every image: `images` uint8 [B,3,H,W] (converted to float on the device),
+`rois` float [N,5] = (batch_index, x1, y1, x2, y2), `masks` uint8 [N,mask_h,mask_w]. The UNet therefore runs
+once per image, never once per ROI.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from kdlab.config.schema import DataConfig, ExperimentConfig
+from kdlab.data.coco import CocoPeopleDataset, read_coco_people, sample_seed
+from kdlab.data.transforms import EvalTransform, TrainTransform
+from kdlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def collate_people(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Stack images, concatenate every image's ROIs with their batch index; drop skipped (None) samples."""
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
+    images = torch.stack([s["image"] for s in samples])
+    rois = []
+    for i, s in enumerate(samples):
+        boxes = s["boxes"].to(torch.float32)
+        rois.append(torch.cat([torch.full((boxes.shape[0], 1), float(i)), boxes], dim=1))
+    return {
+        "images": images,
+        "rois": torch.cat(rois, dim=0),
+        "masks": torch.cat([s["roi_masks"] for s in samples], dim=0),
+        "image_ids": [s["image_id"] for s in samples],
+        "indices": [s["index"] for s in samples],
+    }
+
+
+class EpochSeededSampler(Sampler):
+    """Yields `(index, sample_seed)`; order and augmentation seeds depend only on (seed, epoch).
+
+    That keeps data order and augmentation identical after a resume and independent of worker count.
+    """
+
+    def __init__(self, length: int, shuffle: bool, seed: int) -> None:
+        self.length = length
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 & 0xFFFFFFFF))
+            order = torch.randperm(self.length, generator=gen).tolist()
+        else:
+            order = list(range(self.length))
+        for position, index in enumerate(order):
+            yield index, sample_seed(self.seed, self.epoch, position)
+
+
+@dataclass
+class DataPaths:
+    train_annotations: Path
+    train_images: Path
+    val_annotations: Path
+    val_images: Path
+
+
+def resolve_data_paths(cfg: DataConfig, generate: bool = True) -> DataPaths:
+    """The four dataset paths; missing ones come from `data.synthetic` (generated on first use)."""
+    given = {
+        "train_annotations": cfg.train_annotations,
+        "train_images": cfg.train_images,
+        "val_annotations": cfg.val_annotations,
+        "val_images": cfg.val_images,
+    }
+    if cfg.synthetic is not None and not all(given.values()):
+        from kdlab.data.synthetic import ensure_synthetic_dataset
+
+        syn = cfg.synthetic
+        root = Path(syn.root)
+        size_tag = f"{syn.image_size[0]}x{syn.image_size[1]}_seed{syn.seed}"
+        train_dir = root / f"train_{syn.train_images}_{size_tag}"
+        val_dir = root / f"val_{syn.val_images}_{size_tag}"
+        if generate:
+            ensure_synthetic_dataset(
+                train_dir, syn.train_images, syn.seed, tuple(syn.image_size), max_people=syn.max_people
+            )
+            ensure_synthetic_dataset(
+                val_dir, syn.val_images, syn.seed + 100_003, tuple(syn.image_size), max_people=syn.max_people
+            )
+        given = {
+            "train_annotations": given["train_annotations"] or str(train_dir / "annotations.json"),
+            "train_images": given["train_images"] or str(train_dir / "images"),
+            "val_annotations": given["val_annotations"] or str(val_dir / "annotations.json"),
+            "val_images": given["val_images"] or str(val_dir / "images"),
+        }
+    missing = [k for k, v in given.items() if not v]
+    if missing:
+        raise ConfigError(
+            f"config key data.{missing[0]} is not set; give COCO paths (data.train_annotations, data.train_images, "
+            "data.val_annotations, data.val_images) or a data.synthetic block"
+        )
+    return DataPaths(**{k: Path(v) for k, v in given.items()})
+
+
+def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeopleDataset]:
+    """Train and validation datasets (annotations parsed and validated now, images read lazily)."""
+    data = cfg.data
+    paths = resolve_data_paths(data)
+    for key in ("train_images", "val_images"):
+        if not getattr(paths, key).is_dir():
+            from kdlab.errors import DataError
+
+            raise DataError(f"data.{key} directory {getattr(paths, key)} does not exist")
+    train_records = read_coco_people(
+        paths.train_annotations,
+        data.person_category,
+        data.min_box_size,
+        keep_images_without_people=data.keep_images_without_people,
+        max_images=data.max_train_images,
+        what="train_annotations",
+    )
+    val_records = read_coco_people(
+        paths.val_annotations,
+        data.person_category,
+        data.min_box_size,
+        keep_images_without_people=True,
+        max_images=data.max_val_images,
+        what="val_annotations",
+    )
+    common = dict(
+        input_size=tuple(data.input_size),
+        mask_size=tuple(cfg.model.mask_size),
+        max_rois_per_image=data.max_rois_per_image,
+        skip_bad_images=data.skip_bad_images,
+        roi_sampling_ratio=cfg.model.roi_sampling_ratio,
+    )
+    train = CocoPeopleDataset(
+        train_records, paths.train_images, transform=TrainTransform(data.input_size, data.augment), **common
+    )
+    val = CocoPeopleDataset(val_records, paths.val_images, transform=EvalTransform(data.input_size), **common)
+    log.info(
+        "data: %d train images (%d people), %d val images (%d people)",
+        len(train_records),
+        sum(len(r.people) for r in train_records),
+        len(val_records),
+        sum(len(r.people) for r in val_records),
+    )
+    return train, val
+
+
+def build_loader(
+    dataset: CocoPeopleDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    sampler = EpochSeededSampler(len(dataset), shuffle=shuffle, seed=seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_people,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )

@@ -1,0 +1,20 @@
+"""Moving a collated batch to the device: uint8 images become float in [0,1] there (4x less to copy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    images = batch["images"].to(device, non_blocking=non_blocking).float().div_(255.0)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return {
+        **batch,
+        "images": images,
+        "rois": batch["rois"].to(device, non_blocking=non_blocking),
+        "masks": batch["masks"].to(device, non_blocking=non_blocking).long(),
+    }

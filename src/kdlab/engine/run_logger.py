@@ -1,0 +1,67 @@
+"""Where a run's numbers go: TensorBoard scalars/images, logs/metrics.csv (a row per epoch), training_log.txt."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """Writes TensorBoard events, the per-epoch CSV and the text log of one run directory."""
+
+    def __init__(self, run_dir: Path, resume_epoch: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.logs_dir = run_dir / "logs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.logs_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if resume_epoch is not None and self.csv_path.is_file():
+            with self.csv_path.open(newline="") as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(r.get("epoch", 0)) <= resume_epoch]
+        self.writer = SummaryWriter(log_dir=str(self.logs_dir))
+        self.file_handler = logging.FileHandler(self.logs_dir / "training_log.txt", encoding="utf-8")
+        self.file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("kdlab").addHandler(self.file_handler)
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}{key}", value, step)
+
+    def image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
+        self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def epoch_row(self, row: dict[str, Any]) -> None:
+        """Append one epoch's row and rewrite metrics.csv atomically (columns may grow over epochs)."""
+        self.rows.append(row)
+        columns: list[str] = []
+        for r in self.rows:
+            columns.extend(k for k in r if k not in columns)
+        tmp = self.csv_path.with_name(".metrics.csv.tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            for r in self.rows:
+                writer.writerow({k: _fmt(r.get(k, "")) for k in columns})
+        os.replace(tmp, self.csv_path)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        logging.getLogger("kdlab").removeHandler(self.file_handler)
+        self.file_handler.close()
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value

@@ -1,0 +1,42 @@
+"""Tasks turn a batch into a loss dict; the training loop never asks what kind of training it runs.
+
+A task is any object with `__call__(model, batch) -> {"loss": tensor, "<component>": tensor, ...}` and a
+`name`. `SegmentationTask` is the plain (no teacher) one; the KD task lives in `kdlab.distill`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from kdlab.config.schema import LossConfig
+from kdlab.models.losses import SegmentationLossWeights, segmentation_loss
+
+
+class Task(Protocol):
+    name: str
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
+
+
+def loss_weights(cfg: LossConfig) -> SegmentationLossWeights:
+    return SegmentationLossWeights(
+        ce=cfg.ce, dice=cfg.dice, bg_fg=cfg.bg_fg, target=cfg.target, class_weights=tuple(cfg.class_weights)
+    )
+
+
+class SegmentationTask:
+    """Plain supervised training: the base segmentation loss on the model's outputs."""
+
+    name = "segmentation"
+
+    def __init__(self, cfg: LossConfig) -> None:
+        self.weights = loss_weights(cfg)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        outputs = model(batch["images"], batch["rois"])
+        losses = segmentation_loss(outputs, batch["masks"], self.weights)
+        losses["loss"] = losses["base_total"]
+        return losses

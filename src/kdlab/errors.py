@@ -1,0 +1,27 @@
+"""Error types shared by every layer.
+
+`KdlabInputError` marks bad input from the user (config, CLI flag, data file, checkpoint): the CLI turns
+it into one `error: ...` line on stderr and exit code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+
+class KdlabInputError(Exception):
+    """Bad user input; the message is one line naming what is wrong and how to fix it."""
+
+
+class ConfigError(KdlabInputError):
+    """An invalid configuration: unknown key, wrong type or out-of-range value."""
+
+
+class DataError(KdlabInputError):
+    """A missing, broken or unusable dataset file."""
+
+
+class CheckpointError(KdlabInputError):
+    """A missing, unreadable or mismatched checkpoint."""
+
+
+class NotImplementedFeatureError(KdlabInputError):
+    """A configured feature that this version does not implement yet (exit 2, never a silent no-op)."""

@@ -1,0 +1,75 @@
+"""Validation pass: metrics over a loader, plus predictions of the first few images for pictures."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kdlab.engine.batches import batch_to_device
+from kdlab.evaluate.metrics import SegmentationMetrics
+
+
+class SegmentationEvaluator:
+    """Runs the model in eval mode under `torch.inference_mode()`; metrics from `kdlab.evaluate.metrics`."""
+
+    def __init__(
+        self,
+        loader: Any,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        num_vis_images: int = 0,
+        show_progress: bool = True,
+    ) -> None:
+        self.loader = loader
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
+        self.num_vis_images = num_vis_images
+        self.show_progress = show_progress
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def __call__(
+        self, model: nn.Module, desc: str = "val"
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
+        was_training = model.training
+        model.eval()
+        metrics = SegmentationMetrics()
+        vis: dict[str, list[torch.Tensor]] = {"images": [], "rois": [], "masks": [], "preds": []}
+        vis_count = 0
+        images_seen = 0
+        bar = tqdm(self.loader, desc=desc, leave=False, disable=not self.show_progress, unit="batch")
+        with torch.inference_mode():
+            for raw in bar:
+                if raw is None:
+                    continue
+                batch = batch_to_device(raw, self.device, self.channels_last)
+                with self._autocast():
+                    outputs = model(batch["images"], batch["rois"])
+                logits = outputs["logits"].float()
+                metrics.update(logits, batch["masks"])
+                images_seen += raw["images"].shape[0]
+                if vis_count < self.num_vis_images:
+                    take = min(self.num_vis_images - vis_count, raw["images"].shape[0])
+                    sel = raw["rois"][:, 0] < take
+                    rois = raw["rois"][sel].clone()
+                    rois[:, 0] += vis_count
+                    vis["images"].append(raw["images"][:take])
+                    vis["rois"].append(rois)
+                    vis["masks"].append(raw["masks"][sel])
+                    vis["preds"].append(logits.argmax(1)[sel.to(logits.device)].to(torch.uint8).cpu())
+                    vis_count += take
+        if was_training:
+            model.train()
+        result = metrics.compute()
+        result["images"] = images_seen
+        vis_out = {k: torch.cat(v) for k, v in vis.items()} if vis_count else None
+        return result, vis_out

@@ -1,0 +1,25 @@
+"""Build models by config, with readable errors for unknown encoders."""
+
+from __future__ import annotations
+
+import difflib
+
+import segmentation_models_pytorch as smp
+
+from kdlab.config.schema import ModelConfig
+from kdlab.errors import ConfigError
+from kdlab.models.roi_unet import RoiUNet
+
+
+def available_encoders() -> list[str]:
+    return sorted(smp.encoders.get_encoder_names())
+
+
+def build_model(cfg: ModelConfig) -> RoiUNet:
+    """The people-segmentation model described by `cfg` (random init unless encoder_weights is a local file)."""
+    encoders = available_encoders()
+    if cfg.encoder not in encoders:
+        close = difflib.get_close_matches(cfg.encoder, encoders, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"config value model.encoder='{cfg.encoder}' is not a known smp encoder{hint}")
+    return RoiUNet(cfg)

@@ -1,0 +1,149 @@
+"""People segmentation model: one full-image UNet pass per image, RoIAlign, hierarchical ROI head.
+
+The UNet (smp, encoder by name) turns each image into per-pixel features once; RoIAlign crops those
+features and the normalised RGB for every ROI; `RoiHierarchicalHead` predicts background/foreground, then
+target/non-target gated by the foreground probability, and combines them into 3-class logits
+(0 background, 1 the ROI's own person, 2 other people).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from kdlab.config.schema import ModelConfig
+from kdlab.errors import CheckpointError
+
+
+def _conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
+    """3x3 conv + GroupNorm + ReLU; GroupNorm because the ROI count per batch varies (and may be 0)."""
+    groups = 8 if out_ch % 8 == 0 else 1
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class RoiHierarchicalHead(nn.Module):
+    """Per-ROI head: shared features -> bg/fg logits -> fg-gated target/non-target logits -> 3 classes.
+
+    The combined logits are log-probabilities of the hierarchy: log p(bg), log p(fg) + log p(target|fg),
+    log p(fg) + log p(other|fg); their softmax is exactly that factorised distribution.
+    """
+
+    def __init__(self, in_channels: int, head_channels: int, mask_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.mask_size = tuple(mask_size)
+        self.shared = nn.Sequential(
+            _conv_block(in_channels, head_channels), _conv_block(head_channels, head_channels)
+        )
+        self.refine = _conv_block(head_channels, head_channels)
+        self.bg_fg = nn.Conv2d(head_channels, 2, 1)
+        self.target = nn.Sequential(
+            _conv_block(head_channels + 1, head_channels), nn.Conv2d(head_channels, 2, 1)
+        )
+
+    def forward(self, roi_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.shared(roi_inputs)
+        if tuple(x.shape[-2:]) != self.mask_size:
+            x = F.interpolate(x, size=self.mask_size, mode="bilinear", align_corners=False)
+        shared_features = self.refine(x)
+        bg_fg_logits = self.bg_fg(shared_features)
+        p_fg = bg_fg_logits.softmax(dim=1)[:, 1:2]
+        target_logits = self.target(torch.cat([shared_features * p_fg, p_fg], dim=1))
+        log_bg_fg = F.log_softmax(bg_fg_logits.float(), dim=1)
+        log_target = F.log_softmax(target_logits.float(), dim=1)
+        logits = torch.cat(
+            [log_bg_fg[:, :1], log_bg_fg[:, 1:] + log_target[:, :1], log_bg_fg[:, 1:] + log_target[:, 1:]],
+            dim=1,
+        )
+        return {
+            "logits": logits,
+            "bg_fg_logits": bg_fg_logits,
+            "target_logits": target_logits,
+            "features": shared_features,
+        }
+
+
+class RoiUNet(nn.Module):
+    """Full-image UNet + RoIAlign + `RoiHierarchicalHead`.
+
+    forward(images [B,3,H,W] in [0,1], rois [N,5] = (batch_index, x1, y1, x2, y2) in input pixels)
+    -> dict with "logits" [N,3,mask_h,mask_w], "bg_fg_logits", "target_logits", "features".
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.roi_size = tuple(cfg.roi_size)
+        self.sampling_ratio = cfg.roi_sampling_ratio
+        self.unet = smp.Unet(
+            encoder_name=cfg.encoder,
+            encoder_weights=None,
+            decoder_channels=list(cfg.decoder_channels),
+            classes=cfg.feature_channels,
+        )
+        self.register_buffer("input_mean", torch.tensor(cfg.input_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(cfg.input_std).view(1, 3, 1, 1), persistent=False)
+        self.head = RoiHierarchicalHead(cfg.feature_channels + 3, cfg.head_channels, cfg.mask_size)
+        if cfg.encoder_weights:
+            load_encoder_weights(self.unet.encoder, cfg.encoder_weights)
+
+    def forward(self, images: torch.Tensor, rois: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (images - self.input_mean) / self.input_std
+        features = self.unet(x)  # one pass per image, [B, F, H, W] at input resolution
+        rois = rois.to(dtype=features.dtype)
+        roi_features = roi_align(features, rois, self.roi_size, 1.0, self.sampling_ratio, aligned=True)
+        roi_rgb = roi_align(x.to(features.dtype), rois, self.roi_size, 1.0, self.sampling_ratio, aligned=True)
+        return self.head(torch.cat([roi_features, roi_rgb], dim=1))
+
+
+def load_encoder_weights(encoder: nn.Module, path: str) -> None:
+    """Load encoder weights from a local file (never a download); strict, with a readable error."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(
+            f"model.encoder_weights file {path} does not exist (give a local weights file or null)"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"model.encoder_weights file {path} is not a readable weights file: {exc}"
+        ) from exc
+    if isinstance(state, dict):
+        for key in ("model_state_dict", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model.encoder_weights file {path} does not hold a state dict")
+    # Accept weights saved from a whole RoiUNet / smp Unet as well as the bare encoder.
+    for prefix in ("unet.encoder.", "encoder."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    try:
+        result = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3])
+        raise CheckpointError(
+            f"model.encoder_weights file {path} does not match the encoder: {detail}"
+        ) from exc
+    problems = list(result.missing_keys) + list(result.unexpected_keys)
+    if problems:
+        shown = ", ".join(problems[:10])
+        raise CheckpointError(
+            f"model.encoder_weights file {path} does not match the encoder "
+            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected keys: {shown})"
+        )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
