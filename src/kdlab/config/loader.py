@@ -79,7 +79,7 @@ def _config_dict_from_py(path: Path, chain: tuple[str, ...]) -> dict[str, Any]:
     if base:
         if base in chain:
             raise ConfigError(
-                f"config '{path.stem}' derives from itself through {' -> '.join(chain + (base,))}"
+                f"config '{base}' derives from itself through {' -> '.join(chain + (path.stem, base))}"
             )
         data = deep_merge(named_config_dict(base, chain + (path.stem,)), data)
     data = dict(data)

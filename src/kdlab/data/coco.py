@@ -7,20 +7,19 @@ people are kept or dropped by configuration. Broken files fail with a `DataError
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
 from kdlab.data.roi_masks import build_roi_masks
 from kdlab.data.transforms import EvalTransform, Sample, TrainTransform
@@ -64,7 +63,11 @@ def _load_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def _polygon_ok(seg: Any) -> bool:
-    return isinstance(seg, list) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg)
+    return (
+        isinstance(seg, list)
+        and len(seg) > 0
+        and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg)
+    )
 
 
 def read_coco_people(
@@ -127,11 +130,16 @@ def read_coco_people(
         if isinstance(seg, list):
             if not _polygon_ok(seg):
                 raise DataError(
-                    f"{what} file {path}: annotation {ann_id} has a polygon with fewer than 3 points "
+                    f"{what} file {path}: annotation {ann_id} has no polygon or a polygon with fewer than 3 points "
                     "(or an odd number of coordinates)"
                 )
         elif not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
             raise DataError(f"{what} file {path}: annotation {ann_id} has no polygon or RLE segmentation")
+        elif not isinstance(seg["size"], (list, tuple)) or list(seg["size"]) != [rec.height, rec.width]:
+            raise DataError(
+                f"{what} file {path}: annotation {ann_id} has an RLE of size {seg['size']} (height, width) "
+                f"but its image {rec.file_name} has height {rec.height}, width {rec.width}"
+            )
         rec.people.append(PersonAnnotation((x1, y1, x2, y2), seg, ann_id))
     out = [r for r in records.values() if r.people or keep_images_without_people]
     if max_images is not None:
@@ -146,6 +154,12 @@ def read_coco_people(
 
 def decode_person_mask(seg: Any, height: int, width: int) -> np.ndarray:
     """Polygon list or (compressed/uncompressed) RLE -> bool [H,W] (polygons of one person are unioned)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools' numpy-2 `copy=` notice
+        return _decode_person_mask(seg, height, width)
+
+
+def _decode_person_mask(seg: Any, height: int, width: int) -> np.ndarray:
     if isinstance(seg, list):
         rles = mask_utils.frPyObjects(seg, height, width)
         rle = mask_utils.merge(rles)
@@ -163,11 +177,11 @@ def read_image(path: Path) -> torch.Tensor:
     if not path.is_file():
         raise DataError(f"image file {path} does not exist (check data.*_images)")
     try:
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        with contextlib.redirect_stderr(io.StringIO()):
-            return decode_image(data, mode=ImageReadMode.RGB)
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))  # decodes fully: a truncated file raises here
     except Exception as exc:
         raise DataError(f"image file {path} could not be decoded ({type(exc).__name__}: {exc})") from exc
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def sample_seed(base_seed: int, epoch: int, position: int) -> int:

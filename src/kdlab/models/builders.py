@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 
 import segmentation_models_pytorch as smp
 
@@ -22,4 +23,7 @@ def build_model(cfg: ModelConfig) -> RoiUNet:
         close = difflib.get_close_matches(cfg.encoder, encoders, n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ConfigError(f"config value model.encoder='{cfg.encoder}' is not a known smp encoder{hint}")
-    return RoiUNet(cfg)
+    with warnings.catch_warnings():
+        # smp marks `timm-` encoders deprecated in favour of `tu-`; the project's seed names are `timm-` ones.
+        warnings.filterwarnings("ignore", message=".*timm-. encoders are deprecated.*")
+        return RoiUNet(cfg)

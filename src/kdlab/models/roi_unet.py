@@ -128,21 +128,17 @@ def load_encoder_weights(encoder: nn.Module, path: str) -> None:
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             break
-    try:
-        result = encoder.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[1:3])
+    own = encoder.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        shown = ", ".join((missing + unexpected + mismatched)[:10])
         raise CheckpointError(
-            f"model.encoder_weights file {path} does not match the encoder: {detail}"
-        ) from exc
-    problems = list(result.missing_keys) + list(result.unexpected_keys)
-    if problems:
-        shown = ", ".join(problems[:10])
-        raise CheckpointError(
-            f"model.encoder_weights file {path} does not match the encoder "
-            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected keys: {shown})"
+            f"model.encoder_weights file {path} does not match the encoder ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(mismatched)} shape-mismatched keys: {shown})"
         )
+    nn.Module.load_state_dict(encoder, state, strict=True)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,0 +1,209 @@
+"""End-to-end: tiny CPU runs through the CLI write the whole run directory, reproduce, resume and refuse."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlab.cli.common import run_cli
+from kdlab.cli.train import main as train_main
+
+
+def tiny_args(tmp: Path, *extra: str, epochs: int = 2) -> list[str]:
+    return [
+        "--config", "quickstart_baseline",
+        "--output_dir", str(tmp / "runs"),
+        "--epochs", str(epochs),
+        "--batch_size", "4",
+        "--device", "cpu",
+        "--no_progress",
+        "--set",
+        f"data.synthetic.root={tmp / 'data'}",
+        "data.synthetic.train_images=8",
+        "data.synthetic.val_images=4",
+        "data.synthetic.image_size=64,64",
+        "data.input_size=64,64",
+        "data.num_workers=0",
+        "model.roi_size=16,12",
+        "model.mask_size=32,24",
+        "model.head_channels=16",
+        "training.save_every=1",
+        "training.log_every_steps=1",
+        "training.num_vis_images=2",
+        "training.deterministic=true",
+        *extra,
+    ]  # fmt: skip
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """The `error:` lines of stderr (log lines may precede them); a traceback fails the test."""
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    assert run_cli(train_main, tiny_args(tmp)) == 0
+    return tmp, tmp / "runs" / "quickstart_baseline"
+
+
+def test_run_directory_holds_every_file(trained_run):
+    _, run = trained_run
+    for rel in [
+        "config.json",
+        "summary.json",
+        "checkpoints/untrained_model.pth",
+        "checkpoints/checkpoint_epoch_0001.pth",
+        "checkpoints/checkpoint_epoch_0002.pth",
+        "checkpoints/last.pth",
+        "checkpoints/best_model.pth",
+        "logs/metrics.csv",
+        "logs/training_log.txt",
+        "visualizations/epoch_0001/val_00.png",
+        "visualizations/epoch_0002/val_01.png",
+    ]:
+        assert (run / rel).is_file(), rel
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert "epoch 2/2" in (run / "logs" / "training_log.txt").read_text()
+    assert not list(run.rglob("*.tmp*")), "temporary checkpoint files must not be left behind"
+
+
+def test_summary_and_metrics_csv(trained_run):
+    _, run = trained_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["epochs_completed"] == 2
+    assert 0.0 <= summary["final_metrics"]["target_iou"] <= 1.0
+    assert summary["best_epoch"] in (1, 2)
+    assert summary["params"]["unet"] > 6_000_000
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for column in (
+        "train_loss",
+        "train_ce",
+        "train_dice",
+        "train_bg_fg",
+        "train_target",
+        "lr",
+        "val_target_iou",
+        "val_miou",
+    ):
+        assert rows[-1][column] != "", column
+    best_row = rows[summary["best_epoch"] - 1]
+    assert float(best_row["val_target_iou"]) == pytest.approx(
+        max(float(r["val_target_iou"]) for r in rows), rel=1e-4
+    )
+
+
+def test_checkpoint_contents(trained_run):
+    _, run = trained_run
+    last = torch.load(run / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
+    for key in (
+        "model_state_dict",
+        "optimizer_state_dict",
+        "scheduler_state_dict",
+        "scaler_state_dict",
+        "rng_state",
+        "config",
+    ):
+        assert key in last, key
+    assert last["epoch"] == 2
+    best = torch.load(run / "checkpoints" / "best_model.pth", map_location="cpu", weights_only=True)
+    assert "optimizer_state_dict" not in best and "model_state_dict" in best
+    summary = json.loads((run / "summary.json").read_text())
+    assert best["epoch"] == summary["best_epoch"]
+    assert best["best_metric"] == pytest.approx(summary["best_metric"])
+    untrained = _weights(run / "checkpoints" / "untrained_model.pth")
+    trained = _weights(run / "checkpoints" / "last.pth")
+    assert any(not torch.equal(untrained[k], trained[k]) for k in trained), "training must change the weights"
+
+
+def test_tensorboard_has_loss_components_metrics_and_images(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = trained_run
+    acc = EventAccumulator(str(run / "logs"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/ce", "train/dice", "train/bg_fg", "train/target", "train/lr", "train/grad_norm",
+                "train/images_per_sec", "val/target_iou", "val/miou"):  # fmt: skip
+        assert tag in scalars, tag
+    assert any(t.startswith("val/val_") for t in acc.Tags()["images"])
+
+
+def test_config_json_reproduces_the_run(trained_run):
+    tmp, run = trained_run
+    code = run_cli(
+        train_main,
+        ["--config", str(run / "config.json"), "--output_dir", str(tmp / "again"), "--no_progress"],
+    )
+    assert code == 0
+    _assert_same_weights(
+        run / "checkpoints" / "last.pth", tmp / "again" / "quickstart_baseline" / "checkpoints" / "last.pth"
+    )
+
+
+def test_resume_after_one_epoch_equals_two_epochs(trained_run):
+    tmp, run = trained_run
+    copy = tmp / "resumed" / "quickstart_baseline"
+    shutil.copytree(run, copy)
+    # Pretend the run stopped after epoch 1: its last.pth is the epoch-1 full state.
+    shutil.copy(copy / "checkpoints" / "checkpoint_epoch_0001.pth", copy / "checkpoints" / "last.pth")
+    assert run_cli(train_main, ["--resume", str(copy / "checkpoints" / "last.pth"), "--no_progress"]) == 0
+    _assert_same_weights(run / "checkpoints" / "last.pth", copy / "checkpoints" / "last.pth")
+    rows = list(csv.DictReader((copy / "logs" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_existing_run_directory_is_refused_untouched(trained_run, capsys):
+    tmp, run = trained_run
+    before = _tree_hashes(run)
+    assert run_cli(train_main, tiny_args(tmp)) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "--resume" in errors[0]
+    assert _tree_hashes(run) == before
+
+
+def test_bad_data_path_fails_before_touching_disk(tmp_path, capsys):
+    code = run_cli(train_main, tiny_args(tmp_path, "data.train_annotations=/nope.json"))
+    assert code == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "/nope.json" in errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_test_only_evaluates_best_model(trained_run, capsys):
+    tmp, run = trained_run
+    capsys.readouterr()
+    code = run_cli(train_main, tiny_args(tmp, "--test_only"))
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    best = torch.load(run / "checkpoints" / "best_model.pth", map_location="cpu", weights_only=True)
+    assert result["metrics"]["target_iou"] == pytest.approx(best["metrics"]["target_iou"], abs=1e-6)
+    assert (run / "test_metrics.json").is_file()
