@@ -31,13 +31,15 @@ class ModelConfig(_Section):
     encoder_weights: str | None = Field(
         None, description="null (random init) or a local file path to encoder weights; never downloaded"
     )
-    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    decoder_channels: tuple[int, ...] = Field((256, 128, 64, 32, 16), description="smp UNet decoder widths")
     feature_channels: int = Field(16, gt=0, description="per-pixel feature channels the UNet outputs")
     roi_size: PositiveSize = Field((80, 60), description="RoIAlign crop size (H, W)")
     mask_size: PositiveSize = Field((160, 120), description="predicted mask size per ROI (H, W)")
-    head_channels: int = Field(64, gt=0)
+    head_channels: int = Field(64, gt=0, description="width of the ROI head")
     roi_sampling_ratio: int = Field(2, ge=0, description="RoIAlign samples per bin (0 = adaptive)")
-    input_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    input_mean: tuple[float, float, float] = Field(
+        (0.485, 0.456, 0.406), description="normalisation inside the model; inputs stay in [0,1]"
+    )
     input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     @field_validator("roi_size", "mask_size")
@@ -66,9 +68,16 @@ class SyntheticDataConfig(_Section):
     root: str = Field("data/generated/synthetic_people", description="where train/ and val/ are written")
     train_images: int = Field(64, gt=0)
     val_images: int = Field(16, gt=0)
-    image_size: PositiveSize = (256, 256)
-    seed: int = 0
-    max_people: int = Field(5, ge=1)
+    image_size: PositiveSize = Field((256, 256), description="generated image size (H, W), sides >= 32")
+    seed: int = Field(0, description="train split seed (val uses seed + 100003)")
+    max_people: int = Field(5, ge=1, le=20)
+
+    @field_validator("image_size")
+    @classmethod
+    def _min_side(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if any(s < 32 for s in v):
+            raise ValueError(f"data.synthetic.image_size sides must be >= 32, got {list(v)}")
+        return v
 
 
 class AugmentConfig(_Section):
@@ -90,14 +99,14 @@ class AugmentConfig(_Section):
 class DataConfig(_Section):
     """COCO-format person data. Paths may be relative to the working directory."""
 
-    train_annotations: str | None = None
-    train_images: str | None = None
-    val_annotations: str | None = None
-    val_images: str | None = None
+    train_annotations: str | None = Field(None, description="COCO instances JSON of the training split")
+    train_images: str | None = Field(None, description="directory of the training images")
+    val_annotations: str | None = Field(None, description="COCO instances JSON of the validation split")
+    val_images: str | None = Field(None, description="directory of the validation images")
     synthetic: SyntheticDataConfig | None = Field(
         None, description="when set, the four paths above default to a generated synthetic dataset"
     )
-    person_category: str = "person"
+    person_category: str = Field("person", description="category name of people (found by name, not id)")
     input_size: PositiveSize = Field((640, 640), description="network input size (H, W)")
     min_box_size: float = Field(
         8.0, ge=0.0, description="skip person boxes smaller than this (px, either side)"
@@ -171,9 +180,9 @@ class ExportConfig(_Section):
 class ExperimentConfig(_Section):
     """One experiment: everything needed to rebuild the run."""
 
-    name: str = Field("experiment", min_length=1)
-    description: str = ""
-    output_dir: str = "experiments"
+    name: str = Field("experiment", min_length=1, description="run directory name (defaults to the config's name)")
+    description: str = Field("", description="free text shown in listings and reports")
+    output_dir: str = Field("experiments", description="parent of run directories")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()

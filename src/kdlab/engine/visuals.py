@@ -22,6 +22,9 @@ PALETTE = np.array(
 )  # fmt: skip
 
 
+MIN_PANEL_HEIGHT = 320
+
+
 def paste_roi_masks(
     image: np.ndarray, rois: torch.Tensor, roi_classes: torch.Tensor, alpha: float = 0.5
 ) -> Image.Image:
@@ -66,6 +69,10 @@ def comparison_panel(
     array = image.permute(1, 2, 0).cpu().numpy()
     left = paste_roi_masks(array, rois, gt)
     right = paste_roi_masks(array, rois, pred)
+    if left.height < MIN_PANEL_HEIGHT:  # small training images: enlarge so masks are visible
+        factor = -(-MIN_PANEL_HEIGHT // left.height)
+        size = (left.width * factor, left.height * factor)
+        left, right = left.resize(size, Image.NEAREST), right.resize(size, Image.NEAREST)
     header = 14
     panel = Image.new("RGB", (left.width * 2 + 4, left.height + header), (255, 255, 255))
     panel.paste(left, (0, header))
