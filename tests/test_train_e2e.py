@@ -207,3 +207,39 @@ def test_test_only_evaluates_best_model(trained_run, capsys):
     best = torch.load(run / "checkpoints" / "best_model.pth", map_location="cpu", weights_only=True)
     assert result["metrics"]["target_iou"] == pytest.approx(best["metrics"]["target_iou"], abs=1e-6)
     assert (run / "test_metrics.json").is_file()
+
+
+def _dataset_with_truncated_image(tmp: Path) -> tuple[Path, Path]:
+    from kdlab.data.synthetic import generate_synthetic_people
+
+    ann = generate_synthetic_people(tmp / "broken", 4, seed=3, image_size=(64, 64), show_progress=False)
+    victim = tmp / "broken" / "images" / "000002.jpg"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return ann, victim
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_truncated_image_in_a_worker_is_one_clean_error_line(tmp_path, capsys, workers):
+    ann, victim = _dataset_with_truncated_image(tmp_path)
+    images = str(victim.parent)
+    args = tiny_args(
+        tmp_path, f"data.train_annotations={ann}", f"data.train_images={images}",
+        f"data.val_annotations={ann}", f"data.val_images={images}", f"data.num_workers={workers}",
+        epochs=1,
+    )  # fmt: skip
+    assert run_cli(train_main, args) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "000002.jpg" in errors[0] and "\n" not in errors[0]
+
+
+def test_skip_bad_images_trains_through_a_truncated_image(tmp_path):
+    ann, victim = _dataset_with_truncated_image(tmp_path)
+    images = str(victim.parent)
+    args = tiny_args(
+        tmp_path, f"data.train_annotations={ann}", f"data.train_images={images}",
+        f"data.val_annotations={ann}", f"data.val_images={images}", "data.skip_bad_images=true",
+        epochs=1,
+    )  # fmt: skip
+    assert run_cli(train_main, args) == 0
+    summary = json.loads((tmp_path / "runs" / "quickstart_baseline" / "summary.json").read_text())
+    assert summary["final_metrics"]["images"] == 3  # the truncated one was skipped

@@ -28,7 +28,9 @@ def _constraint(meta: typing.Any) -> str:
     return str(meta)
 
 
-def reference_rows(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+def reference_rows(
+    model: type[BaseModel] = ExperimentConfig, prefix: str = ""
+) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"

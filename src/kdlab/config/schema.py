@@ -180,7 +180,9 @@ class ExportConfig(_Section):
 class ExperimentConfig(_Section):
     """One experiment: everything needed to rebuild the run."""
 
-    name: str = Field("experiment", min_length=1, description="run directory name (defaults to the config's name)")
+    name: str = Field(
+        "experiment", min_length=1, description="run directory name (defaults to the config's name)"
+    )
     description: str = Field("", description="free text shown in listings and reports")
     output_dir: str = Field("experiments", description="parent of run directories")
     model: ModelConfig = ModelConfig()

@@ -14,18 +14,50 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdlab.config.schema import DataConfig, ExperimentConfig
 from kdlab.data.coco import CocoPeopleDataset, read_coco_people, sample_seed
 from kdlab.data.transforms import EvalTransform, TrainTransform
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 
+ERROR_KEY = "__data_error__"
+
+
+class ErrorsAsValues(Dataset):
+    """Returns a dataset's DataError as a value, so it reaches the main process as one clean line.
+
+    A worker's exception is re-raised by the DataLoader with the worker traceback folded into its message;
+    carrying the message as data and raising it in the main process (`raise_if_data_error`) keeps
+    `error: image file ... could not be decoded` a single line.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: Any) -> Any:
+        try:
+            return self.dataset[item]
+        except DataError as exc:
+            return {ERROR_KEY: str(exc)}
+
+
+def raise_if_data_error(batch: dict[str, Any] | None) -> None:
+    if batch is not None and ERROR_KEY in batch:
+        raise DataError(batch[ERROR_KEY])
+
+
 def collate_people(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Stack images, concatenate every image's ROIs with their batch index; drop skipped (None) samples."""
+    for s in samples:
+        if s is not None and ERROR_KEY in s:
+            return {ERROR_KEY: s[ERROR_KEY]}
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
@@ -123,8 +155,6 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeople
     paths = resolve_data_paths(data)
     for key in ("train_images", "val_images"):
         if not getattr(paths, key).is_dir():
-            from kdlab.errors import DataError
-
             raise DataError(f"data.{key} directory {getattr(paths, key)} does not exist")
     train_records = read_coco_people(
         paths.train_annotations,
@@ -168,7 +198,7 @@ def build_loader(
 ) -> DataLoader:
     sampler = EpochSeededSampler(len(dataset), shuffle=shuffle, seed=seed)
     return DataLoader(
-        dataset,
+        ErrorsAsValues(dataset),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

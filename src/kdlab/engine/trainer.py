@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.coco import sample_seed
+from kdlab.data.loaders import raise_if_data_error
 from kdlab.engine.batches import batch_to_device
 from kdlab.engine.checkpoint import (
     capture_rng_state,
@@ -222,6 +223,7 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         for i, raw in enumerate(bar):
+            raise_if_data_error(raw)
             if raw is None:
                 skipped += 1
                 continue

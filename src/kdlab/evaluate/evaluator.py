@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from kdlab.data.loaders import raise_if_data_error
 from kdlab.engine.batches import batch_to_device
 from kdlab.evaluate.metrics import SegmentationMetrics
 
@@ -49,6 +50,7 @@ class SegmentationEvaluator:
         bar = tqdm(self.loader, desc=desc, leave=False, disable=not self.show_progress, unit="batch")
         with torch.inference_mode():
             for raw in bar:
+                raise_if_data_error(raw)
                 if raw is None:
                     continue
                 batch = batch_to_device(raw, self.device, self.channels_last)
