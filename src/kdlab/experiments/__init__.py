@@ -1,0 +1,1 @@
+"""Orchestration of many runs and comparison reports."""

@@ -1,0 +1,191 @@
+"""One experiment end to end: validate inputs, prepare the run directory, train or evaluate.
+
+Everything that can fail on bad input (config, data files, model, checkpoint) is checked before the run
+directory is created or touched, so a typo never costs files already on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdlab.config.loader import validate_config
+from kdlab.config.schema import ExperimentConfig
+from kdlab.data.loaders import build_datasets, build_loader
+from kdlab.engine.checkpoint import load_checkpoint
+from kdlab.engine.tasks import SegmentationTask
+from kdlab.engine.trainer import Trainer, resolve_amp_dtype, resolve_device
+from kdlab.errors import CheckpointError, KdlabInputError, NotImplementedFeatureError
+from kdlab.evaluate.evaluator import SegmentationEvaluator
+from kdlab.models.builders import build_model
+from kdlab.models.roi_unet import count_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRequest:
+    config: ExperimentConfig
+    resume: str | None = None  # a checkpoint path, or "auto" for <run>/checkpoints/last.pth
+    overwrite: bool = False
+    test_only: bool = False
+    show_progress: bool = True
+
+
+def run_dir_for(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+def find_resume_checkpoint(resume: str, cfg: ExperimentConfig) -> Path:
+    if resume == "auto":
+        path = run_dir_for(cfg) / "checkpoints" / "last.pth"
+        if not path.is_file():
+            raise CheckpointError(f"--resume auto found no {path}; start the run without --resume")
+        return path
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume checkpoint {resume} does not exist")
+    return path
+
+
+def run_dir_of_checkpoint(path: Path, cfg: ExperimentConfig) -> Path:
+    """A checkpoint in <run>/checkpoints/ belongs to <run>; anything else continues in the configured run dir."""
+    return path.parent.parent if path.parent.name == "checkpoints" else run_dir_for(cfg)
+
+
+def _check_not_implemented(cfg: ExperimentConfig) -> None:
+    if cfg.distillation.enabled:
+        raise NotImplementedFeatureError(
+            "distillation.enabled=true is not implemented yet (the KD task arrives with the distillation issue); "
+            "set distillation.enabled=false"
+        )
+    if cfg.export.onnx:
+        raise NotImplementedFeatureError("export.onnx=true is not implemented yet; set export.onnx=false")
+
+
+def _check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
+    """Refuse (before any work) to start a new run over an existing run directory."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise KdlabInputError(
+            f"run directory {run_dir} already exists; continue it with --resume "
+            f"{run_dir / 'checkpoints' / 'last.pth'}, pass --overwrite to replace it, or choose another "
+            "--output_dir / --set name=..."
+        )
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool, resuming: bool) -> None:
+    if not resuming:
+        _check_run_dir_free(run_dir, overwrite)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            log.warning("--overwrite: removing the existing run directory %s", run_dir)
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def execute(request: RunRequest) -> dict[str, Any]:
+    """Train (or with test_only, evaluate) one experiment; returns its summary / metrics."""
+    cfg = request.config
+    resume_path: Path | None = None
+    resume_payload: dict[str, Any] | None = None
+    if request.resume:
+        resume_path = find_resume_checkpoint(request.resume, cfg)
+        resume_payload = load_checkpoint(resume_path)
+    _check_not_implemented(cfg)
+    if not request.test_only and resume_path is None:
+        _check_run_dir_free(run_dir_for(cfg), request.overwrite)
+    device = resolve_device(cfg.training.device)
+    if cfg.training.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    torch.manual_seed(cfg.training.seed)
+
+    train_set, val_set = build_datasets(cfg)
+    model = build_model(cfg.model)
+    amp_dtype = resolve_amp_dtype(cfg.training.amp, device)
+    val_loader = build_loader(
+        val_set, cfg.training.batch_size, shuffle=False, seed=cfg.training.seed,
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    evaluator = SegmentationEvaluator(
+        val_loader, device, amp_dtype, cfg.training.channels_last, cfg.training.num_vis_images, request.show_progress
+    )
+
+    if request.test_only:
+        return _test_only(request, cfg, model, evaluator, device, resume_path, resume_payload)
+
+    run_dir = run_dir_of_checkpoint(resume_path, cfg) if resume_path else run_dir_for(cfg)
+    _prepare_run_dir(run_dir, request.overwrite, resuming=resume_path is not None)
+    _write_json_atomic(run_dir / "config.json", cfg.model_dump(mode="json"))
+    log.info("run directory: %s", run_dir.resolve())
+
+    train_loader = build_loader(
+        train_set, cfg.training.batch_size, shuffle=True, seed=cfg.training.seed,
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    extra = {
+        "config_name": cfg.name,
+        "encoder": cfg.model.encoder,
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "input_size": list(cfg.data.input_size),
+    }
+    trainer = Trainer(cfg, model, SegmentationTask(cfg.training.loss), train_loader, evaluator, run_dir, device,
+                      show_progress=request.show_progress, extra_summary=extra)  # fmt: skip
+    if resume_path is not None:
+        trainer.resume_from(resume_path)
+    log.info(
+        "training %s: %s encoder, %.2fM params (UNet %.2fM), %d epochs, device %s, amp %s",
+        cfg.name, cfg.model.encoder, count_parameters(model) / 1e6, count_parameters(model.unet) / 1e6,
+        cfg.training.epochs, device, trainer.amp_dtype or "off",
+    )  # fmt: skip
+    summary = trainer.fit()
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def _test_only(
+    request: RunRequest,
+    cfg: ExperimentConfig,
+    model: torch.nn.Module,
+    evaluator: SegmentationEvaluator,
+    device: torch.device,
+    resume_path: Path | None,
+    payload: dict[str, Any] | None,
+) -> dict[str, Any]:
+    run_dir = run_dir_of_checkpoint(resume_path, cfg) if resume_path else run_dir_for(cfg)
+    if payload is None:
+        ckpt = run_dir / "checkpoints" / "best_model.pth"
+        payload = load_checkpoint(ckpt)
+        resume_path = ckpt
+    try:
+        model.load_state_dict(payload["model_state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {resume_path} does not match the configured model: {str(exc).splitlines()[0]}"
+        ) from exc
+    model.to(device)
+    metrics, _ = evaluator(model, desc="test")
+    result = {"checkpoint": str(resume_path), "metrics": metrics}
+    if run_dir.is_dir():
+        _write_json_atomic(run_dir / "test_metrics.json", result)
+    return result
+
+
+def config_from_checkpoint(path: str) -> ExperimentConfig:
+    """The resolved config stored inside a checkpoint (used by --resume without --config)."""
+    payload = load_checkpoint(path)
+    if "config" not in payload:
+        raise CheckpointError(f"checkpoint {path} holds no config; pass --config as well")
+    return validate_config(payload["config"], where=f"checkpoint {path}")
