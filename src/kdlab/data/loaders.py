@@ -111,6 +111,16 @@ class DataPaths:
     val_images: Path
 
 
+def check_given_data_paths(cfg: DataConfig) -> None:
+    """Fail fast on dataset paths the user set that do not exist (cheap, no parsing)."""
+    for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
+        value = getattr(cfg, key)
+        if value and key.endswith("annotations") and not Path(value).is_file():
+            raise DataError(f"data.{key} file {value} does not exist (set it to a COCO instances JSON)")
+        if value and key.endswith("images") and not Path(value).is_dir():
+            raise DataError(f"data.{key} directory {value} does not exist")
+
+
 def resolve_data_paths(cfg: DataConfig, generate: bool = True) -> DataPaths:
     """The four dataset paths; missing ones come from `data.synthetic` (generated on first use)."""
     given = {
@@ -119,6 +129,7 @@ def resolve_data_paths(cfg: DataConfig, generate: bool = True) -> DataPaths:
         "val_annotations": cfg.val_annotations,
         "val_images": cfg.val_images,
     }
+    check_given_data_paths(cfg)  # before spending time generating the rest
     if cfg.synthetic is not None and not all(given.values()):
         from kdlab.data.synthetic import ensure_synthetic_dataset
 

@@ -18,7 +18,7 @@ import torch
 
 from kdlab.config.loader import validate_config
 from kdlab.config.schema import ExperimentConfig
-from kdlab.data.loaders import build_datasets, build_loader
+from kdlab.data.loaders import build_datasets, build_loader, check_given_data_paths
 from kdlab.engine.checkpoint import load_checkpoint
 from kdlab.engine.tasks import SegmentationTask
 from kdlab.engine.trainer import Trainer, resolve_amp_dtype, resolve_device
@@ -104,6 +104,7 @@ def execute(request: RunRequest) -> dict[str, Any]:
         resume_path = find_resume_checkpoint(request.resume, cfg)
         resume_payload = load_checkpoint(resume_path)
     _check_not_implemented(cfg)
+    check_given_data_paths(cfg.data)
     if not request.test_only and resume_path is None:
         _check_run_dir_free(run_dir_for(cfg), request.overwrite)
     device = resolve_device(cfg.training.device)
