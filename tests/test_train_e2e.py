@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,57 +12,7 @@ import torch
 
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
-
-
-def tiny_args(tmp: Path, *extra: str, epochs: int = 2) -> list[str]:
-    return [
-        "--config", "quickstart_baseline",
-        "--output_dir", str(tmp / "runs"),
-        "--epochs", str(epochs),
-        "--batch_size", "4",
-        "--device", "cpu",
-        "--no_progress",
-        "--set",
-        f"data.synthetic.root={tmp / 'data'}",
-        "data.synthetic.train_images=8",
-        "data.synthetic.val_images=4",
-        "data.synthetic.image_size=64,64",
-        "data.input_size=64,64",
-        "data.num_workers=0",
-        "model.roi_size=16,12",
-        "model.mask_size=32,24",
-        "model.head_channels=16",
-        "training.save_every=1",
-        "training.log_every_steps=1",
-        "training.num_vis_images=2",
-        "training.deterministic=true",
-        *extra,
-    ]  # fmt: skip
-
-
-def _error_lines(stderr: str) -> list[str]:
-    """The `error:` lines of stderr (log lines may precede them); a traceback fails the test."""
-    assert "Traceback" not in stderr
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-def _tree_hashes(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
+from tests.helpers import assert_same_weights, error_lines, tiny_args, tree_hashes, weights
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +88,8 @@ def test_checkpoint_contents(trained_run):
     summary = json.loads((run / "summary.json").read_text())
     assert best["epoch"] == summary["best_epoch"]
     assert best["best_metric"] == pytest.approx(summary["best_metric"])
-    untrained = _weights(run / "checkpoints" / "untrained_model.pth")
-    trained = _weights(run / "checkpoints" / "last.pth")
+    untrained = weights(run / "checkpoints" / "untrained_model.pth")
+    trained = weights(run / "checkpoints" / "last.pth")
     assert any(not torch.equal(untrained[k], trained[k]) for k in trained), "training must change the weights"
 
 
@@ -164,7 +113,7 @@ def test_config_json_reproduces_the_run(trained_run):
         ["--config", str(run / "config.json"), "--output_dir", str(tmp / "again"), "--no_progress"],
     )
     assert code == 0
-    _assert_same_weights(
+    assert_same_weights(
         run / "checkpoints" / "last.pth", tmp / "again" / "quickstart_baseline" / "checkpoints" / "last.pth"
     )
 
@@ -176,24 +125,24 @@ def test_resume_after_one_epoch_equals_two_epochs(trained_run):
     # Pretend the run stopped after epoch 1: its last.pth is the epoch-1 full state.
     shutil.copy(copy / "checkpoints" / "checkpoint_epoch_0001.pth", copy / "checkpoints" / "last.pth")
     assert run_cli(train_main, ["--resume", str(copy / "checkpoints" / "last.pth"), "--no_progress"]) == 0
-    _assert_same_weights(run / "checkpoints" / "last.pth", copy / "checkpoints" / "last.pth")
+    assert_same_weights(run / "checkpoints" / "last.pth", copy / "checkpoints" / "last.pth")
     rows = list(csv.DictReader((copy / "logs" / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
 
 
 def test_existing_run_directory_is_refused_untouched(trained_run, capsys):
     tmp, run = trained_run
-    before = _tree_hashes(run)
+    before = tree_hashes(run)
     assert run_cli(train_main, tiny_args(tmp)) == 2
-    errors = _error_lines(capsys.readouterr().err)
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "--resume" in errors[0]
-    assert _tree_hashes(run) == before
+    assert tree_hashes(run) == before
 
 
 def test_bad_data_path_fails_before_touching_disk(tmp_path, capsys):
     code = run_cli(train_main, tiny_args(tmp_path, "data.train_annotations=/nope.json"))
     assert code == 2
-    errors = _error_lines(capsys.readouterr().err)
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "/nope.json" in errors[0]
     assert not (tmp_path / "runs").exists()
 
@@ -228,7 +177,7 @@ def test_truncated_image_in_a_worker_is_one_clean_error_line(tmp_path, capsys, w
         epochs=1,
     )  # fmt: skip
     assert run_cli(train_main, args) == 2
-    errors = _error_lines(capsys.readouterr().err)
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "000002.jpg" in errors[0] and "\n" not in errors[0]
 
 

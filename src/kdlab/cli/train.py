@@ -12,6 +12,9 @@ FLAG_KEYS = {
     "device": "training.device",
     "seed": "training.seed",
     "output_dir": "output_dir",
+    "teacher_checkpoint": "distillation.teacher_checkpoint",
+    "distillation_temperature": "distillation.temperature",
+    "distillation_alpha": "distillation.alpha",
 }
 
 
@@ -33,6 +36,12 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--seed", type=int, help="training.seed")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training.device")
     p.add_argument("--output_dir", help="where run directories are created (output_dir)")
+    p.add_argument("--teacher_checkpoint", help="distil from this teacher checkpoint (turns distillation on)")
+    p.add_argument("--distillation_temperature", type=float, help="distillation.temperature (> 0)")
+    p.add_argument("--distillation_alpha", type=float, help="distillation.alpha (in [0, 1])")
+    p.add_argument(
+        "--allow_teacher_change", action="store_true", help="resume although the teacher file changed since the run started"
+    )
     p.add_argument("--resume", help="continue from a checkpoint (<run>/checkpoints/last.pth) or 'auto'")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
@@ -54,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {doc}")
         return 0
     flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    if args.teacher_checkpoint:
+        flags["distillation.enabled"] = True
     if args.config:
         cfg = resolve_config(args.config, args.set_items, flags)
     elif args.resume and args.resume != "auto":
@@ -81,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             test_only=args.test_only,
             show_progress=not args.no_progress,
-        )  # fmt: skip
+            allow_teacher_change=args.allow_teacher_change,
+        )
     )
     if args.test_only:
         print(json.dumps(result, indent=2))

@@ -170,9 +170,11 @@ def validate_config(data: dict[str, Any], where: str = "config") -> ExperimentCo
         if first["type"] == "extra_forbidden":
             err = unknown_key_error(key, where)
             raise ConfigError(f"{err}{more}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        if not key:  # a rule across several keys
+            raise ConfigError(f"invalid config (in {where}): {msg}{more}") from None
         value = first.get("input")
         shown = json.dumps(value) if _jsonable(value) else repr(value)
-        msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"config value {key}={shown} is invalid (in {where}): {msg}{more}") from None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PositiveSize = tuple[int, int]
 
@@ -140,6 +140,14 @@ class LossConfig(_Section):
     class_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
 
 
+class EMAConfig(_Section):
+    """Exponential moving average of the student's weights."""
+
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0.0, lt=1.0)
+    evaluate: bool = Field(False, description="validate and save (best_model.pth) the EMA weights")
+
+
 class TrainingConfig(_Section):
     epochs: int = Field(50, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -161,15 +169,67 @@ class TrainingConfig(_Section):
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loss: LossConfig = LossConfig()
+    ema: EMAConfig = EMAConfig()
+
+
+class ScheduleConfig(_Section):
+    """How a value moves from its start (the main setting) to `end` over training."""
+
+    kind: Literal["constant", "linear", "cosine"] = "constant"
+    end: float | None = Field(None, description="value at the end of training (linear/cosine); null = start")
+
+
+class TeacherSpec(_Section):
+    checkpoint: str = Field(description="teacher checkpoint (.pth with model_state_dict + config)")
+    weight: float = Field(1.0, gt=0.0, description="weight in the probability-space mixture")
+
+
+class FeaturePairConfig(_Section):
+    student: str = Field(description="student module path, e.g. head.shared or unet.encoder[-1]")
+    teacher: str = Field(description="teacher module path")
+    weight: float = Field(1.0, ge=0.0)
 
 
 class DistillationConfig(_Section):
-    """Knowledge distillation settings (the KD task arrives with the distillation issue)."""
+    """Knowledge distillation: total = alpha * distill_total + (1 - alpha) * base_total."""
 
-    enabled: bool = False
-    teacher_checkpoint: str | None = None
+    enabled: bool = Field(False, description="--teacher_checkpoint turns it on")
+    teacher_checkpoint: str | None = Field(None, description="the teacher (its architecture comes from its checkpoint)")
+    teachers: list[TeacherSpec] = Field(default_factory=list, description="several teachers, mixed in probability space")
+    self_distillation: bool = Field(False, description="the student's EMA is the teacher (needs training.ema.enabled)")
     temperature: float = Field(4.0, gt=0.0)
-    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the distillation terms")
+    temperature_schedule: ScheduleConfig = ScheduleConfig()
+    alpha_schedule: ScheduleConfig = ScheduleConfig()
+    final_weight: float = Field(1.0, ge=0.0, description="KD weight on the 3-class logits")
+    bg_fg_weight: float = Field(0.5, ge=0.0, description="KD weight on the bg/fg head")
+    target_weight: float = Field(0.5, ge=0.0, description="KD weight on the target/non-target head")
+    cwd_weight: float = Field(0.0, ge=0.0, description="channel-wise distillation on the 3-class logits")
+    features: list[FeaturePairConfig] = Field(default_factory=list, description="feature MSE through 1x1 adapters")
+    grad_share_every: int = Field(50, ge=0, description="log each term's share of the gradient norm every N steps (0 = off)")
+    teacher_input_mean: tuple[float, float, float] | None = Field(
+        None, description="override the teacher's input normalisation (teacher trained with other mean/std)"
+    )
+    teacher_input_std: tuple[float, float, float] | None = None
+
+    @field_validator("temperature_schedule")
+    @classmethod
+    def _temperature_end(cls, v: ScheduleConfig) -> ScheduleConfig:
+        if v.end is not None and v.end <= 0:
+            raise ValueError("distillation.temperature_schedule.end must be > 0")
+        return v
+
+    @field_validator("alpha_schedule")
+    @classmethod
+    def _alpha_end(cls, v: ScheduleConfig) -> ScheduleConfig:
+        if v.end is not None and not 0.0 <= v.end <= 1.0:
+            raise ValueError("distillation.alpha_schedule.end must be in [0, 1]")
+        return v
+
+    def teacher_specs(self) -> list[TeacherSpec]:
+        """`teacher_checkpoint` (weight 1) followed by `teachers`."""
+        specs = [TeacherSpec(checkpoint=self.teacher_checkpoint)] if self.teacher_checkpoint else []
+        return specs + list(self.teachers)
 
 
 class ExportConfig(_Section):
@@ -190,6 +250,18 @@ class ExperimentConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     distillation: DistillationConfig = DistillationConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _distillation_has_a_teacher(self) -> ExperimentConfig:
+        d = self.distillation
+        if d.enabled and not d.teacher_specs() and not d.self_distillation:
+            raise ValueError(
+                "distillation.enabled=true needs a teacher: set distillation.teacher_checkpoint "
+                "(or --teacher_checkpoint), distillation.teachers, or distillation.self_distillation=true"
+            )
+        if d.enabled and d.self_distillation and not self.training.ema.enabled:
+            raise ValueError("distillation.self_distillation=true needs training.ema.enabled=true")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"checkpoint {path} is not a PyTorch checkpoint (corrupt, truncated or another format)"
+            ) from exc
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {path} holds pickled objects beyond plain weights; refusing to load it "
+                "(kdlab loads checkpoints with weights_only=True)"
+            ) from exc
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely (corrupt, truncated or not a weights-only file): {reason}"
-        ) from exc
+        raise CheckpointError(f"checkpoint {path} cannot be loaded (corrupt or truncated): {reason}") from exc
     if not isinstance(payload, dict) or "model_state_dict" not in payload:
         raise CheckpointError(f"checkpoint {path} is not a kdlab checkpoint (no 'model_state_dict')")
     return payload

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.coco import sample_seed
 from kdlab.data.loaders import raise_if_data_error
+from kdlab.distill.ema import ModelEMA
 from kdlab.engine.batches import batch_to_device
 from kdlab.engine.checkpoint import (
     capture_rng_state,
@@ -93,6 +94,9 @@ class Trainer:
         device: torch.device,
         show_progress: bool = True,
         extra_summary: dict[str, Any] | None = None,
+        teacher_eval_model: nn.Module | None = None,
+        teacher_records: list[dict[str, Any]] | None = None,
+        ema: ModelEMA | None = None,
     ) -> None:
         self.cfg = cfg
         self.tcfg = cfg.training
@@ -110,16 +114,33 @@ class Trainer:
         self.amp_dtype = resolve_amp_dtype(self.tcfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.steps_per_epoch = max(1, math.ceil(len(train_loader) / self.tcfg.grad_accum_steps))
-        self.optimizer = build_optimizer(self.model, self.tcfg, device)
+        self.task_modules = nn.ModuleList(list(getattr(task, "trainable_modules", lambda: [])())).to(device)
+        self.optimizer = build_optimizer(nn.ModuleList([self.model, self.task_modules]), self.tcfg, device)
+        if ema is None and self.tcfg.ema.enabled:
+            ema = ModelEMA(self.model, self.tcfg.ema.decay)
+        self.ema = ema
+        if self.ema is not None:
+            self.ema.module.to(device)
+        self.teacher_eval_model = teacher_eval_model
+        self.teacher_records = teacher_records or []
+        self.teacher_metrics: dict[str, float] | None = None
+        self.total_steps = self.steps_per_epoch * self.tcfg.epochs
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, self.steps_per_epoch)
         self.state = TrainState()
         self.logger: RunLogger | None = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated and saved as best_model.pth: the EMA weights when training.ema.evaluate is on."""
+        if self.ema is not None and self.tcfg.ema.evaluate:
+            return self.ema.module
+        return self.model
 
     # ----------------------------------------------------------------- checkpoints
     def _base_payload(self) -> dict[str, Any]:
         return {
             "format": "kdlab-checkpoint-v1",
-            "model_state_dict": self.model.state_dict(),
+            "model_state_dict": self.eval_model.state_dict(),
             "config": self.cfg.model_dump(mode="json"),
             "epoch": self.state.epoch,
             "metrics": dict(self.state.last_metrics),
@@ -127,8 +148,13 @@ class Trainer:
 
     def _full_payload(self) -> dict[str, Any]:
         payload = self._base_payload()
+        payload["model_state_dict"] = self.model.state_dict()  # the trained weights, EMA or not
         payload.update(
             {
+                "task_state_dict": self.task_modules.state_dict(),
+                "ema_state_dict": self.ema.state_dict() if self.ema is not None else None,
+                "teachers": self.teacher_records,
+                "teacher_metrics": self.teacher_metrics,
                 "optimizer_state_dict": self.optimizer.state_dict(),
                 "scheduler_state_dict": self.scheduler.state_dict(),
                 "scaler_state_dict": self.scaler.state_dict(),
@@ -155,6 +181,15 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path} does not match the configured model: {str(exc).splitlines()[0]}"
             ) from exc
+        if payload.get("task_state_dict"):
+            self.task_modules.load_state_dict(payload["task_state_dict"])
+        if self.ema is not None:
+            if payload.get("ema_state_dict"):
+                self.ema.load_state_dict(payload["ema_state_dict"])
+            else:
+                log.warning("checkpoint %s has no EMA state; the EMA restarts from the current weights", path)
+                self.ema = ModelEMA(self.model, self.tcfg.ema.decay)
+        self.teacher_metrics = payload.get("teacher_metrics")
         self.optimizer.load_state_dict(payload["optimizer_state_dict"])
         self.scheduler.load_state_dict(payload["scheduler_state_dict"])
         self.scaler.load_state_dict(payload["scaler_state_dict"])
@@ -182,6 +217,8 @@ class Trainer:
         try:
             if start_epoch == 0:
                 save_checkpoint_atomic(self._base_payload(), self.ckpt_dir / "untrained_model.pth")
+            if self.teacher_eval_model is not None and self.teacher_metrics is None:
+                self._evaluate_teacher()
             for epoch in range(start_epoch, self.tcfg.epochs):
                 self._train_one_epoch(epoch)
             status = "completed"
@@ -193,6 +230,16 @@ class Trainer:
             self.logger.close()
         return summary
 
+    def _evaluate_teacher(self) -> None:
+        """Evaluate the teacher once on the validation set before training: the bar the student aims at."""
+        metrics, _ = self.evaluator(self.teacher_eval_model, desc="teacher val")
+        self.teacher_metrics = metrics
+        self.logger.scalars(metrics, 0, prefix="teacher/")
+        log.info(
+            "teacher: target_iou %.4f, miou %.4f on %d val images",
+            metrics.get("target_iou", float("nan")), metrics.get("miou", float("nan")), metrics.get("images", 0),
+        )  # fmt: skip
+
     def _train_one_epoch(self, epoch: int) -> None:
         tcfg = self.tcfg
         # Reseed at every epoch start: randomness inside the epoch depends only on (seed, epoch), so a run
@@ -203,8 +250,10 @@ class Trainer:
             sampler.set_epoch(epoch)
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
+        sum_counts: dict[str, int] = {}
         interval: dict[str, torch.Tensor] = {}
-        interval_count = 0
+        interval_counts: dict[str, int] = {}
+        set_progress = getattr(self.task, "set_progress", None)
         epoch_batches = 0
         epoch_images = 0
         skipped = 0
@@ -222,12 +271,15 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.optimizer.zero_grad(set_to_none=True)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for i, raw in enumerate(bar):
             raise_if_data_error(raw)
             if raw is None:
                 skipped += 1
                 continue
             batch = batch_to_device(raw, self.device, tcfg.channels_last)
+            if set_progress is not None:
+                set_progress(self.state.global_step, self.total_steps)
             with self._autocast():
                 losses = self.task(self.model, batch)
             self.scaler.scale(losses["loss"] / accum).backward()
@@ -238,28 +290,31 @@ class Trainer:
             for key, value in losses.items():
                 v = value.detach().float()
                 sums[key] = sums.get(key, 0) + v
+                sum_counts[key] = sum_counts.get(key, 0) + 1
                 interval[key] = interval.get(key, 0) + v
-            interval_count += 1
+                interval_counts[key] = interval_counts.get(key, 0) + 1
             if (i + 1) % accum == 0 or i + 1 == n_batches:
                 self.scaler.unscale_(self.optimizer)
                 if tcfg.grad_clip_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip_norm)
                 else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
                 self.scheduler.step()
                 self.state.global_step += 1
                 if self.state.global_step % tcfg.log_every_steps == 0:
                     elapsed = time.perf_counter() - t_interval
-                    values = {k: (v / interval_count).item() for k, v in interval.items()}
+                    values = {k: (v / interval_counts[k]).item() for k, v in interval.items()}
                     values["grad_norm"] = float(grad_norm)
                     values["lr"] = self.optimizer.param_groups[0]["lr"]
                     values["images_per_sec"] = interval_images / max(elapsed, 1e-9)
                     self.logger.scalars(values, self.state.global_step, prefix="train/")
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_sec']:.1f}")
-                    interval, interval_count, interval_images = {}, 0, 0
+                    interval, interval_counts, interval_images = {}, {}, 0
                     t_interval = time.perf_counter()
         epoch_seconds = time.perf_counter() - t_epoch
         self.state.epoch = epoch + 1
@@ -267,7 +322,7 @@ class Trainer:
         self.state.images_seen += epoch_images
         row: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.global_step}
         for key, value in sums.items():
-            row[f"train_{key}"] = (value / max(epoch_batches, 1)).item()
+            row[f"train_{key}"] = (value / sum_counts[key]).item()
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["grad_norm"] = float(grad_norm)
         row["train_images_per_sec"] = epoch_images / max(epoch_seconds, 1e-9)
@@ -279,7 +334,7 @@ class Trainer:
         last_epoch = epoch + 1 == tcfg.epochs
         if (epoch + 1) % tcfg.val_every == 0 or last_epoch:
             t_val = time.perf_counter()
-            metrics, vis = self.evaluator(self.model)
+            metrics, vis = self.evaluator(self.eval_model)
             row["val_seconds"] = time.perf_counter() - t_val
             row.update({f"val_{k}": v for k, v in metrics.items()})
             self.state.last_metrics = metrics
@@ -349,6 +404,8 @@ class Trainer:
             "device": str(self.device),
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
             "task": getattr(self.task, "name", type(self.task).__name__),
+            "teacher_metrics": self.teacher_metrics,
+            "teachers": self.teacher_records,
             **self.extra_summary,
         }
         path = self.run_dir / "summary.json"

@@ -19,6 +19,9 @@ import torch
 from kdlab.config.loader import validate_config
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.loaders import build_datasets, build_loader, check_given_data_paths
+from kdlab.distill.ema import ModelEMA
+from kdlab.distill.kd_task import KDTask
+from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher, load_teacher
 from kdlab.engine.checkpoint import load_checkpoint
 from kdlab.engine.tasks import SegmentationTask
 from kdlab.engine.trainer import Trainer, resolve_amp_dtype, resolve_device
@@ -37,6 +40,7 @@ class RunRequest:
     overwrite: bool = False
     test_only: bool = False
     show_progress: bool = True
+    allow_teacher_change: bool = False
 
 
 def run_dir_for(cfg: ExperimentConfig) -> Path:
@@ -61,11 +65,6 @@ def run_dir_of_checkpoint(path: Path, cfg: ExperimentConfig) -> Path:
 
 
 def _check_not_implemented(cfg: ExperimentConfig) -> None:
-    if cfg.distillation.enabled:
-        raise NotImplementedFeatureError(
-            "distillation.enabled=true is not implemented yet (the KD task arrives with the distillation issue); "
-            "set distillation.enabled=false"
-        )
     if cfg.export.onnx:
         raise NotImplementedFeatureError("export.onnx=true is not implemented yet; set export.onnx=false")
 
@@ -112,6 +111,9 @@ def execute(request: RunRequest) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.manual_seed(cfg.training.seed)
 
+    teachers = load_teachers(cfg) if cfg.distillation.enabled and not request.test_only else []
+    if resume_payload is not None and teachers:
+        check_teacher_unchanged(resume_payload, teachers, resume_path, request.allow_teacher_change)
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg.model)
     amp_dtype = resolve_amp_dtype(cfg.training.amp, device)
@@ -142,8 +144,13 @@ def execute(request: RunRequest) -> dict[str, Any]:
         "val_images": len(val_set),
         "input_size": list(cfg.data.input_size),
     }
-    trainer = Trainer(cfg, model, SegmentationTask(cfg.training.loss), train_loader, evaluator, run_dir, device,
-                      show_progress=request.show_progress, extra_summary=extra)  # fmt: skip
+    task, teacher_eval_model, teacher_records, ema = (
+        build_kd_task(cfg, model, teachers, device) if cfg.distillation.enabled else
+        (SegmentationTask(cfg.training.loss), None, [], None)
+    )  # fmt: skip
+    trainer = Trainer(cfg, model, task, train_loader, evaluator, run_dir, device,
+                      show_progress=request.show_progress, extra_summary=extra,
+                      teacher_eval_model=teacher_eval_model, teacher_records=teacher_records, ema=ema)  # fmt: skip
     if resume_path is not None:
         trainer.resume_from(resume_path)
     log.info(
@@ -182,6 +189,67 @@ def _test_only(
     if run_dir.is_dir():
         _write_json_atomic(run_dir / "test_metrics.json", result)
     return result
+
+
+def load_teachers(cfg: ExperimentConfig) -> list[LoadedTeacher]:
+    """Load every configured teacher strictly; their mask size must equal the student's (KD is per pixel)."""
+    d = cfg.distillation
+    teachers = [
+        load_teacher(spec.checkpoint, spec.weight, d.teacher_input_mean, d.teacher_input_std)
+        for spec in d.teacher_specs()
+    ]
+    for t in teachers:
+        mask_size = list(t.config.get("model", {}).get("mask_size", []))
+        if mask_size != list(cfg.model.mask_size):
+            raise CheckpointError(
+                f"teacher {t.path} predicts {mask_size} masks but the student's model.mask_size is "
+                f"{list(cfg.model.mask_size)}; set model.mask_size to the teacher's"
+            )
+    return teachers
+
+
+def check_teacher_unchanged(
+    payload: dict[str, Any], teachers: list[LoadedTeacher], resume_path: Path | None, allow: bool
+) -> None:
+    """Refuse to resume a distillation run whose teacher file changed, unless the user allows it."""
+    recorded = payload.get("teachers") or []
+    for i, teacher in enumerate(teachers):
+        before = recorded[i]["sha256"] if i < len(recorded) else None
+        if before is not None and before != teacher.sha256:
+            if allow:
+                log.warning("teacher %s changed since the run started (--allow_teacher_change given)", teacher.path)
+                continue
+            raise CheckpointError(
+                f"teacher {teacher.path} changed since {resume_path} was written (sha256 {before[:12]}... now "
+                f"{teacher.sha256[:12]}...); pass --allow_teacher_change to resume with it anyway"
+            )
+
+
+def build_kd_task(
+    cfg: ExperimentConfig, model: torch.nn.Module, teachers: list[LoadedTeacher], device: torch.device
+) -> tuple[KDTask, torch.nn.Module | None, list[dict[str, Any]], ModelEMA | None]:
+    """The KD task, the model evaluated as 'the teacher' before epoch 1, the teacher records, the EMA."""
+    d = cfg.distillation
+    ema = ModelEMA(model, cfg.training.ema.decay) if cfg.training.ema.enabled else None
+    if d.self_distillation:
+        frozen = [(FrozenTeacher(ema.module), 1.0)]  # type: ignore[union-attr]
+        eval_model = None
+    else:
+        frozen = [(t.teacher.to(device), t.weight) for t in teachers]
+        eval_model = frozen[0][0]
+    distiller = None
+    if d.features:
+        from kdlab.distill.features import FeatureDistiller
+
+        pairs = [(f.student, f.teacher, f.weight) for f in d.features]
+        distiller = FeatureDistiller(model, frozen[0][0].model, pairs)
+        h, w = cfg.data.input_size
+        example_images = torch.rand(1, 3, h, w)
+        example_rois = torch.tensor([[0.0, 0.0, 0.0, float(w), float(h)]])
+        distiller.infer_channels(model, frozen[0][0].model.to("cpu"), example_images, example_rois)
+        frozen[0][0].to(device)
+    records = [{"path": t.path, "sha256": t.sha256, "weight": t.weight} for t in teachers]
+    return KDTask(d, cfg.training.loss, frozen, distiller), eval_model, records, ema
 
 
 def config_from_checkpoint(path: str) -> ExperimentConfig:

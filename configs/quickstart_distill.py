@@ -1,0 +1,14 @@
+"""Quickstart distillation: B0 learns from the quickstart B3 teacher on the same synthetic data and schedule."""
+
+BASE = "quickstart_baseline"
+
+CONFIG = {
+    "description": "Small B0 student distilled from quickstart_teacher (T=4, alpha=0.7)",
+    "distillation": {
+        "enabled": True,
+        "teacher_checkpoint": "experiments/quickstart_teacher/checkpoints/best_model.pth",
+        "temperature": 4.0,
+        "alpha": 0.7,
+        "grad_share_every": 4,
+    },
+}
