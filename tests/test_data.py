@@ -682,6 +682,7 @@ def test_resolve_data_paths_generates_once_and_reuses(
         model={"mask_size": (32, 24)},
     )
     assert not (tmp_path / "gen").exists()
+
     not_generated = resolve_data_paths(cfg.data, generate=False)
     assert not (tmp_path / "gen").exists()
     paths = resolve_data_paths(cfg.data)
@@ -709,6 +710,10 @@ def test_resolve_data_paths_generates_once_and_reuses(
 
 def test_explicit_paths_win_over_synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    for name in ("t.json", "v.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "v").mkdir()
     cfg = ExperimentConfig(
         data={
             "train_annotations": "t.json",
@@ -720,4 +725,19 @@ def test_explicit_paths_win_over_synthetic(tmp_path: Path, monkeypatch: pytest.M
     )
     paths = resolve_data_paths(cfg.data)
     assert paths.train_annotations == Path("t.json") and paths.val_images == Path("v")
+    assert not (tmp_path / "gen").exists()
+
+
+def test_missing_explicit_path_fails_before_any_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = ExperimentConfig(
+        data={
+            "train_annotations": "missing.json",
+            "synthetic": {"root": "gen", "train_images": 4, "val_images": 2, "image_size": (64, 64)},
+        }
+    )
+    with pytest.raises(DataError, match="missing.json"):
+        resolve_data_paths(cfg.data)
     assert not (tmp_path / "gen").exists()

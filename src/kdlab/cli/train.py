@@ -40,7 +40,9 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--distillation_temperature", type=float, help="distillation.temperature (> 0)")
     p.add_argument("--distillation_alpha", type=float, help="distillation.alpha (in [0, 1])")
     p.add_argument(
-        "--allow_teacher_change", action="store_true", help="resume although the teacher file changed since the run started"
+        "--allow_teacher_change",
+        action="store_true",
+        help="resume although the teacher file changed since the run started",
     )
     p.add_argument("--resume", help="continue from a checkpoint (<run>/checkpoints/last.pth) or 'auto'")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

@@ -35,6 +35,12 @@ def reference_rows(
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         nested = _nested_model(field.annotation)
+        if typing.get_origin(field.annotation) is list and nested is None:
+            item = typing.get_args(field.annotation)[0]
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                rows.append((f"{key}", f"list of {item.__name__}", "[]", field.description or ""))
+                rows.extend(reference_rows(item, f"{key}[]."))
+                continue
         if nested is not None and field.default is not None:
             rows.extend(reference_rows(nested, key + "."))
             continue
@@ -42,8 +48,13 @@ def reference_rows(
             rows.append((key, f"{nested.__name__} or null", "null", field.description or ""))
             rows.extend(reference_rows(nested, key + "."))
             continue
-        default = field.default
-        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        if field.is_required():
+            shown = "required"
+        elif field.default_factory is not None:
+            shown = json.dumps(field.default_factory())
+        else:
+            default = field.default
+            shown = json.dumps(list(default) if isinstance(default, tuple) else default)
         constraints = [_constraint(m) for m in field.metadata]
         desc = field.description or ""
         if constraints:

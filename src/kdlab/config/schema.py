@@ -194,9 +194,15 @@ class DistillationConfig(_Section):
     """Knowledge distillation: total = alpha * distill_total + (1 - alpha) * base_total."""
 
     enabled: bool = Field(False, description="--teacher_checkpoint turns it on")
-    teacher_checkpoint: str | None = Field(None, description="the teacher (its architecture comes from its checkpoint)")
-    teachers: list[TeacherSpec] = Field(default_factory=list, description="several teachers, mixed in probability space")
-    self_distillation: bool = Field(False, description="the student's EMA is the teacher (needs training.ema.enabled)")
+    teacher_checkpoint: str | None = Field(
+        None, description="the teacher (its architecture comes from its checkpoint)"
+    )
+    teachers: list[TeacherSpec] = Field(
+        default_factory=list, description="several teachers, mixed in probability space"
+    )
+    self_distillation: bool = Field(
+        False, description="the student's EMA is the teacher (needs training.ema.enabled)"
+    )
     temperature: float = Field(4.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the distillation terms")
     temperature_schedule: ScheduleConfig = ScheduleConfig()
@@ -205,8 +211,12 @@ class DistillationConfig(_Section):
     bg_fg_weight: float = Field(0.5, ge=0.0, description="KD weight on the bg/fg head")
     target_weight: float = Field(0.5, ge=0.0, description="KD weight on the target/non-target head")
     cwd_weight: float = Field(0.0, ge=0.0, description="channel-wise distillation on the 3-class logits")
-    features: list[FeaturePairConfig] = Field(default_factory=list, description="feature MSE through 1x1 adapters")
-    grad_share_every: int = Field(50, ge=0, description="log each term's share of the gradient norm every N steps (0 = off)")
+    features: list[FeaturePairConfig] = Field(
+        default_factory=list, description="feature MSE through 1x1 adapters"
+    )
+    grad_share_every: int = Field(
+        50, ge=0, description="log each term's share of the gradient norm every N steps (0 = off)"
+    )
     teacher_input_mean: tuple[float, float, float] | None = Field(
         None, description="override the teacher's input normalisation (teacher trained with other mean/std)"
     )

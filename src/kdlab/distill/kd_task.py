@@ -70,7 +70,10 @@ class KDTask:
         return [self.feature_distiller] if self.feature_distiller is not None else []
 
     def current_values(self) -> dict[str, float]:
-        return {"temperature": self.temperature.value(self.progress), "alpha": self.alpha.value(self.progress)}
+        return {
+            "temperature": self.temperature.value(self.progress),
+            "alpha": self.alpha.value(self.progress),
+        }
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images, rois = batch["images"], batch["rois"]
@@ -85,11 +88,15 @@ class KDTask:
             weight = self.head_weights[name]
             if weight <= 0:
                 continue
-            target = mix_teacher_probs([teacher_probs(out[key], temperature) for out, _ in teacher_outputs], weights)
+            target = mix_teacher_probs(
+                [teacher_probs(out[key], temperature) for out, _ in teacher_outputs], weights
+            )
             terms[name] = (kd_kl_loss(student[key], target, temperature), weight)
         if self.dcfg.cwd_weight > 0:
             total_w = sum(weights)
-            cwd = sum(w * cwd_loss(student["logits"], out["logits"], temperature) for out, w in teacher_outputs)
+            cwd = sum(
+                w * cwd_loss(student["logits"], out["logits"], temperature) for out, w in teacher_outputs
+            )
             terms["distill_cwd"] = (cwd / total_w, self.dcfg.cwd_weight)
         if self.feature_distiller is not None:
             feat_total, feat_terms = self.feature_distiller.loss()

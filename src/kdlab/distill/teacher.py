@@ -45,7 +45,9 @@ def strict_load(model: nn.Module, state: dict[str, Any], source: str) -> None:
     ]
     if missing or unexpected or mismatched:
         listed = (
-            [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + [f"shape {k}" for k in mismatched]
+            [f"missing {k}" for k in missing]
+            + [f"unexpected {k}" for k in unexpected]
+            + [f"shape {k}" for k in mismatched]
         )
         shown = "; ".join(listed[:MAX_KEYS_SHOWN])
         more = f"; and {len(listed) - MAX_KEYS_SHOWN} more" if len(listed) > MAX_KEYS_SHOWN else ""
@@ -98,7 +100,9 @@ def load_teacher(
     try:
         config = ExperimentConfig.model_validate(raw_config)
     except ValidationError as exc:
-        raise CheckpointError(f"teacher checkpoint {path} holds an invalid config: {exc.errors()[0]['msg']}") from exc
+        raise CheckpointError(
+            f"teacher checkpoint {path} holds an invalid config: {exc.errors()[0]['msg']}"
+        ) from exc
     model_cfg = config.model.model_copy(update={"encoder_weights": None})
     model = build_model(model_cfg)
     strict_load(model, payload["model_state_dict"], f"teacher checkpoint {path}")

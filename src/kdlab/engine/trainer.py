@@ -121,6 +121,8 @@ class Trainer:
         self.ema = ema
         if self.ema is not None:
             self.ema.module.to(device)
+            if self.tcfg.channels_last:
+                self.ema.module.to(memory_format=torch.channels_last)
         self.teacher_eval_model = teacher_eval_model
         self.teacher_records = teacher_records or []
         self.teacher_metrics: dict[str, float] | None = None

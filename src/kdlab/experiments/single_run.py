@@ -122,7 +122,12 @@ def execute(request: RunRequest) -> dict[str, Any]:
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
     )  # fmt: skip
     evaluator = SegmentationEvaluator(
-        val_loader, device, amp_dtype, cfg.training.channels_last, cfg.training.num_vis_images, request.show_progress
+        val_loader,
+        device,
+        amp_dtype,
+        cfg.training.channels_last,
+        cfg.training.num_vis_images,
+        request.show_progress,
     )
 
     if request.test_only:
@@ -217,7 +222,9 @@ def check_teacher_unchanged(
         before = recorded[i]["sha256"] if i < len(recorded) else None
         if before is not None and before != teacher.sha256:
             if allow:
-                log.warning("teacher %s changed since the run started (--allow_teacher_change given)", teacher.path)
+                log.warning(
+                    "teacher %s changed since the run started (--allow_teacher_change given)", teacher.path
+                )
                 continue
             raise CheckpointError(
                 f"teacher {teacher.path} changed since {resume_path} was written (sha256 {before[:12]}... now "
