@@ -241,3 +241,52 @@ def test_feature_distillation_trains_adapters_and_resumes(teacher_ckpt, tmp_path
     assert any(not torch.equal(last["task_state_dict"][k], first["task_state_dict"][k]) for k in adapter_keys)
     best = torch.load(run / "checkpoints" / "best_model.pth", map_location="cpu", weights_only=True)
     assert not any(k.startswith("adapters") for k in best["model_state_dict"])
+
+
+def test_self_distillation_with_ema_and_schedules(tmp_path):
+    args = tiny_args(
+        tmp_path, "distillation.enabled=true", "distillation.self_distillation=true", "distillation.teacher_checkpoint=null",
+        "training.ema.enabled=true",
+        "training.ema.evaluate=true", "training.ema.decay=0.5", "distillation.temperature_schedule.kind=linear",
+        "distillation.temperature_schedule.end=1.0", "distillation.alpha_schedule.kind=cosine",
+        "distillation.alpha_schedule.end=0.1", epochs=2, config="quickstart_distill",
+    )  # fmt: skip
+    assert run_cli(train_main, args) == 0
+    run = tmp_path / "runs" / "quickstart_distill"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["teacher_metrics"] is None and summary["teachers"] == []
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").open()))
+    temps = [float(r["train_temperature"]) for r in rows]
+    alphas = [float(r["train_alpha"]) for r in rows]
+    assert 1.0 < temps[1] < temps[0] < 4.0  # epoch means of a linear 4 -> 1 schedule
+    assert 0.1 < alphas[1] < alphas[0] < 0.7
+    last = torch.load(run / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
+    best = torch.load(run / "checkpoints" / "best_model.pth", map_location="cpu", weights_only=True)
+    ema_weights = last["ema_state_dict"]["module"]
+    if summary["best_epoch"] == 2:  # best_model.pth holds the EMA weights that were evaluated
+        for key, value in best["model_state_dict"].items():
+            assert torch.equal(value, ema_weights[key]), key
+    assert any(not torch.equal(ema_weights[k], last["model_state_dict"][k]) for k in ema_weights)
+
+
+def test_multi_teacher_target_is_the_weighted_probability_mixture():
+    from kdlab.distill.losses import kd_kl_loss, mix_teacher_probs, teacher_probs
+
+    student, cfg = _student_and_cfg()
+    torch.manual_seed(5)
+    t1, t2 = FrozenTeacher(build_model(cfg.model)), FrozenTeacher(build_model(cfg.model))
+    task = KDTask(cfg.distillation, cfg.training.loss, [(t1, 1.0), (t2, 3.0)])
+    batch = _tiny_batch()
+    student.eval()
+    with torch.no_grad():
+        losses = task(student, batch)
+        out_s = student(batch["images"], batch["rois"])
+        temperature = cfg.distillation.temperature
+        mixed = mix_teacher_probs(
+            [teacher_probs(t(batch["images"], batch["rois"])["logits"], temperature) for t in (t1, t2)],
+            [1.0, 3.0],
+        )
+        expected = kd_kl_loss(out_s["logits"], mixed, temperature)
+        single = KDTask(cfg.distillation, cfg.training.loss, [(t1, 1.0)])(student, batch)["distill_final"]
+    torch.testing.assert_close(losses["distill_final"], expected)
+    assert not torch.allclose(losses["distill_final"], single)

@@ -269,6 +269,11 @@ class ExperimentConfig(_Section):
                 "distillation.enabled=true needs a teacher: set distillation.teacher_checkpoint "
                 "(or --teacher_checkpoint), distillation.teachers, or distillation.self_distillation=true"
             )
+        if d.self_distillation and d.teacher_specs():
+            raise ValueError(
+                "distillation.self_distillation=true uses the student's EMA as the teacher; "
+                "set distillation.teacher_checkpoint=null and distillation.teachers=[]"
+            )
         if d.enabled and d.self_distillation and not self.training.ema.enabled:
             raise ValueError("distillation.self_distillation=true needs training.ema.enabled=true")
         return self
