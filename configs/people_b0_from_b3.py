@@ -7,7 +7,7 @@ CONFIG = {
     "training": {"lr": 1e-4},
     "distillation": {
         "enabled": True,
-        "teacher_checkpoint": "experiments/people_b3_teacher/checkpoints/best_model.pth",
+        "teacher_experiment": "people_b3_teacher",
         "temperature": 4.0,
         "alpha": 0.7,
     },

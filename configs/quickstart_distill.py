@@ -6,7 +6,7 @@ CONFIG = {
     "description": "Small B0 student distilled from quickstart_teacher (T=4, alpha=0.7)",
     "distillation": {
         "enabled": True,
-        "teacher_checkpoint": "experiments/quickstart_teacher/checkpoints/best_model.pth",
+        "teacher_experiment": "quickstart_teacher",
         "temperature": 4.0,
         "alpha": 0.7,
         "grad_share_every": 4,

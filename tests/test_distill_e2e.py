@@ -246,6 +246,7 @@ def test_feature_distillation_trains_adapters_and_resumes(teacher_ckpt, tmp_path
 def test_self_distillation_with_ema_and_schedules(tmp_path):
     args = tiny_args(
         tmp_path, "distillation.enabled=true", "distillation.self_distillation=true", "distillation.teacher_checkpoint=null",
+        "distillation.teacher_experiment=null",
         "training.ema.enabled=true",
         "training.ema.evaluate=true", "training.ema.decay=0.5", "distillation.temperature_schedule.kind=linear",
         "distillation.temperature_schedule.end=1.0", "distillation.alpha_schedule.kind=cosine",

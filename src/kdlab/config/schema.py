@@ -197,6 +197,11 @@ class DistillationConfig(_Section):
     teacher_checkpoint: str | None = Field(
         None, description="the teacher (its architecture comes from its checkpoint)"
     )
+    teacher_experiment: str | None = Field(
+        None,
+        description="another experiment whose best_model.pth is the teacher (<output_dir>/<name>/checkpoints/); "
+        "run_experiments.py runs it first",
+    )
     teachers: list[TeacherSpec] = Field(
         default_factory=list, description="several teachers, mixed in probability space"
     )
@@ -264,15 +269,16 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _distillation_has_a_teacher(self) -> ExperimentConfig:
         d = self.distillation
-        if d.enabled and not d.teacher_specs() and not d.self_distillation:
+        if d.enabled and not d.teacher_specs() and not d.self_distillation and not d.teacher_experiment:
             raise ValueError(
                 "distillation.enabled=true needs a teacher: set distillation.teacher_checkpoint "
-                "(or --teacher_checkpoint), distillation.teachers, or distillation.self_distillation=true"
+                "(or --teacher_checkpoint), distillation.teacher_experiment, distillation.teachers, "
+                "or distillation.self_distillation=true"
             )
-        if d.self_distillation and d.teacher_specs():
+        if d.self_distillation and (d.teacher_specs() or d.teacher_experiment):
             raise ValueError(
-                "distillation.self_distillation=true uses the student's EMA as the teacher; "
-                "set distillation.teacher_checkpoint=null and distillation.teachers=[]"
+                "distillation.self_distillation=true uses the student's EMA as the teacher; set "
+                "distillation.teacher_checkpoint=null, distillation.teacher_experiment=null and distillation.teachers=[]"
             )
         if d.enabled and d.self_distillation and not self.training.ema.enabled:
             raise ValueError("distillation.self_distillation=true needs training.ema.enabled=true")

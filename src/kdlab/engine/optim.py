@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,3 +41,17 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine_factor(step, total, warmup, cfg.min_lr_ratio)
     )
+
+
+def extended_schedule(
+    resume_step: int, factor_at_resume: float, new_total_steps: int, min_lr_ratio: float
+) -> Callable[[int], float]:
+    """LR multiplier for a run extended to more epochs: from its value at `resume_step`, cosine down to
+    `min_lr_ratio` at the new total, so the rate never jumps back up when a finished run is continued."""
+    span = max(1, new_total_steps - resume_step)
+
+    def factor(step: int) -> float:
+        progress = min(1.0, max(0.0, (step - resume_step) / span))
+        return min_lr_ratio + (factor_at_resume - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

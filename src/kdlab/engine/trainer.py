@@ -32,7 +32,7 @@ from kdlab.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint_atomic,
 )
-from kdlab.engine.optim import build_optimizer, build_scheduler
+from kdlab.engine.optim import build_optimizer, build_scheduler, extended_schedule, warmup_cosine_factor
 from kdlab.engine.run_logger import RunLogger
 from kdlab.engine.tasks import Task
 from kdlab.engine.visuals import save_visualizations
@@ -194,6 +194,9 @@ class Trainer:
         self.teacher_metrics = payload.get("teacher_metrics")
         self.optimizer.load_state_dict(payload["optimizer_state_dict"])
         self.scheduler.load_state_dict(payload["scheduler_state_dict"])
+        old_epochs = int(payload.get("config", {}).get("training", {}).get("epochs", self.tcfg.epochs))
+        if old_epochs != self.tcfg.epochs:
+            self._extend_schedule(payload, old_epochs)
         self.scaler.load_state_dict(payload["scaler_state_dict"])
         self.state.epoch = int(payload["epoch"])
         self.state.global_step = int(payload["global_step"])
@@ -204,6 +207,22 @@ class Trainer:
         self.state.last_metrics = dict(payload.get("metrics", {}))
         restore_rng_state(payload["rng_state"])
         log.info("resumed from %s at epoch %d (step %d)", path, self.state.epoch, self.state.global_step)
+
+    def _extend_schedule(self, payload: dict[str, Any], old_epochs: int) -> None:
+        """A run resumed with a new epoch total: continue the LR from where it was, cosine to the new end."""
+        old_total = max(1, old_epochs * self.steps_per_epoch)
+        old_warmup = min(old_total - 1, round(self.tcfg.warmup_epochs * self.steps_per_epoch))
+        step = int(payload["global_step"])
+        at_resume = warmup_cosine_factor(step, old_total, old_warmup, self.tcfg.min_lr_ratio)
+        fn = extended_schedule(step, at_resume, self.total_steps, self.tcfg.min_lr_ratio)
+        self.scheduler.lr_lambdas = [fn for _ in self.optimizer.param_groups]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * fn(step)
+        log.info(
+            "extending from %d to %d epochs: LR continues at %.3g and decays to %.3g",
+            old_epochs, self.tcfg.epochs, self.scheduler.base_lrs[0] * at_resume,
+            self.scheduler.base_lrs[0] * self.tcfg.min_lr_ratio,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- loop
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -199,9 +199,11 @@ def _test_only(
 def load_teachers(cfg: ExperimentConfig) -> list[LoadedTeacher]:
     """Load every configured teacher strictly; their mask size must equal the student's (KD is per pixel)."""
     d = cfg.distillation
+    specs = [(spec.checkpoint, spec.weight) for spec in d.teacher_specs()]
+    if d.teacher_experiment and not d.teacher_checkpoint:
+        specs.insert(0, (str(teacher_experiment_checkpoint(cfg)), 1.0))
     teachers = [
-        load_teacher(spec.checkpoint, spec.weight, d.teacher_input_mean, d.teacher_input_std)
-        for spec in d.teacher_specs()
+        load_teacher(path, weight, d.teacher_input_mean, d.teacher_input_std) for path, weight in specs
     ]
     for t in teachers:
         mask_size = list(t.config.get("model", {}).get("mask_size", []))
@@ -211,6 +213,12 @@ def load_teachers(cfg: ExperimentConfig) -> list[LoadedTeacher]:
                 f"{list(cfg.model.mask_size)}; set model.mask_size to the teacher's"
             )
     return teachers
+
+
+def teacher_experiment_checkpoint(cfg: ExperimentConfig) -> Path:
+    """Where `distillation.teacher_experiment`'s best model lives: <output_dir>/<name>/checkpoints/best_model.pth."""
+    assert cfg.distillation.teacher_experiment
+    return Path(cfg.output_dir) / cfg.distillation.teacher_experiment / "checkpoints" / "best_model.pth"
 
 
 def check_teacher_unchanged(

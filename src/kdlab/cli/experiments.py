@@ -1,0 +1,96 @@
+"""`run_experiments.py`: train several experiments in series, export them to ONNX and compare them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from kdlab.cli.common import OneLineArgumentParser, run_cli, setup_logging
+
+log = logging.getLogger("kdlab.cli.experiments")
+
+FLAG_KEYS = {
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "device": "training.device",
+    "seed": "training.seed",
+    "output_dir": "output_dir",
+    "teacher_checkpoint": "distillation.teacher_checkpoint",
+    "distillation_temperature": "distillation.temperature",
+    "distillation_alpha": "distillation.alpha",
+}
+
+
+def build_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(
+        prog="run_experiments.py",
+        description="Run experiments in series (teachers first), export each to ONNX, write a comparison report.",
+    )
+    p.add_argument("--configs", nargs="+", required=True, help="config names or suites (quickstart, people)")
+    p.add_argument("--epochs", type=int, help="override training.epochs (only when given)")
+    p.add_argument("--batch_size", type=int, help="override training.batch_size (only when given)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--output_dir", help="parent of the run directories and of the report")
+    p.add_argument(
+        "--teacher_checkpoint", help="teacher for every distillation config (overrides teacher_experiment)"
+    )
+    p.add_argument("--distillation_temperature", type=float)
+    p.add_argument("--distillation_alpha", type=float)
+    p.add_argument("--set", dest="set_items", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--sweep", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+        help="one run per value (cartesian product of several sweeps), named <config>__<key>-<value>",
+    )  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue each run that has checkpoints/last.pth")
+    p.add_argument(
+        "--total_epochs", type=int, help="extend finished runs to this many epochs (implies --resume)"
+    )
+    p.add_argument("--export_onnx", action="store_true", help="export existing runs (with --skip_training)")
+    p.add_argument("--skip_training", action="store_true", help="do not train; export/report existing runs")
+    p.add_argument("--fail_fast", action="store_true", help="stop at the first failed experiment")
+    p.add_argument("--no_export", action="store_true", help="skip the ONNX export after training")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from kdlab.errors import ConfigError
+    from kdlab.experiments.orchestrate import orchestrate
+
+    if args.total_epochs is not None:
+        if args.total_epochs <= 0:
+            raise ConfigError("--total_epochs must be > 0")
+        if args.epochs is not None:
+            raise ConfigError("give either --epochs or --total_epochs, not both")
+        args.epochs = args.total_epochs
+        args.resume = True
+    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    if args.teacher_checkpoint:
+        flags["distillation.enabled"] = True
+    flags_argv: list[str] = []
+    for flag in FLAG_KEYS:
+        value = getattr(args, flag)
+        if value is not None:
+            flags_argv += [f"--{flag}", str(value)]
+    status, report_md = orchestrate(
+        configs=args.configs,
+        set_items=args.set_items,
+        flags=flags,
+        flags_argv=flags_argv,
+        sweeps=args.sweep,
+        output_dir=Path(args.output_dir) if args.output_dir else None,
+        resume=args.resume,
+        fail_fast=args.fail_fast,
+        skip_training=args.skip_training,
+        export=(args.export_onnx or not args.skip_training) and not args.no_export,
+    )
+    if report_md is not None and report_md.is_file():
+        print(report_md.read_text())
+    return status
+
+
+def entrypoint() -> None:
+    raise SystemExit(run_cli(main))

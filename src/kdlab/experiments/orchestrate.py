@@ -1,0 +1,73 @@
+"""Run -> export -> report: the whole `run_experiments.py` workflow, returning its exit status."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdlab.experiments.runner import plan_runs, run_all, write_runs_json
+
+log = logging.getLogger(__name__)
+
+
+def export_finished(results: list[Any]) -> None:
+    """Export every finished run's student to ONNX; a failure is recorded on the run, never raised."""
+    from kdlab.export.onnx_export import export_run_to_onnx
+
+    for result in results:
+        if result.status not in ("completed", "exists"):
+            continue
+        try:
+            meta = export_run_to_onnx(result.run_dir)
+            result.export = {"ok": True, "parity_max_abs_diff": meta["parity"]["max_abs_diff"],
+                             "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"]}  # fmt: skip
+            log.info(
+                "%s: exported best_model.onnx (parity %.2e)", result.name, meta["parity"]["max_abs_diff"]
+            )
+        except Exception as exc:  # recorded per run; the overall status turns non-zero
+            result.export = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            log.error("%s: ONNX export failed: %s", result.name, exc)
+
+
+def orchestrate(
+    configs: list[str],
+    set_items: list[str],
+    flags: dict[str, Any],
+    flags_argv: list[str],
+    sweeps: list[str],
+    output_dir: Path | None,
+    resume: bool,
+    fail_fast: bool,
+    skip_training: bool,
+    export: bool,
+) -> tuple[int, Path | None]:
+    """Returns (exit status, path of experiment_comparison.md)."""
+    from kdlab.experiments.report import RunRecord, collect_rows, write_report
+
+    planned = plan_runs(configs, set_items, flags, sweeps)
+    out = output_dir or Path(planned[0].config.output_dir)
+    results = run_all(
+        planned, flags_argv, out, resume=resume, fail_fast=fail_fast, skip_training=skip_training
+    )
+    if export:
+        export_finished(results)
+    write_runs_json(results, out / "experiment_runs.json")
+    records = [
+        RunRecord(
+            name=r.name,
+            run_dir=Path(r.run_dir),
+            status=r.status,
+            exit_code=r.exit_code,
+            duration_s=r.duration_s,
+        )
+        for r in results
+    ]
+    paths = write_report(collect_rows(records), out, records)
+    ok_status = {"completed", "exists"}
+    failed = [r.name for r in results if r.status not in ok_status]
+    failed += [r.name for r in results if r.export is not None and not r.export.get("ok")]
+    not_run = [p.run_name for p in planned if p.run_name not in {r.name for r in results}]
+    if failed or not_run:
+        log.error("not successful: %s", ", ".join(sorted(set(failed + not_run))))
+    return (1 if failed or not_run else 0), paths.get("md")

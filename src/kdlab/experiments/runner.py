@@ -1,0 +1,236 @@
+"""Run several experiments in series, each as its own process, then export and compare them.
+
+Each experiment runs `python train_advanced.py ...` through an argument list (never a shell); its output is
+streamed live and into `<run>/logs/stdout.txt`; its true exit status is recorded. A failed experiment is
+recorded with the tail of its log and the others still run (unless fail_fast). An experiment whose teacher
+is another experiment (`distillation.teacher_experiment`) runs after it and gets its best_model.pth; if
+that teacher failed, it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdlab.config.loader import parse_set_items, resolve_config
+from kdlab.config.schema import ExperimentConfig
+from kdlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SUITES: dict[str, list[str]] = {
+    "quickstart": ["quickstart_teacher", "quickstart_baseline", "quickstart_distill"],
+    "people": ["people_b3_teacher", "people_b0_baseline", "people_b0_from_b3"],
+}
+TRAIN_SCRIPT = Path(__file__).resolve().parents[3] / "train_advanced.py"
+ERROR_TAIL_LINES = 30
+
+
+@dataclass
+class PlannedRun:
+    """One experiment to run: its config name, extra `--set` items (sweeps) and resolved config."""
+
+    config_name: str
+    run_name: str
+    set_items: list[str]
+    config: ExperimentConfig
+    depends_on: str | None = None
+
+
+@dataclass
+class RunResult:
+    name: str
+    config_name: str
+    run_dir: str
+    status: str  # completed | failed | skipped | interrupted | exists
+    exit_code: int | None
+    duration_s: float
+    command: list[str]
+    error_tail: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] | None = None
+
+
+def expand_configs(names: list[str]) -> list[str]:
+    """Expand suite names (e.g. `quickstart`) into their configs, keeping order and dropping repeats."""
+    out: list[str] = []
+    for name in names:
+        for item in SUITES.get(name, [name]):
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def parse_sweeps(sweeps: list[str]) -> list[list[tuple[str, str]]]:
+    """`["a.b=1,2", "c=x,y"]` -> the cartesian product as lists of (key, value) pairs."""
+    combos: list[list[tuple[str, str]]] = [[]]
+    for sweep in sweeps:
+        if "=" not in sweep:
+            raise ConfigError(f"--sweep expects key=v1,v2,..., got '{sweep}'")
+        key, values = sweep.split("=", 1)
+        items = [v for v in values.split(",") if v != ""]
+        if not items:
+            raise ConfigError(f"--sweep {key} has no values")
+        parse_set_items([f"{key}={items[0]}"])  # validates the key, naming the closest one on a typo
+        combos = [combo + [(key, v)] for combo in combos for v in items]
+    return combos
+
+
+def _sweep_suffix(combo: list[tuple[str, str]]) -> str:
+    parts = []
+    for key, value in combo:
+        safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in value)
+        parts.append(f"{key.rsplit('.', 1)[-1]}-{safe}")
+    return "__" + "__".join(parts) if parts else ""
+
+
+def plan_runs(
+    config_names: list[str], set_items: list[str], flags: dict[str, Any], sweeps: list[str]
+) -> list[PlannedRun]:
+    """Resolve every config (failing early on bad input) and order teachers before their students."""
+    planned: list[PlannedRun] = []
+    for name in expand_configs(config_names):
+        for combo in parse_sweeps(sweeps):
+            base = resolve_config(name, set_items, flags)
+            run_name = base.name + _sweep_suffix(combo)
+            items = list(set_items) + [f"{k}={v}" for k, v in combo] + ([f"name={run_name}"] if combo else [])
+            cfg = resolve_config(name, items, flags)
+            planned.append(PlannedRun(name, run_name, items, cfg, cfg.distillation.teacher_experiment))
+    names = {p.run_name for p in planned}
+    ordered: list[PlannedRun] = []
+    pending = list(planned)
+    while pending:
+        ready = [
+            p for p in pending if p.depends_on not in names or p.depends_on in {o.run_name for o in ordered}
+        ]
+        if not ready:
+            cycle = ", ".join(p.run_name for p in pending)
+            raise ConfigError(f"distillation.teacher_experiment forms a cycle among: {cycle}")
+        for p in ready:
+            ordered.append(p)
+            pending.remove(p)
+    return ordered
+
+
+def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
+    if not path.is_file():
+        return ""
+    with path.open(errors="replace") as fh:
+        return "".join(deque(fh, maxlen=lines))
+
+
+def stream_process(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> int:
+    """Run `command` (an argument list, no shell), echo its output live and copy it into `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w", encoding="utf-8") as sink:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=1, text=True,
+            errors="replace",
+        )  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                sink.write(line)
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+        return proc.wait()
+
+
+def child_command(
+    run: PlannedRun, flags_argv: list[str], teacher_ckpt: Path | None, resume: bool
+) -> list[str]:
+    command = [sys.executable, str(TRAIN_SCRIPT), "--config", run.config_name, "--no_progress"]
+    if run.set_items:
+        command += ["--set", *run.set_items]
+    command += flags_argv
+    if teacher_ckpt is not None:
+        command += ["--teacher_checkpoint", str(teacher_ckpt)]
+    if resume:
+        command += ["--resume", "auto"]
+    return command
+
+
+def run_all(
+    planned: list[PlannedRun],
+    flags_argv: list[str],
+    output_dir: Path,
+    resume: bool = False,
+    fail_fast: bool = False,
+    skip_training: bool = False,
+) -> list[RunResult]:
+    """Train every planned run in order (or, with skip_training, just collect the existing ones)."""
+    results: dict[str, RunResult] = {}
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for i, run in enumerate(planned):
+        run_dir = Path(run.config.output_dir) / run.run_name
+        config_dump = run.config.model_dump(mode="json")
+        if skip_training:
+            exists = (run_dir / "checkpoints" / "best_model.pth").is_file()
+            results[run.run_name] = RunResult(
+                run.run_name, run.config_name, str(run_dir), "exists" if exists else "missing", None, 0.0, [],
+                "" if exists else f"no {run_dir / 'checkpoints' / 'best_model.pth'}", config_dump,
+            )  # fmt: skip
+            continue
+        teacher_ckpt = None
+        if run.depends_on and run.depends_on in results:
+            teacher = results[run.depends_on]
+            if teacher.status != "completed":
+                log.error("skipping %s: its teacher %s %s", run.run_name, run.depends_on, teacher.status)
+                results[run.run_name] = RunResult(
+                    run.run_name, run.config_name, str(run_dir), "skipped", None, 0.0, [],
+                    f"teacher experiment {run.depends_on} {teacher.status}", config_dump,
+                )  # fmt: skip
+                continue
+            teacher_ckpt = Path(teacher.run_dir) / "checkpoints" / "best_model.pth"
+        has_last = (run_dir / "checkpoints" / "last.pth").is_file()
+        command = child_command(run, flags_argv, teacher_ckpt, resume and has_last)
+        log.info("[%d/%d] %s: %s", i + 1, len(planned), run.run_name, " ".join(command))
+        staging = output_dir / ".runner" / f"{run.run_name}.stdout.txt"
+        started = time.perf_counter()
+        code = stream_process(command, staging, env)
+        duration = time.perf_counter() - started
+        final_log = run_dir / "logs" / "stdout.txt"
+        if run_dir.is_dir():
+            final_log.parent.mkdir(parents=True, exist_ok=True)
+            if final_log.exists() and resume:
+                with final_log.open("a") as out, staging.open() as inp:
+                    shutil.copyfileobj(inp, out)
+                staging.unlink()
+            else:
+                shutil.move(staging, final_log)
+        else:
+            final_log = staging
+        status = {0: "completed", 130: "interrupted", 143: "interrupted"}.get(code, "failed")
+        results[run.run_name] = RunResult(
+            run.run_name, run.config_name, str(run_dir), status, code, duration, command,
+            _tail(final_log) if status != "completed" else "", config_dump,
+        )  # fmt: skip
+        log.info("%s: %s (exit %d) in %.1f s", run.run_name, status, code, duration)
+        if status == "interrupted":
+            break
+        if status == "failed" and fail_fast:
+            log.error("--fail_fast: stopping after %s failed", run.run_name)
+            break
+    return list(results.values())
+
+
+def write_runs_json(results: list[RunResult], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str) + "\n")
+    os.replace(tmp, path)

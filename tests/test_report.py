@@ -1,0 +1,299 @@
+"""The comparison report: rows from fabricated run directories (no training), MACs, and the written files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from kdlab.config.schema import ExperimentConfig, ModelConfig
+from kdlab.experiments import report
+from kdlab.experiments.report import COLUMNS, RunRecord, collect_rows, compute_macs, write_report
+
+B0 = "timm-efficientnet-b0"
+B3 = "timm-efficientnet-b3"
+TINY_MODEL = {"roi_size": (16, 12), "mask_size": (32, 24), "head_channels": 16}
+
+
+def tiny_config(name: str, encoder: str, teacher_checkpoint: Path | None = None) -> dict[str, Any]:
+    distillation: dict[str, Any] = {}
+    if teacher_checkpoint is not None:
+        distillation = {"enabled": True, "teacher_checkpoint": str(teacher_checkpoint)}
+    cfg = ExperimentConfig(
+        name=name,
+        model={"encoder": encoder, **TINY_MODEL},
+        data={"input_size": (64, 64)},
+        distillation=distillation,
+    )
+    return cfg.model_dump(mode="json")
+
+
+def fabricate_run(
+    root: Path,
+    name: str,
+    encoder: str,
+    val_ious: list[float],
+    teacher_checkpoint: Path | None = None,
+    params_total: int = 6_250_000,
+    onnx_meta: dict[str, Any] | None = None,
+    with_summary_best_epoch: bool = True,
+) -> Path:
+    """A run directory as the trainer leaves it: config.json, summary.json, logs/metrics.csv (+ ONNX metadata)."""
+    run_dir = root / name
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "config.json").write_text(json.dumps(tiny_config(name, encoder, teacher_checkpoint)))
+    best = max(range(len(val_ious)), key=lambda i: val_ious[i])
+    columns = ["epoch", "step", "train_loss", "lr", "val_target_iou", "val_miou", "val_iou_background"]
+    columns += ["val_iou_target", "val_iou_other", "val_boundary_f1"]
+    with (run_dir / "logs" / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for i, iou in enumerate(val_ious):
+            writer.writerow(
+                {
+                    "epoch": i + 1, "step": 10 * (i + 1), "train_loss": 2.0 / (i + 1), "lr": 1e-3,
+                    "val_target_iou": iou, "val_miou": iou - 0.1, "val_iou_background": 0.9,
+                    "val_iou_target": iou - 0.05, "val_iou_other": 0.3 + i / 100, "val_boundary_f1": iou / 2,
+                }
+            )  # fmt: skip
+    last = val_ious[-1]
+    summary = {
+        "experiment": name,
+        "status": "completed",
+        "best_metric": val_ious[best],
+        "final_metrics": {"target_iou": last, "miou": last - 0.1, "iou_background": 0.9,
+                          "iou_target": last - 0.05, "iou_other": None, "boundary_f1": last / 2},
+        "params": {"total": params_total, "unet": params_total - 1000},
+        "timings": {"train_seconds": 90.0 * len(val_ious), "images_seen": 100},
+    }  # fmt: skip
+    if with_summary_best_epoch:
+        summary["best_epoch"] = best + 1
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    if onnx_meta is not None:
+        (run_dir / "checkpoints" / "best_model.onnx.json").write_text(json.dumps(onnx_meta))
+    return run_dir
+
+
+@pytest.fixture()
+def trio(tmp_path: Path) -> list[RunRecord]:
+    """Teacher (B3, 0.8), baseline (B0, 0.5) and distilled (B0, 0.65, teacher = the teacher's best_model.pth)."""
+    runs = tmp_path / "runs"
+    teacher = fabricate_run(runs, "teacher_b3", B3, [0.6, 0.7, 0.8], params_total=13_500_000)
+    baseline = fabricate_run(
+        runs, "baseline_b0", B0, [0.4, 0.5, 0.45], onnx_meta={"onnx_ms_per_image_median": 4.2}
+    )
+    distilled = fabricate_run(
+        runs, "distilled_b0", B0, [0.5, 0.65, 0.6],
+        teacher_checkpoint=teacher / "checkpoints" / "best_model.pth",
+        onnx_meta={"latency": {"onnx_ms_per_image_median": 4.0}, "onnx_mb": 24.5},
+    )  # fmt: skip
+    return [
+        RunRecord("teacher_b3", teacher, "completed"),
+        RunRecord("baseline_b0", baseline, "completed"),
+        RunRecord("distilled_b0", distilled, "completed"),
+    ]
+
+
+def by_name(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["experiment"]: r for r in rows}
+
+
+def test_trio_roles_pct_of_teacher_and_gap_closed(trio: list[RunRecord]) -> None:
+    rows = collect_rows(trio)
+    assert [list(r) for r in rows] == [list(COLUMNS)] * 3
+    named = by_name(rows)
+    assert named["teacher_b3"]["role"] == "teacher"  # inferred: the distilled config names its checkpoint
+    assert named["baseline_b0"]["role"] == "student"
+    assert named["distilled_b0"]["role"] == "distilled"
+    assert named["teacher_b3"]["pct_of_teacher"] == pytest.approx(100.0)
+    assert named["baseline_b0"]["pct_of_teacher"] == pytest.approx(62.5)  # 100 * 0.5 / 0.8
+    assert named["distilled_b0"]["pct_of_teacher"] == pytest.approx(81.25)  # 100 * 0.65 / 0.8
+    assert named["distilled_b0"]["gap_closed"] == pytest.approx(0.5)  # (0.65 - 0.5) / (0.8 - 0.5)
+    assert named["teacher_b3"]["gap_closed"] is None
+    assert named["baseline_b0"]["gap_closed"] is None
+    assert named["teacher_b3"]["encoder"] == B3
+    assert named["teacher_b3"]["params_m"] == pytest.approx(13.5)
+    assert named["teacher_b3"]["train_time_min"] == pytest.approx(4.5)  # 270 s
+    assert named["baseline_b0"]["onnx_latency_ms"] == pytest.approx(4.2)
+    assert named["distilled_b0"]["onnx_latency_ms"] == pytest.approx(4.0)  # nested metadata key
+    assert named["distilled_b0"]["onnx_mb"] == pytest.approx(24.5)
+    assert named["teacher_b3"]["onnx_latency_ms"] is None  # no best_model.onnx.json
+    assert named["teacher_b3"]["macs_g"] > named["baseline_b0"]["macs_g"] > 0
+
+
+def test_explicit_roles_override_inference(trio: list[RunRecord]) -> None:
+    trio[1].role = "teacher"  # say the runner calls the baseline a teacher: it is the bar then
+    named = by_name(collect_rows(trio))
+    assert named["baseline_b0"]["role"] == "teacher"
+    assert named["teacher_b3"]["role"] == "teacher"  # still inferred from the distilled config
+    # The distilled run's own teacher (named in its config) stays its reference; no 'student' baseline left.
+    assert named["distilled_b0"]["pct_of_teacher"] == pytest.approx(81.25)
+    assert named["distilled_b0"]["gap_closed"] is None
+
+
+def test_best_epoch_row_is_used(tmp_path: Path) -> None:
+    run = fabricate_run(tmp_path, "solo", B0, [0.3, 0.7, 0.5])
+    row = collect_rows([RunRecord("solo", run, "completed")])[0]
+    assert row["best_epoch"] == 2
+    assert row["target_iou"] == pytest.approx(0.7)  # epoch 2, not the final 0.5
+    assert row["miou"] == pytest.approx(0.6)
+    assert row["iou_target"] == pytest.approx(0.65)
+    assert row["iou_other"] == pytest.approx(0.31)
+    assert row["boundary_f1"] == pytest.approx(0.35)
+    assert row["role"] == "student"
+    assert row["pct_of_teacher"] is None and row["gap_closed"] is None  # no teacher in the list
+
+
+def test_best_epoch_found_from_csv_without_summary_best_epoch(tmp_path: Path) -> None:
+    run = fabricate_run(tmp_path, "solo", B0, [0.3, 0.7, 0.5], with_summary_best_epoch=False)
+    row = collect_rows([RunRecord("solo", run, "completed")])[0]
+    assert (row["best_epoch"], row["target_iou"]) == (2, pytest.approx(0.7))
+
+
+def test_final_metrics_when_metrics_csv_is_missing(tmp_path: Path) -> None:
+    run = fabricate_run(tmp_path, "solo", B0, [0.3, 0.7, 0.5])
+    (run / "logs" / "metrics.csv").unlink()
+    row = collect_rows([RunRecord("solo", run, "completed")])[0]
+    assert row["target_iou"] == pytest.approx(0.5)  # summary final_metrics
+    assert row["iou_other"] is None  # null in the summary
+    assert row["best_epoch"] == 2
+
+
+def test_failed_runs_get_rows_and_do_not_break_the_comparison(trio: list[RunRecord], tmp_path: Path) -> None:
+    crashed_dir = tmp_path / "runs" / "crashed_b0"
+    crashed_dir.mkdir()  # created, then failed before writing anything
+    records = [
+        RunRecord("never_started", None, "failed", exit_code=2),
+        *trio,
+        RunRecord("crashed_b0", crashed_dir, "failed", exit_code=1),
+    ]
+    rows = collect_rows(records)
+    named = by_name(rows)
+    assert [r["experiment"] for r in rows] == [r.name for r in records]
+    for name in ("never_started", "crashed_b0"):
+        row = named[name]
+        assert row["status"] == "failed"
+        assert all(row[k] is None for k in COLUMNS if k not in ("experiment", "status", "role"))
+    assert named["distilled_b0"]["gap_closed"] == pytest.approx(0.5)
+    assert named["baseline_b0"]["pct_of_teacher"] == pytest.approx(62.5)
+
+
+def test_a_failed_teacher_is_no_reference(trio: list[RunRecord]) -> None:
+    trio[0].status = "failed"  # its files are on disk, but the run did not finish
+    named = by_name(collect_rows(trio))
+    assert named["teacher_b3"]["status"] == "failed"
+    assert named["teacher_b3"]["role"] == "teacher"
+    assert named["distilled_b0"]["pct_of_teacher"] is None
+    assert named["distilled_b0"]["gap_closed"] is None
+
+
+def test_gap_closed_is_none_when_teacher_equals_baseline(tmp_path: Path) -> None:
+    teacher = fabricate_run(tmp_path, "t", B3, [0.5])
+    base = fabricate_run(tmp_path, "b", B0, [0.5])
+    dist = fabricate_run(
+        tmp_path, "d", B0, [0.6], teacher_checkpoint=teacher / "checkpoints" / "best_model.pth"
+    )
+    records = [RunRecord(n, d, "completed") for n, d in (("t", teacher), ("b", base), ("d", dist))]
+    assert by_name(collect_rows(records))["d"]["gap_closed"] is None
+
+
+def test_compute_macs_grows_with_encoder_and_input() -> None:
+    cfg_b0 = ModelConfig(encoder=B0, **TINY_MODEL)
+    cfg_b3 = ModelConfig(encoder=B3, **TINY_MODEL)
+    b0_64 = compute_macs(cfg_b0, (64, 64))
+    assert compute_macs(cfg_b3, (64, 64)) > b0_64 > 0
+    ratio = compute_macs(cfg_b0, (128, 128)) / b0_64
+    assert 3.5 < ratio < 4.5  # about proportional to pixels
+    assert compute_macs(cfg_b0, (64, 64), rois_per_image=4) > b0_64  # the head runs once per ROI
+
+
+def test_compute_macs_meta_count_equals_a_cpu_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast shape-only (meta device) count is the count of a real CPU forward; the fallback works."""
+    report.clear_macs_cache()
+    cfg = ModelConfig(encoder=B0, **TINY_MODEL)
+    meta = compute_macs(cfg, (64, 32), rois_per_image=2)
+    report.clear_macs_cache()
+    real_count = report._count_flops
+    devices: list[str] = []
+
+    def meta_fails(model: Any, h: int, w: int, n: int, device: torch.device) -> int:
+        devices.append(device.type)
+        if device.type == "meta":
+            raise NotImplementedError("no meta kernel")
+        return real_count(model, h, w, n, device)
+
+    monkeypatch.setattr(report, "_count_flops", meta_fails)
+    assert compute_macs(cfg, (64, 32), rois_per_image=2) == meta
+    assert devices == ["meta", "cpu"]
+
+
+def test_compute_macs_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    report.clear_macs_cache()
+    builds: list[str] = []
+    real_build = report.build_model
+
+    def counting_build(cfg: ModelConfig) -> Any:
+        builds.append(cfg.encoder)
+        return real_build(cfg)
+
+    monkeypatch.setattr(report, "build_model", counting_build)
+    cfg = ModelConfig(encoder=B0, **TINY_MODEL)
+    first = compute_macs(cfg, (64, 96))
+    t0 = time.perf_counter()
+    second = compute_macs(ModelConfig(encoder=B0, **TINY_MODEL), (64, 96))
+    assert time.perf_counter() - t0 < 0.05
+    assert first == second
+    assert builds == [B0]
+    # encoder_weights do not change the architecture: still cached
+    assert compute_macs(cfg.model_copy(update={"encoder_weights": "/nonexistent.pth"}), (64, 96)) == first
+    assert builds == [B0]
+
+
+def test_write_report_files(trio: list[RunRecord], tmp_path: Path) -> None:
+    records = [*trio, RunRecord("never_started", None, "failed", exit_code=2)]
+    rows = collect_rows(records)
+    out = tmp_path / "report"
+    paths = write_report(rows, out, curves_from=records)
+    names = {p.name for p in paths.values()}
+    assert names == {
+        "experiment_comparison.csv",
+        "experiment_comparison.md",
+        "experiment_comparison.png",
+        "training_curves.png",
+    }
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temp files left behind
+    with paths["csv"].open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        body = list(reader)
+    assert header == list(COLUMNS)
+    assert [line[0] for line in body] == [r.name for r in records]
+    assert float(body[2][header.index("gap_closed")]) == pytest.approx(0.5)
+    assert body[3][header.index("target_iou")] == ""
+    md = paths["markdown"].read_text()
+    for record in records:
+        assert record.name in md
+    assert "—" in md
+    assert "0.8000" in md and "81.2" in md  # 4 decimals for IoUs, 1 for percentages
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(records)
+    assert len({len(line) for line in table}) == 1  # padded: aligned in a terminal
+    for key in ("comparison_png", "curves_png"):
+        with Image.open(paths[key]) as image:
+            image.verify()
+        with Image.open(paths[key]) as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100
+
+
+def test_write_report_with_nothing_to_plot(tmp_path: Path) -> None:
+    rows = collect_rows([RunRecord("never_started", None, "failed")])
+    paths = write_report(rows, tmp_path, curves_from=[])
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    assert "never_started" in paths["markdown"].read_text()

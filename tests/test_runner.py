@@ -1,0 +1,181 @@
+"""run_experiments.py and run_distillation_training.sh on tiny CPU runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kdlab.cli.common import run_cli
+from kdlab.cli.experiments import main as experiments_main
+from kdlab.errors import ConfigError
+from kdlab.experiments.runner import expand_configs, parse_sweeps, plan_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_SET = [
+    "data.synthetic.train_images=8", "data.synthetic.val_images=4", "data.synthetic.image_size=64,64",
+    "data.input_size=64,64", "data.num_workers=0", "model.roi_size=16,12", "model.mask_size=32,24",
+    "model.head_channels=16", "training.num_vis_images=1", "training.log_every_steps=1",
+]  # fmt: skip
+
+
+def tiny_set(tmp: Path) -> list[str]:
+    return [f"data.synthetic.root={tmp / 'data'}", *TINY_SET]
+
+
+def test_suites_expand_and_teachers_run_first():
+    assert expand_configs(["quickstart"]) == [
+        "quickstart_teacher",
+        "quickstart_baseline",
+        "quickstart_distill",
+    ]
+    order = [
+        p.run_name
+        for p in plan_runs(["quickstart_distill", "quickstart_baseline", "quickstart_teacher"], [], {}, [])
+    ]
+    assert order.index("quickstart_teacher") < order.index("quickstart_distill")
+
+
+def test_sweeps_expand_into_named_runs_and_check_keys():
+    assert parse_sweeps(["training.lr=0.1,0.2", "model.encoder=a,b"]) == [
+        [("training.lr", "0.1"), ("model.encoder", "a")],
+        [("training.lr", "0.1"), ("model.encoder", "b")],
+        [("training.lr", "0.2"), ("model.encoder", "a")],
+        [("training.lr", "0.2"), ("model.encoder", "b")],
+    ]
+    planned = plan_runs(["quickstart_baseline"], [], {}, ["training.lr=0.1,0.2"])
+    assert [p.run_name for p in planned] == ["quickstart_baseline__lr-0.1", "quickstart_baseline__lr-0.2"]
+    assert [p.config.training.lr for p in planned] == [0.1, 0.2]
+    with pytest.raises(ConfigError, match="training.lr"):
+        parse_sweeps(["training.lrr=0.1,0.2"])
+
+
+@pytest.fixture(scope="module")
+def quickstart_suite(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("suite")
+    out = tmp / "runs"
+    code = run_cli(
+        experiments_main,
+        ["--configs", "quickstart", "--epochs", "1", "--batch_size", "4", "--device", "cpu",
+         "--output_dir", str(out), "--set", *tiny_set(tmp)],
+    )  # fmt: skip
+    return code, out
+
+
+def test_quickstart_suite_trains_exports_and_reports(quickstart_suite):
+    code, out = quickstart_suite
+    assert code == 0
+    runs = json.loads((out / "experiment_runs.json").read_text())
+    assert [r["name"] for r in runs] == ["quickstart_teacher", "quickstart_baseline", "quickstart_distill"]
+    assert all(r["status"] == "completed" and r["exit_code"] == 0 for r in runs)
+    distill = runs[2]
+    assert "--teacher_checkpoint" in distill["command"]
+    assert distill["command"][distill["command"].index("--teacher_checkpoint") + 1].endswith(
+        "quickstart_teacher/checkpoints/best_model.pth"
+    )
+    for r in runs:
+        run = Path(r["run_dir"])
+        assert "epoch 1/1" in (run / "logs" / "stdout.txt").read_text()
+        assert (run / "checkpoints" / "best_model.onnx").is_file()
+        assert r["export"]["ok"]
+    for name in ("experiment_comparison.csv", "experiment_comparison.md", "experiment_comparison.png",
+                 "training_curves.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    md = (out / "experiment_comparison.md").read_text()
+    assert "quickstart_distill" in md and "distilled" in md and "teacher" in md
+
+
+def test_export_only_on_existing_runs_does_not_train(quickstart_suite, tmp_path):
+    _, out = quickstart_suite
+    onnx = out / "quickstart_baseline" / "checkpoints" / "best_model.onnx"
+    last = out / "quickstart_baseline" / "checkpoints" / "last.pth"
+    onnx.unlink()
+    before = last.stat().st_mtime_ns
+    code = run_cli(
+        experiments_main,
+        ["--configs", "quickstart_baseline", "--export_onnx", "--skip_training", "--output_dir", str(out),
+         "--set", *tiny_set(tmp_path)],
+    )  # fmt: skip
+    assert code == 0
+    assert onnx.is_file() and last.stat().st_mtime_ns == before
+
+
+def _write_config(directory: Path, name: str, body: str) -> None:
+    (directory / f"{name}.py").write_text(textwrap.dedent(body))
+
+
+@pytest.fixture
+def failing_configs(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("quickstart_teacher", "quickstart_baseline", "people_b3_teacher"):
+        (configs / f"{name}.py").write_text((ROOT / "configs" / f"{name}.py").read_text())
+    _write_config(configs, "broken_teacher", """
+        BASE = "quickstart_teacher"
+        CONFIG = {"model": {"encoder": "timm-efficientnet-b0"}, "data": {"val_images": "/definitely/missing"}}
+    """)  # fmt: skip
+    _write_config(configs, "student_of_broken", """
+        BASE = "quickstart_baseline"
+        CONFIG = {"distillation": {"enabled": True, "teacher_experiment": "broken_teacher"}}
+    """)  # fmt: skip
+    monkeypatch.setenv("KDLAB_CONFIGS_DIR", str(configs))
+    return tmp_path
+
+
+def test_a_failed_experiment_is_recorded_and_the_others_still_run(failing_configs):
+    tmp = failing_configs
+    out = tmp / "runs"
+    code = run_cli(
+        experiments_main,
+        ["--configs", "broken_teacher", "student_of_broken", "quickstart_baseline", "--epochs", "1",
+         "--batch_size", "4", "--output_dir", str(out), "--no_export", "--set", *tiny_set(tmp)],
+    )  # fmt: skip
+    assert code == 1
+    runs = {r["name"]: r for r in json.loads((out / "experiment_runs.json").read_text())}
+    assert runs["broken_teacher"]["status"] == "failed" and runs["broken_teacher"]["exit_code"] == 2
+    assert "/definitely/missing" in runs["broken_teacher"]["error_tail"]
+    assert runs["student_of_broken"]["status"] == "skipped"
+    assert runs["quickstart_baseline"]["status"] == "completed"
+    md = (out / "experiment_comparison.md").read_text()
+    assert "broken_teacher" in md and "failed" in md
+
+
+def test_fail_fast_stops_at_the_first_failure(failing_configs):
+    tmp = failing_configs
+    out = tmp / "runs"
+    code = run_cli(
+        experiments_main,
+        ["--configs", "broken_teacher", "quickstart_baseline", "--epochs", "1", "--output_dir", str(out),
+         "--no_export", "--fail_fast", "--set", *tiny_set(tmp)],
+    )  # fmt: skip
+    assert code == 1
+    runs = json.loads((out / "experiment_runs.json").read_text())
+    assert [r["name"] for r in runs] == ["broken_teacher"]
+
+
+def test_shell_wrapper_handles_spaces_and_passes_the_exit_status(quickstart_suite, tmp_path):
+    _, out = quickstart_suite
+    spaced = tmp_path / "dir with spaces"
+    spaced.mkdir()
+    teacher = spaced / "my teacher.pth"
+    teacher.write_bytes((out / "quickstart_teacher" / "checkpoints" / "best_model.pth").read_bytes())
+    env = dict(os.environ, KDLAB_PYTHON=sys.executable)
+    base = [str(ROOT / "run_distillation_training.sh"), "--config", "quickstart_distill", "--epochs", "1",
+            "--temperature", "3", "--alpha", "0.6", "--batch_size", "4", "--"]  # fmt: skip
+    tail = ["--output_dir", str(spaced / "runs out"), "--no_progress", "--set", *tiny_set(tmp_path)]
+    ok = subprocess.run([*base[:1], "--teacher_checkpoint", str(teacher), *base[1:], *tail], env=env,
+                        capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    config = json.loads((spaced / "runs out" / "quickstart_distill" / "config.json").read_text())
+    assert config["distillation"]["temperature"] == 3.0 and config["distillation"]["alpha"] == 0.6
+    assert config["distillation"]["teacher_checkpoint"] == str(teacher)
+    bad = subprocess.run([*base[:1], "--teacher_checkpoint", str(spaced / "no such.pth"), *base[1:], *tail,
+                          "--overwrite"], env=env, capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2
+    assert "no such.pth" in bad.stderr
