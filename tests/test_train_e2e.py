@@ -192,3 +192,22 @@ def test_skip_bad_images_trains_through_a_truncated_image(tmp_path):
     assert run_cli(train_main, args) == 0
     summary = json.loads((tmp_path / "runs" / "quickstart_baseline" / "summary.json").read_text())
     assert summary["final_metrics"]["images"] == 3  # the truncated one was skipped
+
+
+def test_extending_a_finished_run_does_not_raise_the_learning_rate(trained_run):
+    tmp, run = trained_run
+    copy = tmp / "extended" / "quickstart_baseline"
+    shutil.copytree(run, copy)
+    args = ["--resume", str(copy / "checkpoints" / "last.pth"), "--epochs", "3", "--no_progress"]
+    assert run_cli(train_main, args) == 0
+    rows = list(csv.DictReader((copy / "logs" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(copy / "logs"), size_guidance={"scalars": 0})
+    acc.Reload()
+    by_step = {e.step: e.value for e in acc.Scalars("train/lr")}  # logged every step (log_every_steps=1)
+    resume_step = int(rows[1]["step"])
+    after = [v for step, v in by_step.items() if step > resume_step]
+    assert after and max(after) <= by_step[resume_step] * (1 + 1e-6), by_step
+    assert json.loads((copy / "summary.json").read_text())["epochs_completed"] == 3
