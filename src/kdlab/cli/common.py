@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from kdlab.errors import KdlabInputError
+from kdlab.errors import KdlabInputError, KdlabRunFailure
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
@@ -57,6 +57,9 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except KdlabInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KdlabRunFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("error: interrupted (SIGINT)", file=sys.stderr)
         return EXIT_SIGINT

@@ -249,7 +249,7 @@ class DistillationConfig(_Section):
 
 class ExportConfig(_Section):
     onnx: bool = Field(False, description="export the student to ONNX after training")
-    opset: int = Field(17, ge=11)
+    opset: int = Field(17, ge=16, le=20, description="ONNX opset (>= 16 for RoiAlign's half-pixel mode)")
 
 
 class ExperimentConfig(_Section):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from kdlab.experiments.runner import plan_runs, run_all, write_runs_json
+from kdlab.experiments.runner import RunResult, plan_runs, run_all, write_runs_json
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,25 @@ def export_finished(results: list[Any]) -> None:
         except Exception as exc:  # recorded per run; the overall status turns non-zero
             result.export = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             log.error("%s: ONNX export failed: %s", result.name, exc)
+
+
+def merge_with_previous(results: list[RunResult], path: Path) -> list[RunResult]:
+    """Earlier runs recorded in experiment_runs.json stay in the table; this invocation's results replace
+    entries of the same name (an export-only pass keeps the original training record and adds the export)."""
+    previous: list[RunResult] = []
+    if path.is_file():
+        try:
+            previous = [RunResult(**entry) for entry in json.loads(path.read_text())]
+        except (json.JSONDecodeError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+    merged = {r.name: r for r in previous}
+    for r in results:
+        earlier = merged.get(r.name)
+        if r.status == "exists" and earlier is not None and earlier.status == "completed":
+            earlier.export = r.export
+            continue
+        merged[r.name] = r
+    return list(merged.values())
 
 
 def orchestrate(

@@ -209,7 +209,7 @@ def _best_epoch_row(rows: list[dict[str, str]], best_epoch: int | None) -> dict[
     validated = [r for r in rows if _number(r.get("val_target_iou")) is not None]
     if best_epoch is not None and best_epoch > 0:
         for row in validated:
-            if _number(row.get("epoch")) == len(rows):
+            if _number(row.get("epoch")) == best_epoch:
                 return row
     if not validated:
         return None

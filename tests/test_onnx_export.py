@@ -1,0 +1,256 @@
+"""ONNX export: onnxruntime parity with dynamic batch/ROI counts, RoiAlign semantics, the run-level export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from kdlab.cli.common import run_cli
+from kdlab.cli.train import main as train_main
+from kdlab.config.schema import ModelConfig
+from kdlab.errors import CheckpointError, ConfigError
+from kdlab.export.onnx_export import (
+    ExportParityError,
+    TraceableGroupNorm,
+    export_model_to_onnx,
+    export_run_to_onnx,
+    onnx_latency_ms,
+    onnx_parity,
+)
+from kdlab.models.builders import build_model
+from tests.helpers import tiny_args
+
+INPUT = (64, 64)
+TINY = ModelConfig(encoder="timm-efficientnet-b0", roi_size=(16, 12), mask_size=(32, 24), head_channels=16)
+
+
+def _random_batchnorm_stats(model: nn.Module, seed: int) -> None:
+    """Non-trivial running statistics, so an eval/train mix-up shows in the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=gen) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+
+
+def _rois(batch_indices: list[int], size: tuple[int, int], seed: int) -> torch.Tensor:
+    """Random boxes, some partly outside the image, one per entry of `batch_indices`."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    n = len(batch_indices)
+    xy1 = torch.rand(n, 2, generator=gen) * torch.tensor([1.2 * w, 1.2 * h]) - torch.tensor(
+        [0.1 * w, 0.1 * h]
+    )
+    wh = torch.rand(n, 2, generator=gen) * torch.tensor([0.8 * w, 0.8 * h]) + 1.0
+    index = torch.tensor(batch_indices, dtype=torch.float32).view(n, 1)
+    return torch.cat([index, xy1, xy1 + wh], dim=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    _random_batchnorm_stats(model, seed=1)
+    model.eval()
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_model_to_onnx(model, path, INPUT, opset=17)
+    return model, path
+
+
+@pytest.mark.parametrize(
+    "batch_indices",
+    [
+        [0],  # B=1, N=1
+        [0] * 7,  # B=1, N=7
+        [2],  # B=3, N=1 (images 0 and 1 without ROIs)
+        [0, 2, 2, 1, 0, 2, 2],  # B=3, N=7
+        [0, 0, 2, 2],  # B=3, image 1 without ROIs
+    ],
+)
+def test_onnx_matches_pytorch_for_dynamic_batch_and_roi_counts(tiny_export, batch_indices):
+    model, path = tiny_export
+    num_images = max(batch_indices) + 1
+    images = torch.rand(num_images, 3, *INPUT, generator=torch.Generator().manual_seed(len(batch_indices)))
+    rois = _rois(batch_indices, INPUT, seed=num_images)
+    result = onnx_parity(path, model, [(images, rois)], tolerance=1e-3)
+    assert result["ok"], result
+    assert result["max_abs_diff"] < 1e-3
+    assert result["num_images"] == num_images and result["num_rois"] == len(batch_indices)
+
+
+def test_onnx_runs_a_batch_with_no_rois_at_all(tiny_export):
+    """N=0 works (torch's GroupNorm symbolic alone would fail on it): the output is [0,3,mask_h,mask_w]."""
+    model, path = tiny_export
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).random((2, 3, *INPUT), dtype=np.float32)
+    (masks,) = session.run(["masks"], {"images": images, "rois": np.zeros((0, 5), np.float32)})
+    assert masks.shape == (0, 3, *TINY.mask_size)
+    result = onnx_parity(path, model, [(torch.from_numpy(images), torch.zeros(0, 5))], tolerance=1e-3)
+    assert result["ok"] and result["num_rois"] == 0
+
+
+def test_uint8_images_are_scaled_like_the_loader_batches(tiny_export):
+    model, path = tiny_export
+    images = torch.randint(0, 256, (2, 3, *INPUT), dtype=torch.uint8)
+    rois = _rois([0, 1, 1], INPUT, seed=3)
+    assert onnx_parity(path, model, [(images, rois)], tolerance=1e-3)["ok"]
+
+
+def test_parity_check_fails_when_the_weights_differ(tiny_export):
+    """The check can fail: a model changed after export no longer matches the file."""
+    model, path = tiny_export
+    images, rois = torch.rand(1, 3, *INPUT), _rois([0, 0], INPUT, seed=5)
+    changed = build_model(TINY)
+    changed.load_state_dict(model.state_dict())
+    changed.eval()
+    with torch.no_grad():
+        changed.head.bg_fg.bias += torch.tensor([1.0, -1.0])
+    result = onnx_parity(path, changed, [(images, rois)], tolerance=1e-3)
+    assert not result["ok"]
+    assert result["max_abs_diff"] > 1e-2
+
+
+def test_export_leaves_the_model_untouched_and_exports_eval(tmp_path):
+    """torch.onnx.export restores the *wrapper's* mode recursively; exporting must not flip the model to train."""
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    _random_batchnorm_stats(model, seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "m.onnx"
+    model.train()
+    export_model_to_onnx(model, path, INPUT)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    export_model_to_onnx(model, path, INPUT)
+    assert not any(m.training for m in model.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert not any(isinstance(m, TraceableGroupNorm) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    result = onnx_parity(path, model, [(torch.rand(2, 3, *INPUT), _rois([0, 1], INPUT, seed=7))], 1e-3)
+    assert result["ok"], result
+
+
+@pytest.mark.parametrize("num_rois", [0, 1, 5])
+def test_traceable_group_norm_equals_group_norm(num_rois):
+    norm = nn.GroupNorm(8, 16)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(num_rois, 16, 16, 12) * 3 + 1
+    with torch.no_grad():
+        assert torch.allclose(TraceableGroupNorm(norm)(x), norm(x), atol=1e-5, rtol=0)
+
+
+class _RoiAlignOnly(nn.Module):
+    def __init__(self, sampling_ratio: int) -> None:
+        super().__init__()
+        self.sampling_ratio = sampling_ratio
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        return roi_align(features, rois, (16, 12), 1.0, self.sampling_ratio, aligned=True)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_onnx_roi_align_equals_torchvision_aligned(tmp_path, sampling_ratio):
+    """The exported RoiAlign (opset 17, half_pixel) equals torchvision's aligned=True, boxes outside included."""
+    path = tmp_path / "roi_align.onnx"
+    gen = torch.Generator().manual_seed(sampling_ratio)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            _RoiAlignOnly(sampling_ratio),
+            (torch.randn(2, 5, 40, 48, generator=gen), _rois([0, 1, 1], (40, 48), seed=0)),
+            str(path),
+            input_names=["features", "rois"],
+            output_names=["out"],
+            dynamic_axes={"features": {0: "batch"}, "rois": {0: "num_rois"}, "out": {0: "num_rois"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    node = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "RoiAlign")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["coordinate_transformation_mode"] == b"half_pixel"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    features = torch.randn(3, 5, 40, 48, generator=gen) * 10
+    rois = _rois([0, 2, 1, 1, 2, 0] * 5, (40, 48), seed=11)
+    rois[:4, 3:] = rois[:4, 1:3] + 0.3  # boxes smaller than a pixel
+    rois[4, 1:] = torch.tensor([-30.0, -20.0, -2.0, -1.0])  # entirely outside
+    rois[5, 1:] = torch.tensor([40.0, 30.0, 70.0, 60.0])  # partly outside
+    (got,) = session.run(["out"], {"features": features.numpy(), "rois": rois.numpy()})
+    expected = _RoiAlignOnly(sampling_ratio)(features, rois).numpy()
+    assert np.abs(got - expected).max() < 1e-5
+
+
+def test_opsets_without_half_pixel_roi_align_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="opset >= 16"):
+        export_model_to_onnx(build_model(TINY), tmp_path / "m.onnx", INPUT, opset=15)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("onnx_run")
+    assert run_cli(train_main, tiny_args(tmp, epochs=1)) == 0
+    (run,) = [p.parents[1] for p in (tmp / "runs").glob("*/checkpoints/best_model.pth")]
+    return run
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_export_run_writes_onnx_and_metadata(tiny_run):
+    meta = export_run_to_onnx(tiny_run, parity_images=4, latency_runs=5)
+    ckpt = tiny_run / "checkpoints"
+    onnx_path, json_path = ckpt / "best_model.onnx", ckpt / "best_model.onnx.json"
+    assert onnx_path.is_file() and json_path.is_file()
+    assert json.loads(json_path.read_text()) == meta
+    assert not [p for p in ckpt.iterdir() if ".tmp-" in p.name]
+
+    assert meta["parity_ok"] is True and meta["parity"]["ok"] is True
+    assert meta["parity"]["max_abs_diff"] < 1e-3
+    assert meta["parity"]["num_images"] == 4 and meta["parity"]["num_rois"] > 0
+    assert meta["latency"]["onnx_ms_per_image_median"] > 0
+    assert meta["latency"]["torch_ms_per_image_median"] > 0
+    assert meta["input_size"] == [64, 64] and meta["mask_size"] == [32, 24]
+    assert meta["classes"] == ["background", "target", "other"]
+    assert meta["opset"] == 17 and meta["encoder"] == "timm-efficientnet-b0"
+    assert meta["normalization"]["input_range"] == [0.0, 1.0]
+    assert meta["onnx_mb"] == pytest.approx(onnx_path.stat().st_size / 1e6)
+    expected_sha = hashlib.sha256((ckpt / "best_model.pth").read_bytes()).hexdigest()
+    assert meta["source_checkpoint_sha256"] == expected_sha
+    assert meta["versions"]["onnxruntime"] == ort.__version__
+
+    graph = onnx.load(str(onnx_path)).graph
+    inputs = {i.name: _dims(i) for i in graph.input}
+    assert inputs == {"images": ["batch", 3, 64, 64], "rois": ["num_rois", 5]}
+    assert [(o.name, _dims(o)) for o in graph.output] == [("masks", ["num_rois", 3, 32, 24])]
+    assert onnx_latency_ms(onnx_path, torch.rand(1, 3, 64, 64), torch.tensor([[0.0, 4, 4, 40, 60]]), 2) > 0
+
+
+def test_export_run_parity_failure_still_writes_metadata(tiny_run, tmp_path):
+    """tolerance < 0 can never be met: the error is raised after the metadata records parity_ok=false."""
+    with pytest.raises(ExportParityError, match="does not match PyTorch"):
+        export_run_to_onnx(tiny_run, parity_images=1, latency_runs=1, tolerance=-1.0)
+    meta = json.loads((tiny_run / "checkpoints" / "best_model.onnx.json").read_text())
+    assert meta["parity_ok"] is False and meta["parity"]["ok"] is False
+    assert meta["parity"]["max_abs_diff"] >= 0
+
+
+def test_export_run_needs_a_run_directory_and_best_model(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export_run_to_onnx(tmp_path / "missing")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="best_model.pth"):
+        export_run_to_onnx(tmp_path / "run")
