@@ -56,5 +56,5 @@ def test_readme_config_reference_is_current():
 def test_readme_starts_with_the_two_commands():
     head = (ROOT / "README.md").read_text().splitlines()[:6]
     text = "\n".join(head)
-    assert "pip install uv && uv run python train_advanced.py --config quickstart_teacher" in text
+    assert "pip install uv && uv run python run_experiments.py --configs quickstart" in text
     assert "uv run pytest" in text
