@@ -76,6 +76,22 @@ class FrozenTeacher(nn.Module):
             return self.model(images, rois)
 
 
+def model_from_checkpoint(path: str | Path, label: str) -> tuple[nn.Module, ExperimentConfig, dict[str, Any]]:
+    """Rebuild the architecture recorded in a checkpoint's config and load its weights strictly."""
+    payload = load_checkpoint(path)
+    raw_config = payload.get("config")
+    if not isinstance(raw_config, dict):
+        raise CheckpointError(f"{label} {path} holds no config, so its architecture is unknown")
+    try:
+        config = ExperimentConfig.model_validate(raw_config)
+    except ValidationError as exc:
+        raise CheckpointError(f"{label} {path} holds an invalid config: {exc.errors()[0]['msg']}") from exc
+    # The weights come from the checkpoint; a local encoder-weights file need not exist any more.
+    model = build_model(config.model.model_copy(update={"encoder_weights": None}))
+    strict_load(model, payload["model_state_dict"], f"{label} {path}")
+    return model, config, payload
+
+
 @dataclass
 class LoadedTeacher:
     teacher: FrozenTeacher
@@ -93,19 +109,8 @@ def load_teacher(
 ) -> LoadedTeacher:
     """Build the architecture recorded in the checkpoint and load its weights strictly."""
     path = Path(path)
-    payload = load_checkpoint(path)
-    raw_config = payload.get("config")
-    if not isinstance(raw_config, dict):
-        raise CheckpointError(f"teacher checkpoint {path} holds no config, so its architecture is unknown")
-    try:
-        config = ExperimentConfig.model_validate(raw_config)
-    except ValidationError as exc:
-        raise CheckpointError(
-            f"teacher checkpoint {path} holds an invalid config: {exc.errors()[0]['msg']}"
-        ) from exc
-    model_cfg = config.model.model_copy(update={"encoder_weights": None})
-    model = build_model(model_cfg)
-    strict_load(model, payload["model_state_dict"], f"teacher checkpoint {path}")
+    model, _, payload = model_from_checkpoint(path, "teacher checkpoint")
+    raw_config = payload["config"]
     if input_mean is not None:
         model.input_mean.copy_(torch.tensor(input_mean).view(1, 3, 1, 1))
     if input_std is not None:

@@ -6,7 +6,6 @@ tensors), so it loads with `torch.load(..., weights_only=True)` and never runs p
 
 from __future__ import annotations
 
-import os
 import random
 import zipfile
 from pathlib import Path
@@ -15,31 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdlab.atomic_io import TMP_MARKER, atomic_write  # noqa: F401 - TMP_MARKER re-exported
 from kdlab.errors import CheckpointError
-
-TMP_MARKER = ".tmp-"
 
 
 def save_checkpoint_atomic(payload: dict[str, Any], path: str | Path) -> Path:
     """Write `payload` to `path` via a temp file in the same directory, fsync, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
-    try:
-        with tmp.open("wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), fsync_dir=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

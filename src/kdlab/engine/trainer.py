@@ -7,10 +7,8 @@ component is logged. Loss values stay on the device between log intervals (no pe
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from kdlab.atomic_io import write_json_atomic
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.coco import sample_seed
 from kdlab.data.loaders import raise_if_data_error
@@ -429,10 +428,7 @@ class Trainer:
             "teachers": self.teacher_records,
             **self.extra_summary,
         }
-        path = self.run_dir / "summary.json"
-        tmp = path.with_name(".summary.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
 

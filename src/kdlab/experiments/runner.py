@@ -9,7 +9,6 @@ that teacher failed, it is skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdlab.atomic_io import write_json_atomic
 from kdlab.config.loader import parse_set_items, resolve_config
 from kdlab.config.schema import ExperimentConfig
 from kdlab.errors import ConfigError
@@ -230,7 +230,4 @@ def run_all(
 
 
 def write_runs_json(results: list[RunResult], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, [r.__dict__ for r in results])

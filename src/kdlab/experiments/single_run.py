@@ -6,9 +6,7 @@ directory is created or touched, so a typo never costs files already on disk.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kdlab.atomic_io import write_json_atomic
 from kdlab.config.loader import validate_config
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.loaders import build_datasets, build_loader, check_given_data_paths
@@ -87,12 +86,6 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool, resuming: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def execute(request: RunRequest) -> dict[str, Any]:
     """Train (or with test_only, evaluate) one experiment; returns its summary / metrics."""
     cfg = request.config
@@ -134,7 +127,7 @@ def execute(request: RunRequest) -> dict[str, Any]:
 
     run_dir = run_dir_of_checkpoint(resume_path, cfg) if resume_path else run_dir_for(cfg)
     _prepare_run_dir(run_dir, request.overwrite, resuming=resume_path is not None)
-    _write_json_atomic(run_dir / "config.json", cfg.model_dump(mode="json"))
+    write_json_atomic(run_dir / "config.json", cfg.model_dump(mode="json"))
     log.info("run directory: %s", run_dir.resolve())
 
     train_loader = build_loader(
@@ -197,7 +190,7 @@ def _test_only(
     metrics, _ = evaluator(model, desc="test")
     result = {"checkpoint": str(resume_path), "metrics": metrics}
     if run_dir.is_dir():
-        _write_json_atomic(run_dir / "test_metrics.json", result)
+        write_json_atomic(run_dir / "test_metrics.json", result)
     return result
 
 

@@ -21,7 +21,6 @@ We use the TorchScript exporter (`dynamo=False`; the dynamo exporter needs `onnx
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -37,15 +36,13 @@ import onnx
 import onnxruntime as ort
 import torch
 import torchvision
-from pydantic import ValidationError
 from torch import nn
 
+from kdlab.atomic_io import temp_path_for, write_json_atomic
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.loaders import build_datasets, build_loader, raise_if_data_error
-from kdlab.distill.teacher import file_sha256, strict_load
-from kdlab.engine.checkpoint import load_checkpoint
+from kdlab.distill.teacher import file_sha256, model_from_checkpoint
 from kdlab.errors import CheckpointError, ConfigError, KdlabRunFailure
-from kdlab.models.builders import build_model
 from kdlab.models.roi_unet import RoiUNet
 
 log = logging.getLogger(__name__)
@@ -56,7 +53,6 @@ OUTPUT_NAMES = ["masks"]
 DYNAMIC_AXES = {"images": {0: "batch"}, "rois": {0: "num_rois"}, "masks": {0: "num_rois"}}
 MIN_OPSET = 16  # RoiAlign's coordinate_transformation_mode (half_pixel = torchvision aligned=True)
 WARMUP_RUNS = 3
-TMP_MARKER = ".tmp-"
 
 
 class ExportParityError(KdlabRunFailure):
@@ -111,10 +107,6 @@ def export_ready_copy(model: nn.Module) -> nn.Module:
     return clone.eval()
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
-
-
 def _example_inputs(input_size: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Two images and three ROIs (not 1 and 1, so no size is mistaken for a constant while tracing)."""
     h, w = input_size
@@ -157,7 +149,7 @@ def export_model_to_onnx(model: RoiUNet, path: Path, input_size: tuple[int, int]
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
+    tmp = temp_path_for(path)
     device = next(model.parameters()).device
     # Eval-mode wrapper: the exporter restores the wrapper's mode, recursively, when it is done.
     wrapper = MasksOnly(export_ready_copy(model)).eval()
@@ -299,19 +291,7 @@ def torch_latency_ms(model: RoiUNet, images: torch.Tensor, rois: torch.Tensor, r
 
 def load_student(checkpoint: Path) -> tuple[RoiUNet, ExperimentConfig, dict[str, Any]]:
     """The student described by the config saved in `checkpoint`, weights loaded strictly, on CPU, in eval."""
-    payload = load_checkpoint(checkpoint)
-    raw_config = payload.get("config")
-    if not isinstance(raw_config, dict):
-        raise CheckpointError(f"checkpoint {checkpoint} holds no config, so its architecture is unknown")
-    try:
-        cfg = ExperimentConfig.model_validate(raw_config)
-    except ValidationError as exc:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} holds an invalid config: {exc.errors()[0]['msg']}"
-        ) from exc
-    # The weights come from the checkpoint; a local encoder-weights file need not exist any more.
-    model = build_model(cfg.model.model_copy(update={"encoder_weights": None}))
-    strict_load(model, payload["model_state_dict"], f"checkpoint {checkpoint}")
+    model, cfg, payload = model_from_checkpoint(checkpoint, "checkpoint")
     model.eval()
     return model, cfg, payload
 
@@ -352,20 +332,6 @@ def _latency_inputs(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
     images = batches[0][0][:1]
     h, w = images.shape[-2:]
     return images, torch.tensor([[0.0, 0.0, 0.0, float(w), float(h)]])
-
-
-def _write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with tmp.open("w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _jsonable(value: Any) -> Any:
@@ -482,7 +448,7 @@ def export_run_to_onnx(
         },
     }
     metadata = _jsonable(metadata)
-    _write_json_atomic(metadata, onnx_path.with_name(onnx_path.name + ".json"))
+    write_json_atomic(onnx_path.with_name(onnx_path.name + ".json"), metadata)
     if not parity["ok"]:
         raise ExportParityError(
             f"ONNX export {onnx_path} does not match PyTorch: max abs diff {parity['max_abs_diff']:.3g} > "
