@@ -297,3 +297,14 @@ def test_write_report_with_nothing_to_plot(tmp_path: Path) -> None:
     paths = write_report(rows, tmp_path, curves_from=[])
     assert all(p.stat().st_size > 0 for p in paths.values())
     assert "never_started" in paths["markdown"].read_text()
+
+
+def test_gap_closed_is_none_when_the_teacher_is_worse_than_the_baseline(tmp_path: Path) -> None:
+    # Seen on the quickstart: teacher 0.4114 < baseline 0.4205 > distilled 0.4094 gave a "gap closed" of 1.22.
+    teacher = fabricate_run(tmp_path, "t", B3, [0.4114])
+    base = fabricate_run(tmp_path, "b", B0, [0.4205])
+    dist = fabricate_run(
+        tmp_path, "d", B0, [0.4094], teacher_checkpoint=teacher / "checkpoints" / "best_model.pth"
+    )
+    records = [RunRecord(n, d, "completed") for n, d in (("t", teacher), ("b", base), ("d", dist))]
+    assert by_name(collect_rows(records))["d"]["gap_closed"] is None

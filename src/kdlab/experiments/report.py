@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -59,8 +60,9 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "boundary_f1",
 )
 ROLES: tuple[str, ...] = ("teacher", "student", "distilled")
-# Runs whose numbers may serve as the teacher / baseline reference: "skipped" runs keep earlier results.
-RESULT_STATUSES: frozenset[str] = frozenset({"completed", "skipped"})
+# Runs whose numbers count: trained now ("completed") or found finished on disk by an export-only pass
+# ("exists"). A "skipped" run (its teacher failed) was not trained, so numbers on disk may be stale.
+RESULT_STATUSES: frozenset[str] = frozenset({"completed", "exists"})
 MISSING = "—"
 
 _MACS_CACHE: dict[tuple[str, tuple[int, int], int], int] = {}
@@ -331,7 +333,9 @@ def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
         if not baselines:
             continue
         baseline_iou = baselines[0]["target_iou"]
-        if abs(teacher_iou - baseline_iou) > 1e-12:
+        # Only defined when the teacher beats the baseline: otherwise there is no gap to close, and the
+        # ratio of two negative differences would read as success.
+        if teacher_iou - baseline_iou > 1e-12:
             row["gap_closed"] = (row["target_iou"] - baseline_iou) / (teacher_iou - baseline_iou)
     return rows
 
@@ -431,7 +435,7 @@ def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
         )
         + " |"
     )
-    completed = sum(1 for r in rows if r.get("status") == "completed")
+    completed = sum(1 for r in rows if r.get("status") in RESULT_STATUSES)
     intro = [
         "# Experiment comparison",
         "",
@@ -495,7 +499,7 @@ def _comparison_figure(rows: list[dict[str, Any]]) -> Figure:
     return fig
 
 
-def _curves_figure(curves_from: list[RunRecord]) -> Figure:
+def _curves_figure(curves_from: list[RunRecord], roles: dict[str, str | None]) -> Figure:
     fig = _new_figure(12, 4.5)
     ax_val, ax_loss = fig.subplots(1, 2)
     drawn = 0
@@ -510,12 +514,13 @@ def _curves_figure(curves_from: list[RunRecord]) -> Figure:
         if not val and not loss:
             continue
         drawn += 1
-        marker, _ = _style(record.role)
+        marker, _ = _style(record.role or roles.get(record.name))
         for ax, points in ((ax_val, val), (ax_loss, loss)):
             if points:
                 ax.plot(*zip(*points, strict=True), marker=marker, markersize=4, label=record.name)
     for ax, title in ((ax_val, "validation target IoU"), (ax_loss, "train loss")):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         if ax.has_data():
@@ -545,6 +550,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
     _write_text_atomic(paths["csv"], rows_to_csv(rows))
     _write_text_atomic(paths["markdown"], rows_to_markdown(rows))
     _save_figure_atomic(_comparison_figure(rows), paths["comparison_png"])
-    _save_figure_atomic(_curves_figure(curves_from), paths["curves_png"])
+    roles = {r["experiment"]: r.get("role") for r in rows}
+    _save_figure_atomic(_curves_figure(curves_from, roles), paths["curves_png"])
     log.info("report: wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
