@@ -90,4 +90,4 @@ def orchestrate(
     not_run = [p.run_name for p in planned if p.run_name not in {r.name for r in results}]
     if failed or not_run:
         log.error("not successful: %s", ", ".join(sorted(set(failed + not_run))))
-    return (1 if failed or not_run else 0), paths.get("md")
+    return (1 if failed or not_run else 0), paths.get("markdown")
