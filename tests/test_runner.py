@@ -91,7 +91,7 @@ def test_quickstart_suite_trains_exports_and_reports(quickstart_suite):
     assert "quickstart_distill" in md and "distilled" in md and "teacher" in md
 
 
-def test_export_only_on_existing_runs_does_not_train(quickstart_suite, tmp_path):
+def test_export_only_on_existing_runs_does_not_train(quickstart_suite, tmp_path, capsys):
     _, out = quickstart_suite
     onnx = out / "quickstart_baseline" / "checkpoints" / "best_model.onnx"
     last = out / "quickstart_baseline" / "checkpoints" / "last.pth"
@@ -104,6 +104,14 @@ def test_export_only_on_existing_runs_does_not_train(quickstart_suite, tmp_path)
     )  # fmt: skip
     assert code == 0
     assert onnx.is_file() and last.stat().st_mtime_ns == before
+    printed = capsys.readouterr().out
+    assert "| quickstart_baseline" in printed  # the comparison table is printed at the end
+    # The export-only pass on one config keeps the other runs in the records and the table.
+    runs = {r["name"]: r for r in json.loads((out / "experiment_runs.json").read_text())}
+    assert (
+        runs["quickstart_baseline"]["status"] == "completed" and runs["quickstart_baseline"]["export"]["ok"]
+    )
+    assert "quickstart_distill" in runs and "quickstart_distill" in printed
 
 
 def _write_config(directory: Path, name: str, body: str) -> None:

@@ -72,7 +72,8 @@ def orchestrate(
     )
     if export:
         export_finished(results)
-    write_runs_json(results, out / "experiment_runs.json")
+    all_runs = merge_with_previous(results, out / "experiment_runs.json")
+    write_runs_json(all_runs, out / "experiment_runs.json")
     records = [
         RunRecord(
             name=r.name,
@@ -81,7 +82,7 @@ def orchestrate(
             exit_code=r.exit_code,
             duration_s=r.duration_s,
         )
-        for r in results
+        for r in all_runs
     ]
     paths = write_report(collect_rows(records), out, records)
     ok_status = {"completed", "exists"}
