@@ -90,3 +90,22 @@ def test_encoder_weights_missing_or_mismatched_fail_clearly(tmp_path):
     torch.save(other.unet.encoder.state_dict(), path)
     with pytest.raises(CheckpointError, match="does not match"):
         build_model(_small().model_copy(update={"encoder_weights": str(path)}))
+
+
+def test_roi_coordinates_stay_float32_under_bf16_autocast(monkeypatch):
+    import kdlab.models.roi_unet as roi_unet
+
+    seen = []
+    real = roi_unet.roi_align
+
+    def spy(inp, rois, *args, **kwargs):
+        seen.append(rois.dtype)
+        return real(inp, rois, *args, **kwargs)
+
+    monkeypatch.setattr(roi_unet, "roi_align", spy)
+    model = build_model(_small()).eval()
+    rois = torch.tensor([[0, 3.3, 4.7, 40.1, 60.9]], dtype=torch.float32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(1, 3, 64, 64), rois)
+    assert seen and all(d == torch.float32 for d in seen)
+    assert torch.isfinite(out["logits"]).all()

@@ -97,9 +97,10 @@ class RoiUNet(nn.Module):
     def forward(self, images: torch.Tensor, rois: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (images - self.input_mean) / self.input_std
         features = self.unet(x)  # one pass per image, [B, F, H, W] at input resolution
-        rois = rois.to(dtype=features.dtype)
-        roi_features = roi_align(features, rois, self.roi_size, 1.0, self.sampling_ratio, aligned=True)
-        roi_rgb = roi_align(x.to(features.dtype), rois, self.roi_size, 1.0, self.sampling_ratio, aligned=True)
+        # Box coordinates stay float32: in bf16 a coordinate near 640 is only accurate to ~4 px.
+        rois = rois.float()
+        roi_features = roi_align(features.float(), rois, self.roi_size, 1.0, self.sampling_ratio, aligned=True)
+        roi_rgb = roi_align(x.float(), rois, self.roi_size, 1.0, self.sampling_ratio, aligned=True)
         return self.head(torch.cat([roi_features, roi_rgb], dim=1))
 
 
