@@ -13,6 +13,18 @@ from tqdm import tqdm
 
 from kdlab.errors import KdlabInputError, KdlabRunFailure
 
+# Dedicated flags -> config keys; they rank above `--set` (DESIGN.md's precedence).
+CONFIG_FLAG_KEYS = {
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "device": "training.device",
+    "seed": "training.seed",
+    "output_dir": "output_dir",
+    "teacher_checkpoint": "distillation.teacher_checkpoint",
+    "distillation_temperature": "distillation.temperature",
+    "distillation_alpha": "distillation.alpha",
+}
+
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
 

@@ -5,20 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kdlab.cli.common import OneLineArgumentParser, run_cli, setup_logging
+from kdlab.cli.common import CONFIG_FLAG_KEYS, OneLineArgumentParser, run_cli, setup_logging
 
 log = logging.getLogger("kdlab.cli.experiments")
 
-FLAG_KEYS = {
-    "epochs": "training.epochs",
-    "batch_size": "training.batch_size",
-    "device": "training.device",
-    "seed": "training.seed",
-    "output_dir": "output_dir",
-    "teacher_checkpoint": "distillation.teacher_checkpoint",
-    "distillation_temperature": "distillation.temperature",
-    "distillation_alpha": "distillation.alpha",
-}
+FLAG_KEYS = CONFIG_FLAG_KEYS
 
 
 def build_parser() -> OneLineArgumentParser:

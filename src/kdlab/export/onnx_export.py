@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import statistics
 import time
 import warnings
@@ -38,7 +37,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kdlab.atomic_io import temp_path_for, write_json_atomic
+from kdlab.atomic_io import atomic_write, write_json_atomic
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.loaders import build_datasets, build_loader, raise_if_data_error
 from kdlab.distill.teacher import file_sha256, model_from_checkpoint
@@ -149,12 +148,12 @@ def export_model_to_onnx(model: RoiUNet, path: Path, input_size: tuple[int, int]
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
     device = next(model.parameters()).device
     # Eval-mode wrapper: the exporter restores the wrapper's mode, recursively, when it is done.
     wrapper = MasksOnly(export_ready_copy(model)).eval()
     images, rois = _example_inputs(tuple(input_size), device)
-    try:
+
+    def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             # Expected and harmless here: the legacy-exporter deprecation notice and tracer warnings about
             # shape checks (the ROI and mask sizes are fixed by the config, so they are constants).
@@ -175,12 +174,8 @@ def export_model_to_onnx(model: RoiUNet, path: Path, input_size: tuple[int, int]
             per_roi_shape = tuple(wrapper(images, rois).shape[1:])
         _declare_static_output_dims(tmp, per_roi_shape)
         onnx.checker.check_model(str(tmp))
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write)
     log.info("exported ONNX (opset %d) to %s", opset, path)
 
 

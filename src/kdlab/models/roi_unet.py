@@ -99,7 +99,9 @@ class RoiUNet(nn.Module):
         features = self.unet(x)  # one pass per image, [B, F, H, W] at input resolution
         # Box coordinates stay float32: in bf16 a coordinate near 640 is only accurate to ~4 px.
         rois = rois.float()
-        roi_features = roi_align(features.float(), rois, self.roi_size, 1.0, self.sampling_ratio, aligned=True)
+        roi_features = roi_align(
+            features.float(), rois, self.roi_size, 1.0, self.sampling_ratio, aligned=True
+        )
         roi_rgb = roi_align(x.float(), rois, self.roi_size, 1.0, self.sampling_ratio, aligned=True)
         return self.head(torch.cat([roi_features, roi_rgb], dim=1))
 
