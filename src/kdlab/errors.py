@@ -23,9 +23,5 @@ class CheckpointError(KdlabInputError):
     """A missing, unreadable or mismatched checkpoint."""
 
 
-class NotImplementedFeatureError(KdlabInputError):
-    """A configured feature that this version does not implement yet (exit 2, never a silent no-op)."""
-
-
 class KdlabRunFailure(Exception):
     """An expected failure of a run that is not bad input (e.g. ONNX parity above tolerance): exit 1, one line."""

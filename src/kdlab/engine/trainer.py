@@ -169,9 +169,10 @@ class Trainer:
         )
         return payload
 
-    def resume_from(self, path: str | Path) -> None:
-        """Restore model, optimizer, scheduler, scaler, counters and RNG states from a full checkpoint."""
-        payload = load_checkpoint(path)
+    def resume_from(self, path: str | Path, payload: dict[str, Any] | None = None) -> None:
+        """Restore model, optimizer, scheduler, scaler, counters and RNG states from a full checkpoint
+        (`payload` is the already-loaded file, when the caller has it)."""
+        payload = payload if payload is not None else load_checkpoint(path)
         if "optimizer_state_dict" not in payload:
             raise CheckpointError(
                 f"checkpoint {path} holds only model weights (e.g. best_model.pth); resume from checkpoints/last.pth"

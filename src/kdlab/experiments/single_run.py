@@ -63,10 +63,6 @@ def run_dir_of_checkpoint(path: Path, cfg: ExperimentConfig) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else run_dir_for(cfg)
 
 
-def _check_not_implemented(cfg: ExperimentConfig) -> None:
-    """Every configured feature is implemented in this version; kept as the one place to refuse new ones."""
-
-
 def _check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
     """Refuse (before any work) to start a new run over an existing run directory."""
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
@@ -94,7 +90,6 @@ def execute(request: RunRequest) -> dict[str, Any]:
     if request.resume:
         resume_path = find_resume_checkpoint(request.resume, cfg)
         resume_payload = load_checkpoint(resume_path)
-    _check_not_implemented(cfg)
     check_given_data_paths(cfg.data)
     if not request.test_only and resume_path is None:
         _check_run_dir_free(run_dir_for(cfg), request.overwrite)
@@ -149,7 +144,7 @@ def execute(request: RunRequest) -> dict[str, Any]:
                       show_progress=request.show_progress, extra_summary=extra,
                       teacher_eval_model=teacher_eval_model, teacher_records=teacher_records, ema=ema)  # fmt: skip
     if resume_path is not None:
-        trainer.resume_from(resume_path)
+        trainer.resume_from(resume_path, resume_payload)
     log.info(
         "training %s: %s encoder, %.2fM params (UNet %.2fM), %d epochs, device %s, amp %s",
         cfg.name, cfg.model.encoder, count_parameters(model) / 1e6, count_parameters(model.unet) / 1e6,
