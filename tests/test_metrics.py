@@ -229,3 +229,11 @@ def test_cuda_update_has_no_host_sync() -> None:
     on_cpu = SegmentationMetrics()
     on_cpu.update(logits, target)
     _same(on_gpu.compute(), on_cpu.compute())
+
+
+def test_reported_metric_names_are_what_compute_returns():
+    from kdlab.evaluate.metrics import REPORTED_METRICS
+
+    metrics = SegmentationMetrics()
+    metrics.update(torch.tensor([[[0, 1], [2, 1]]]), torch.tensor([[[0, 1], [1, 2]]]))
+    assert set(REPORTED_METRICS) <= set(metrics.compute())

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CLASS_NAMES",
+    "REPORTED_METRICS",
     "SegmentationMetrics",
     "boundary_f1",
     "confusion_matrix",
@@ -23,6 +24,8 @@ __all__ = [
 ]
 
 CLASS_NAMES = ("background", "target", "other")
+# The headline and per-class numbers `SegmentationMetrics.compute()` reports (reports and tables use these).
+REPORTED_METRICS = ("target_iou", "miou", *(f"iou_{name}" for name in CLASS_NAMES), "boundary_f1")
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 3) -> torch.Tensor:

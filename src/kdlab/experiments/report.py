@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdlab.config.schema import ModelConfig
+from kdlab.evaluate.metrics import REPORTED_METRICS
 from kdlab.models.builders import build_model
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,7 @@ COLUMNS: tuple[str, ...] = (
     "pct_of_teacher",
     "gap_closed",
 )
-METRIC_COLUMNS: tuple[str, ...] = (
-    "target_iou",
-    "miou",
-    "iou_background",
-    "iou_target",
-    "iou_other",
-    "boundary_f1",
-)
+METRIC_COLUMNS: tuple[str, ...] = REPORTED_METRICS
 ROLES: tuple[str, ...] = ("teacher", "student", "distilled")
 # Runs whose numbers count: trained now ("completed") or found finished on disk by an export-only pass
 # ("exists"). A "skipped" run (its teacher failed) was not trained, so numbers on disk may be stale.
