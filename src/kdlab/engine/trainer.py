@@ -129,6 +129,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, self.steps_per_epoch)
         self.state = TrainState()
         self.logger: RunLogger | None = None
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
     @property
     def eval_model(self) -> nn.Module:
@@ -261,6 +262,33 @@ class Trainer:
             metrics.get("target_iou", float("nan")), metrics.get("miou", float("nan")), metrics.get("images", 0),
         )  # fmt: skip
 
+    def forward_backward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One micro-batch (already on the device): task forward under autocast, scaled backward.
+
+        Returns the task's loss dict (tensors on the device; nothing is read back to the host)."""
+        set_progress = getattr(self.task, "set_progress", None)
+        if set_progress is not None:
+            set_progress(self.state.global_step, self.total_steps)
+        with self._autocast():
+            losses = self.task(self.model, batch)
+        self.scaler.scale(losses["loss"] / self.tcfg.grad_accum_steps).backward()
+        return losses
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Unscale, clip, step optimizer + scaler, zero grads, EMA, LR schedule; returns the grad norm."""
+        params = self._params
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.tcfg.grad_clip_norm if self.tcfg.grad_clip_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.scheduler.step()
+        self.state.global_step += 1
+        return grad_norm
+
     def _train_one_epoch(self, epoch: int) -> None:
         tcfg = self.tcfg
         # Reseed at every epoch start: randomness inside the epoch depends only on (seed, epoch), so a run
@@ -274,7 +302,6 @@ class Trainer:
         sum_counts: dict[str, int] = {}
         interval: dict[str, torch.Tensor] = {}
         interval_counts: dict[str, int] = {}
-        set_progress = getattr(self.task, "set_progress", None)
         epoch_batches = 0
         epoch_images = 0
         skipped = 0
@@ -292,18 +319,13 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.optimizer.zero_grad(set_to_none=True)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for i, raw in enumerate(bar):
             raise_if_data_error(raw)
             if raw is None:
                 skipped += 1
                 continue
             batch = batch_to_device(raw, self.device, tcfg.channels_last)
-            if set_progress is not None:
-                set_progress(self.state.global_step, self.total_steps)
-            with self._autocast():
-                losses = self.task(self.model, batch)
-            self.scaler.scale(losses["loss"] / accum).backward()
+            losses = self.forward_backward(batch)
             n_images = raw["images"].shape[0]
             epoch_images += n_images
             interval_images += n_images
@@ -315,18 +337,7 @@ class Trainer:
                 interval[key] = interval.get(key, 0) + v
                 interval_counts[key] = interval_counts.get(key, 0) + 1
             if (i + 1) % accum == 0 or i + 1 == n_batches:
-                self.scaler.unscale_(self.optimizer)
-                if tcfg.grad_clip_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip_norm)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.model)
-                self.scheduler.step()
-                self.state.global_step += 1
+                grad_norm = self.optimizer_step()
                 if self.state.global_step % tcfg.log_every_steps == 0:
                     elapsed = time.perf_counter() - t_interval
                     values = {k: (v / interval_counts[k]).item() for k, v in interval.items()}
