@@ -25,3 +25,7 @@ class CheckpointError(KdlabInputError):
 
 class KdlabRunFailure(Exception):
     """An expected failure of a run that is not bad input (e.g. ONNX parity above tolerance): exit 1, one line."""
+
+
+class NonFiniteLossError(KdlabRunFailure):
+    """Too many non-finite (NaN/inf) training steps in a row; the last good checkpoint is kept."""

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
+from kdlab.engine.stop_signals import TrainingInterrupted
 from kdlab.errors import KdlabInputError, KdlabRunFailure
 
 # Dedicated flags -> config keys; they rank above `--set` (DESIGN.md's precedence).
@@ -72,6 +73,9 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except KdlabRunFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except TrainingInterrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted (SIGINT)", file=sys.stderr)
         return EXIT_SIGINT

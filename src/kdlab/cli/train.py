@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from kdlab.cli.common import CONFIG_FLAG_KEYS, OneLineArgumentParser, run_cli, setup_logging
 
@@ -76,18 +77,24 @@ def main(argv: list[str] | None = None) -> int:
             "--config is required (a name from --list_configs, a .py path or a config.json)"
         )
 
+    from kdlab.engine import distributed
     from kdlab.experiments.single_run import RunRequest, execute
 
-    result = execute(
-        RunRequest(
-            cfg,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            test_only=args.test_only,
-            show_progress=not args.no_progress,
-            allow_teacher_change=args.allow_teacher_change,
+    try:
+        result = execute(
+            RunRequest(
+                cfg,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                test_only=args.test_only,
+                show_progress=not args.no_progress,
+                allow_teacher_change=args.allow_teacher_change,
+            )
         )
-    )
+    finally:
+        distributed.destroy()
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 prints the result
     if args.test_only:
         print(json.dumps(result, indent=2))
     else:

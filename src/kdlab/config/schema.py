@@ -164,6 +164,12 @@ class TrainingConfig(_Section):
     val_every: int = Field(1, gt=0, description="validate every N epochs (and always after the last)")
     save_every: int = Field(5, gt=0, description="write checkpoint_epoch_XXXX.pth every N epochs")
     log_every_steps: int = Field(10, gt=0)
+    checkpoint_every_steps: int | None = Field(
+        500, gt=0, description="also save last.pth every N optimizer steps (null = only at epoch ends)"
+    )
+    max_nonfinite_steps: int = Field(
+        5, gt=0, description="stop the run after this many non-finite (NaN/inf) steps in a row"
+    )
     num_vis_images: int = Field(4, ge=0, description="fixed validation images drawn each validation")
     seed: int = 42
     deterministic: bool = False

@@ -79,19 +79,59 @@ class EpochSeededSampler(Sampler):
     """Yields `(index, sample_seed)`; order and augmentation seeds depend only on (seed, epoch).
 
     That keeps data order and augmentation identical after a resume and independent of worker count.
+    Under DDP (`world_size` > 1) each global batch of `world_size * batch_size` positions is cut into
+    consecutive blocks, one per rank, so N processes with batch b see exactly the micro-batches of one
+    process with batch b and `grad_accum_steps=N`. The epoch is padded (by repeating its start) to a
+    multiple of `world_size` so every rank runs the same number of steps. `skip_batches` resumes an epoch
+    after the batches already trained.
     """
 
-    def __init__(self, length: int, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self,
+        length: int,
+        shuffle: bool,
+        seed: int,
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        pad_even: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.length = length
         self.shuffle = shuffle
         self.seed = seed
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.pad_even = pad_even
         self.epoch = 0
+        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def _rank_positions(self) -> list[int]:
+        """Positions (in the epoch's order) this rank trains on, in order."""
+        world, bs = self.world_size, self.batch_size
+        total = -(-self.length // world) * world
+        positions = list(range(total))
+        if world == 1:
+            return positions
+        if not self.pad_even:  # evaluation: every sample exactly once over all ranks
+            return list(range(self.rank, self.length, world))
+        mine: list[int] = []
+        for start in range(0, total, world * bs):
+            chunk = positions[start : start + world * bs]
+            per_rank = len(chunk) // world
+            mine.extend(chunk[self.rank * per_rank : (self.rank + 1) * per_rank])
+        return mine
 
     def __len__(self) -> int:
-        return self.length
+        if not self.pad_even:
+            return len(range(self.rank, self.length, self.world_size))
+        return -(-self.length // self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
@@ -99,8 +139,9 @@ class EpochSeededSampler(Sampler):
             order = torch.randperm(self.length, generator=gen).tolist()
         else:
             order = list(range(self.length))
-        for position, index in enumerate(order):
-            yield index, sample_seed(self.seed, self.epoch, position)
+        for position in self._rank_positions()[self.skip_batches * self.batch_size :]:
+            # Padding positions (>= length) repeat the epoch's start with their own augmentation seed.
+            yield order[position % self.length], sample_seed(self.seed, self.epoch, position)
 
 
 @dataclass
@@ -205,9 +246,16 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeople
 
 
 def build_loader(
-    dataset: CocoPeopleDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, pin_memory: bool
+    dataset: CocoPeopleDataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    sampler = EpochSeededSampler(len(dataset), shuffle=shuffle, seed=seed)
+    sampler = EpochSeededSampler(len(dataset), shuffle, seed, batch_size, rank, world_size, pad_even=shuffle)
     return DataLoader(
         ErrorsAsValues(dataset),
         batch_size=batch_size,

@@ -6,7 +6,9 @@ tensors), so it loads with `torch.load(..., weights_only=True)` and never runs p
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,35 @@ import torch
 from kdlab.atomic_io import TMP_MARKER, atomic_write  # noqa: F401 - TMP_MARKER re-exported
 from kdlab.errors import CheckpointError
 
+# Fault injection for the crash tests: with KDLAB_FAULT_KILL_IN_SAVE=N the process SIGKILLs itself during
+# its N-th checkpoint write, after the temp file is complete and before the rename.
+FAULT_ENV = "KDLAB_FAULT_KILL_IN_SAVE"
+_saves_in_process = 0
+
 
 def save_checkpoint_atomic(payload: dict[str, Any], path: str | Path) -> Path:
     """Write `payload` to `path` via a temp file in the same directory, fsync, then rename into place."""
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp), fsync_dir=True)
+    global _saves_in_process
+    _saves_in_process += 1
+    kill_at = os.environ.get(FAULT_ENV)
+
+    def write(tmp: Path) -> None:
+        torch.save(payload, tmp)
+        if kill_at is not None and int(kill_at) == _saves_in_process:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return atomic_write(path, write, fsync_dir=True)
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete temp files left by a checkpoint write that was killed before its rename (never a real file)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.name.startswith(".") and TMP_MARKER in p.name]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

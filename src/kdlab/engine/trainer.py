@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,18 +25,21 @@ from kdlab.config.schema import ExperimentConfig
 from kdlab.data.coco import sample_seed
 from kdlab.data.loaders import raise_if_data_error
 from kdlab.distill.ema import ModelEMA
+from kdlab.engine import distributed
 from kdlab.engine.batches import batch_to_device
 from kdlab.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint_atomic,
 )
 from kdlab.engine.optim import build_optimizer, build_scheduler, extended_schedule, warmup_cosine_factor
 from kdlab.engine.run_logger import RunLogger
+from kdlab.engine.stop_signals import StopSignals, TrainingInterrupted
 from kdlab.engine.tasks import Task
 from kdlab.engine.visuals import save_visualizations
-from kdlab.errors import CheckpointError
+from kdlab.errors import CheckpointError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,37 @@ class TrainState:
     last_metrics: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     images_seen: int = 0
+    batches_done: int = 0  # batches of the current, unfinished epoch already trained (mid-epoch last.pth)
+    nonfinite_steps: int = 0  # optimizer steps skipped because the loss or gradients were NaN/inf
+
+
+@dataclass
+class EpochProgress:
+    """Running sums of the epoch in progress; saved in a mid-epoch last.pth so a resumed epoch's row
+    (metrics.csv) matches an uninterrupted one."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            v = value.detach().float()
+            self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": dict(self.counts),
+                "images": self.images, "seconds": self.seconds, "skipped": self.skipped}  # fmt: skip
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any] | None, device: torch.device) -> EpochProgress:
+        if not data:
+            return cls()
+        return cls({k: v.to(device) for k, v in data["sums"].items()}, dict(data["counts"]),
+                   int(data["images"]), float(data["seconds"]), int(data.get("skipped", 0)))  # fmt: skip
 
 
 class Trainer:
@@ -128,8 +163,21 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * self.tcfg.epochs
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, self.steps_per_epoch)
         self.state = TrainState()
+        self.progress = EpochProgress()
         self.logger: RunLogger | None = None
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._task_params = [p for p in self.task_modules.parameters() if p.requires_grad]
+        self._consecutive_nonfinite = 0
+        self._stop: StopSignals | None = None
+        self._stop_agreed = False
+        self.dist = distributed.current()
+        # The module the task calls: the student wrapped in DDP under torchrun (never the teacher).
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -164,7 +212,11 @@ class Trainer:
                 "best_metric": self.state.best_metric,
                 "best_epoch": self.state.best_epoch,
                 "train_seconds": self.state.train_seconds,
+                "nonfinite_steps_skipped": self.state.nonfinite_steps,
                 "images_seen": self.state.images_seen,
+                "batches_done": self.state.batches_done,
+                "nonfinite_steps": self.state.nonfinite_steps,
+                "epoch_progress": self.progress.to_payload() if self.state.batches_done else None,
                 "rng_state": capture_rng_state(),
             }
         )
@@ -205,9 +257,17 @@ class Trainer:
         self.state.best_epoch = int(payload["best_epoch"])
         self.state.train_seconds = float(payload.get("train_seconds", 0.0))
         self.state.images_seen = int(payload.get("images_seen", 0))
+        self.state.batches_done = int(payload.get("batches_done", 0))
+        self.state.nonfinite_steps = int(payload.get("nonfinite_steps", 0))
+        self.progress = EpochProgress.from_payload(payload.get("epoch_progress"), self.device)
         self.state.last_metrics = dict(payload.get("metrics", {}))
         restore_rng_state(payload["rng_state"])
-        log.info("resumed from %s at epoch %d (step %d)", path, self.state.epoch, self.state.global_step)
+        where = f"epoch {self.state.epoch}" + (
+            f" + {self.state.batches_done} batches of epoch {self.state.epoch + 1}"
+            if self.state.batches_done
+            else ""
+        )
+        log.info("resumed from %s at %s (step %d)", path, where, self.state.global_step)
 
     def _extend_schedule(self, payload: dict[str, Any], old_epochs: int) -> None:
         """A run resumed with a new epoch total: continue the LR from where it was, cosine to the new end."""
@@ -232,54 +292,82 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def fit(self) -> dict[str, Any]:
-        """Train to `training.epochs`; returns the summary written to summary.json."""
+        """Train to `training.epochs`; returns the summary written to summary.json.
+
+        SIGINT/SIGTERM finish the current optimizer step, save last.pth and raise TrainingInterrupted."""
         start_epoch = self.state.epoch
-        self.logger = RunLogger(self.run_dir, resume_epoch=start_epoch if start_epoch > 0 else None)
+        fresh = start_epoch == 0 and self.state.global_step == 0 and self.state.batches_done == 0
+        if self.dist.is_main:
+            self.logger = RunLogger(self.run_dir, resume_epoch=None if fresh else start_epoch)
+            remove_stale_temp_files(self.ckpt_dir)
         status = "failed"
         try:
-            if start_epoch == 0:
-                save_checkpoint_atomic(self._base_payload(), self.ckpt_dir / "untrained_model.pth")
-            if self.teacher_eval_model is not None and self.teacher_metrics is None:
-                self._evaluate_teacher()
-            for epoch in range(start_epoch, self.tcfg.epochs):
-                self._train_one_epoch(epoch)
+            with StopSignals() as self._stop:
+                if fresh and self.dist.is_main:
+                    save_checkpoint_atomic(self._base_payload(), self.ckpt_dir / "untrained_model.pth")
+                if self.teacher_eval_model is not None and self.teacher_metrics is None:
+                    self._evaluate_teacher()
+                for epoch in range(start_epoch, self.tcfg.epochs):
+                    self._train_one_epoch(epoch)
+                    self._stop_if_requested(epoch, at_epoch_end=True)
             status = "completed"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, TrainingInterrupted):
             status = "interrupted"
             raise
         finally:
+            self._stop = None
             summary = self.write_summary(status)
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
         return summary
 
     def _evaluate_teacher(self) -> None:
         """Evaluate the teacher once on the validation set before training: the bar the student aims at."""
         metrics, _ = self.evaluator(self.teacher_eval_model, desc="teacher val")
         self.teacher_metrics = metrics
-        self.logger.scalars(metrics, 0, prefix="teacher/")
+        self._log_scalars(metrics, 0, prefix="teacher/")
         log.info(
             "teacher: target_iou %.4f, miou %.4f on %d val images",
             metrics.get("target_iou", float("nan")), metrics.get("miou", float("nan")), metrics.get("images", 0),
         )  # fmt: skip
 
-    def forward_backward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _log_scalars(self, values: dict[str, float], step: int, prefix: str) -> None:
+        if self.logger is not None:
+            self.logger.scalars(values, step, prefix=prefix)
+
+    def forward_backward(self, batch: dict[str, Any], sync_grads: bool = True) -> dict[str, torch.Tensor]:
         """One micro-batch (already on the device): task forward under autocast, scaled backward.
 
-        Returns the task's loss dict (tensors on the device; nothing is read back to the host)."""
+        Returns the task's loss dict (tensors on the device; nothing is read back to the host). Under DDP,
+        `sync_grads=False` skips the gradient all-reduce (micro-batches before an accumulation boundary)."""
         set_progress = getattr(self.task, "set_progress", None)
         if set_progress is not None:
             set_progress(self.state.global_step, self.total_steps)
-        with self._autocast():
-            losses = self.task(self.model, batch)
-        self.scaler.scale(losses["loss"] / self.tcfg.grad_accum_steps).backward()
+        no_sync = self.train_model.no_sync if self.dist.enabled and not sync_grads else contextlib.nullcontext
+        with no_sync():
+            with self._autocast():
+                losses = self.task(self.train_model, batch)
+            self.scaler.scale(losses["loss"] / self.tcfg.grad_accum_steps).backward()
         return losses
 
-    def optimizer_step(self) -> torch.Tensor:
-        """Unscale, clip, step optimizer + scaler, zero grads, EMA, LR schedule; returns the grad norm."""
-        params = self._params
+    def optimizer_step(self, losses: list[dict[str, torch.Tensor]] | None = None) -> torch.Tensor | None:
+        """Unscale, clip, step optimizer + scaler, zero grads, EMA, LR schedule; returns the grad norm.
+
+        With `losses` (the accumulation window's loss dicts) a non-finite loss or gradient skips the step
+        (no weight, optimizer, EMA or LR change) and returns None. That check reads one flag back to the
+        host per optimizer step; the fp16 grad scaler already does the same."""
+        if self.dist.enabled and self._task_params:
+            # Feature adapters train with the student but live outside the DDP-wrapped module.
+            for p in self._task_params:
+                if p.grad is not None:
+                    distributed.all_reduce_sum_(p.grad).div_(self.dist.world_size)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.tcfg.grad_clip_norm if self.tcfg.grad_clip_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        if losses is not None and not self._all_finite(losses, grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # an fp16 scaler lowers its scale after an overflow
+            return None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -289,79 +377,189 @@ class Trainer:
         self.state.global_step += 1
         return grad_norm
 
+    def _all_finite(self, losses: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor) -> bool:
+        total = torch.stack([d["loss"].detach().float() for d in losses]).sum()
+        bad = ~torch.isfinite(total)
+        if not self.scaler.is_enabled():  # with fp16, inf gradients are the scaler's business
+            bad = bad | ~torch.isfinite(grad_norm)
+        flags = torch.stack(
+            [bad.float(), torch.tensor(float(self._stop_requested_locally()), device=bad.device)]
+        )
+        distributed.all_reduce_max_(flags)  # every rank skips (and stops) together
+        self._stop_agreed = bool(flags[1])
+        return not bool(flags[0])
+
+    def _stop_requested_locally(self) -> bool:
+        return self._stop is not None and self._stop.requested
+
+    def _note_nonfinite(self, epoch: int) -> None:
+        self.state.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        k = self.tcfg.max_nonfinite_steps
+        log.warning(
+            "epoch %d, step %d: non-finite loss or gradient; step skipped (%d in a row, %d in total; stop at %d)",
+            epoch + 1, self.state.global_step + 1, self._consecutive_nonfinite, self.state.nonfinite_steps, k,
+        )  # fmt: skip
+        if self._consecutive_nonfinite >= k:
+            last = self.ckpt_dir / "last.pth"
+            kept = (
+                f"the last good checkpoint {last} is kept"
+                if last.is_file()
+                else "no checkpoint was written yet"
+            )
+            raise NonFiniteLossError(
+                f"the loss or gradients were NaN/inf in {k} optimizer steps in a row (epoch {epoch + 1}, step "
+                f"{self.state.global_step + 1}); {kept}. Lower training.lr, check the data, or set training.amp=off"
+            )
+
+    def _save_last(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint_atomic(self._full_payload(), self.ckpt_dir / "last.pth")
+
+    def _stop_if_requested(self, epoch: int, at_epoch_end: bool = False) -> None:
+        """After a step (or an epoch) a stop signal saves last.pth, then raises TrainingInterrupted."""
+        stop = self._stop_agreed if not at_epoch_end else self._stop_requested_locally()
+        if at_epoch_end and self.dist.enabled:
+            flag = torch.tensor([float(stop)], device=self.device)
+            stop = bool(distributed.all_reduce_max_(flag)[0])
+        if not stop:
+            return
+        if not at_epoch_end:
+            self._save_last()
+        signum = self._stop.signum if self._stop is not None and self._stop.signum else signal.SIGTERM
+        last = self.ckpt_dir / "last.pth"
+        where = f"epoch {self.state.epoch}" + (
+            f" + {self.state.batches_done} batches" if self.state.batches_done else ""
+        )
+        raise TrainingInterrupted(
+            signum,
+            f"stopped by {signal.Signals(signum).name} after step {self.state.global_step} ({where}); "
+            f"saved {last}; resume with: python train_advanced.py --resume {last}",
+        )
+
     def _train_one_epoch(self, epoch: int) -> None:
         tcfg = self.tcfg
-        # Reseed at every epoch start: randomness inside the epoch depends only on (seed, epoch), so a run
-        # resumed at an epoch boundary replays exactly what an uninterrupted run does.
-        torch.manual_seed(sample_seed(tcfg.seed, epoch, 0x7FFF))
+        resume_batches = self.state.batches_done
+        if resume_batches == 0:
+            # Reseed at every epoch start: randomness inside the epoch depends only on (seed, epoch), so a run
+            # resumed at an epoch boundary replays exactly what an uninterrupted run does. A mid-epoch resume
+            # restored the RNG states of the moment last.pth was written instead.
+            torch.manual_seed(sample_seed(tcfg.seed, epoch, 0x7FFF))
+            self.progress = EpochProgress()
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+            if resume_batches:
+                sampler.set_epoch(epoch, skip_batches=resume_batches)
+            else:
+                sampler.set_epoch(epoch)
+        n_batches = len(self.train_loader)
+        if resume_batches and hasattr(sampler, "skip_batches"):
+            sampler.skip_batches = 0
+            n_batches = len(self.train_loader)
+            sampler.skip_batches = resume_batches
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        sum_counts: dict[str, int] = {}
+        self._stop_agreed = False
+        prog = self.progress
         interval: dict[str, torch.Tensor] = {}
         interval_counts: dict[str, int] = {}
-        epoch_batches = 0
-        epoch_images = 0
-        skipped = 0
+        pending: list[dict[str, torch.Tensor]] = []
+        pending_images = 0
         grad_norm = torch.zeros((), device=self.device)
-        t_epoch = time.perf_counter()
-        t_interval = t_epoch
+        t_start = time.perf_counter()
+        seconds_before = prog.seconds
+        t_interval = t_start
         interval_images = 0
         accum = tcfg.grad_accum_steps
-        n_batches = len(self.train_loader)
+        # Creating the loader iterator draws a base seed from torch's global RNG. On a mid-epoch resume put the
+        # RNG back to the saved state afterwards, as the uninterrupted run drew that seed at the epoch start.
+        rng_at_resume = torch.get_rng_state() if resume_batches else None
+        batches = iter(self.train_loader)
+        if rng_at_resume is not None:
+            torch.set_rng_state(rng_at_resume)
         bar = tqdm(
-            self.train_loader,
+            batches,
             desc=f"train {epoch + 1}/{tcfg.epochs}",
-            disable=not self.show_progress,
+            disable=not (self.show_progress and self.dist.is_main),
             unit="batch",
             dynamic_ncols=True,
+            total=n_batches,
+            initial=resume_batches,
         )
         self.optimizer.zero_grad(set_to_none=True)
-        for i, raw in enumerate(bar):
+        for i, raw in enumerate(bar, start=resume_batches):
             raise_if_data_error(raw)
+            boundary = (i + 1) % accum == 0 or i + 1 == n_batches
             if raw is None:
-                skipped += 1
+                prog.skipped += 1
+            else:
+                batch = batch_to_device(raw, self.device, tcfg.channels_last)
+                pending.append(self.forward_backward(batch, sync_grads=boundary))
+                pending_images += raw["images"].shape[0]
+            if not boundary or not pending:
                 continue
-            batch = batch_to_device(raw, self.device, tcfg.channels_last)
-            losses = self.forward_backward(batch)
-            n_images = raw["images"].shape[0]
-            epoch_images += n_images
-            interval_images += n_images
-            epoch_batches += 1
-            for key, value in losses.items():
-                v = value.detach().float()
-                sums[key] = sums.get(key, 0) + v
-                sum_counts[key] = sum_counts.get(key, 0) + 1
-                interval[key] = interval.get(key, 0) + v
-                interval_counts[key] = interval_counts.get(key, 0) + 1
-            if (i + 1) % accum == 0 or i + 1 == n_batches:
-                grad_norm = self.optimizer_step()
-                if self.state.global_step % tcfg.log_every_steps == 0:
-                    elapsed = time.perf_counter() - t_interval
-                    values = {k: (v / interval_counts[k]).item() for k, v in interval.items()}
-                    values["grad_norm"] = float(grad_norm)
-                    values["lr"] = self.optimizer.param_groups[0]["lr"]
-                    values["images_per_sec"] = interval_images / max(elapsed, 1e-9)
-                    self.logger.scalars(values, self.state.global_step, prefix="train/")
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_sec']:.1f}")
-                    interval, interval_counts, interval_images = {}, {}, 0
-                    t_interval = time.perf_counter()
-        epoch_seconds = time.perf_counter() - t_epoch
+            step_norm = self.optimizer_step(pending)
+            if step_norm is None:
+                self._note_nonfinite(epoch)
+            else:
+                self._consecutive_nonfinite = 0
+                grad_norm = step_norm
+                for losses in pending:
+                    prog.add(losses)
+                    for key, value in losses.items():
+                        v = value.detach().float()
+                        interval[key] = interval.get(key, 0) + v
+                        interval_counts[key] = interval_counts.get(key, 0) + 1
+                prog.images += pending_images
+                interval_images += pending_images
+            pending, pending_images = [], 0
+            self.state.batches_done = i + 1
+            if step_norm is not None and self.state.global_step % tcfg.log_every_steps == 0 and interval:
+                elapsed = time.perf_counter() - t_interval
+                values = self._reduced_means(interval, interval_counts)
+                values["grad_norm"] = float(grad_norm)
+                values["lr"] = self.optimizer.param_groups[0]["lr"]
+                values["images_per_sec"] = interval_images * self.dist.world_size / max(elapsed, 1e-9)
+                self._log_scalars(values, self.state.global_step, prefix="train/")
+                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_sec']:.1f}")
+                interval, interval_counts, interval_images = {}, {}, 0
+                t_interval = time.perf_counter()
+            if i + 1 < n_batches:
+                every = tcfg.checkpoint_every_steps
+                if step_norm is not None and every and self.state.global_step % every == 0:
+                    prog.seconds = seconds_before + time.perf_counter() - t_start
+                    self._save_last()
+                prog.seconds = seconds_before + time.perf_counter() - t_start
+                self._stop_if_requested(epoch)
+        self._finish_epoch(epoch, prog, seconds_before + time.perf_counter() - t_start, grad_norm)
+
+    def _reduced_means(self, sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
+        """Means of logged loss terms, averaged over ranks under DDP (one all-reduce per log interval)."""
+        keys = sorted(sums)
+        stacked = torch.stack([sums[k] / counts[k] for k in keys])
+        if self.dist.enabled:
+            distributed.all_reduce_sum_(stacked).div_(self.dist.world_size)
+        return dict(zip(keys, stacked.tolist(), strict=True))
+
+    def _finish_epoch(
+        self, epoch: int, prog: EpochProgress, epoch_seconds: float, grad_norm: torch.Tensor
+    ) -> None:
+        tcfg = self.tcfg
         self.state.epoch = epoch + 1
+        self.state.batches_done = 0
         self.state.train_seconds += epoch_seconds
-        self.state.images_seen += epoch_images
+        self.state.images_seen += prog.images * self.dist.world_size
         row: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.global_step}
-        for key, value in sums.items():
-            row[f"train_{key}"] = (value / sum_counts[key]).item()
+        if prog.sums:
+            row.update({f"train_{k}": v for k, v in self._reduced_means(prog.sums, prog.counts).items()})
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["grad_norm"] = float(grad_norm)
-        row["train_images_per_sec"] = epoch_images / max(epoch_seconds, 1e-9)
+        row["train_images_per_sec"] = prog.images * self.dist.world_size / max(epoch_seconds, 1e-9)
         row["epoch_seconds"] = epoch_seconds
-        if skipped:
+        if self.state.nonfinite_steps:
+            row["nonfinite_steps"] = self.state.nonfinite_steps
+        if prog.skipped:
             log.warning(
-                "epoch %d: %d batches had only unreadable images and were skipped", epoch + 1, skipped
+                "epoch %d: %d batches had only unreadable images and were skipped", epoch + 1, prog.skipped
             )
         last_epoch = epoch + 1 == tcfg.epochs
         if (epoch + 1) % tcfg.val_every == 0 or last_epoch:
@@ -370,8 +568,8 @@ class Trainer:
             row["val_seconds"] = time.perf_counter() - t_val
             row.update({f"val_{k}": v for k, v in metrics.items()})
             self.state.last_metrics = metrics
-            self.logger.scalars(metrics, epoch + 1, prefix="val/")
-            if vis is not None:
+            self._log_scalars(metrics, epoch + 1, prefix="val/")
+            if vis is not None and self.logger is not None:
                 vis_dir = self.run_dir / "visualizations" / f"epoch_{epoch + 1:04d}"
                 for name, array in save_visualizations(vis, vis_dir):
                     self.logger.image(f"val/{name.removesuffix('.png')}", array, epoch + 1)
@@ -379,36 +577,35 @@ class Trainer:
             if math.isfinite(value) and value > self.state.best_metric:
                 self.state.best_metric = value
                 self.state.best_epoch = epoch + 1
-                best = self._base_payload()
-                best["best_metric"] = value
-                save_checkpoint_atomic(best, self.ckpt_dir / "best_model.pth")
+                if self.dist.is_main:
+                    best = self._base_payload()
+                    best["best_metric"] = value
+                    save_checkpoint_atomic(best, self.ckpt_dir / "best_model.pth")
                 log.info("epoch %d: new best %s=%.4f -> best_model.pth", epoch + 1, BEST_METRIC, value)
             log.info(
                 "epoch %d/%d: loss %.4f, %s %.4f, miou %.4f, %.1f img/s",
-                epoch + 1,
-                tcfg.epochs,
-                row.get("train_loss", float("nan")),
-                BEST_METRIC,
-                value,
-                metrics.get("miou", float("nan")),
-                row["train_images_per_sec"],
-            )
+                epoch + 1, tcfg.epochs, row.get("train_loss", float("nan")), BEST_METRIC, value,
+                metrics.get("miou", float("nan")), row["train_images_per_sec"],
+            )  # fmt: skip
         else:
             log.info("epoch %d/%d: loss %.4f", epoch + 1, tcfg.epochs, row.get("train_loss", float("nan")))
-        self.logger.scalars(
-            {k: v for k, v in row.items() if k.startswith("train_") or k in ("lr",)},
-            epoch + 1,
-            prefix="epoch/",
-        )
-        self.logger.epoch_row(row)
-        full = self._full_payload()
-        if (epoch + 1) % tcfg.save_every == 0 or last_epoch:
-            save_checkpoint_atomic(full, self.ckpt_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth")
-        save_checkpoint_atomic(full, self.ckpt_dir / "last.pth")
-        self.write_summary("running")
+        if self.logger is not None:
+            self.logger.scalars(
+                {k: v for k, v in row.items() if k.startswith("train_") or k in ("lr",)},
+                epoch + 1,
+                prefix="epoch/",
+            )
+            self.logger.epoch_row(row)
+        if self.dist.is_main:
+            full = self._full_payload()
+            if (epoch + 1) % tcfg.save_every == 0 or last_epoch:
+                save_checkpoint_atomic(full, self.ckpt_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth")
+            save_checkpoint_atomic(full, self.ckpt_dir / "last.pth")
+            self.write_summary("running")
 
     # ----------------------------------------------------------------- summary
     def write_summary(self, status: str) -> dict[str, Any]:
+        """The run's summary; rank 0 writes it to summary.json."""
         from kdlab.models.roi_unet import count_parameters
 
         model = self.model
@@ -428,6 +625,7 @@ class Trainer:
             },
             "timings": {
                 "train_seconds": self.state.train_seconds,
+                "nonfinite_steps_skipped": self.state.nonfinite_steps,
                 "images_seen": self.state.images_seen,
                 "train_images_per_sec": self.state.images_seen / self.state.train_seconds
                 if self.state.train_seconds > 0
@@ -440,7 +638,10 @@ class Trainer:
             "teachers": self.teacher_records,
             **self.extra_summary,
         }
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.dist.world_size > 1:
+            summary["world_size"] = self.dist.world_size
+        if self.dist.is_main:
+            write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdlab.data.loaders import raise_if_data_error
+from kdlab.engine import distributed
 from kdlab.engine.batches import batch_to_device
 from kdlab.evaluate.metrics import SegmentationMetrics
 
@@ -71,6 +72,12 @@ class SegmentationEvaluator:
                     vis_count += take
         if was_training:
             model.train()
+        if distributed.current().enabled:  # each rank saw its shard: sum the running sums over ranks
+            state = {k: distributed.all_reduce_sum_(v.clone()) for k, v in metrics.state_tensors().items()}
+            metrics.load_state_tensors(state)
+            images_seen = int(
+                distributed.all_reduce_sum_(torch.tensor([images_seen], dtype=torch.float64))[0]
+            )
         result = metrics.compute()
         result["images"] = images_seen
         vis_out = {k: torch.cat(v) for k, v in vis.items()} if vis_count else None

@@ -21,6 +21,7 @@ from kdlab.data.loaders import build_datasets, build_loader, check_given_data_pa
 from kdlab.distill.ema import ModelEMA
 from kdlab.distill.kd_task import KDTask
 from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher, load_teacher
+from kdlab.engine import distributed
 from kdlab.engine.checkpoint import load_checkpoint
 from kdlab.engine.tasks import SegmentationTask
 from kdlab.engine.trainer import Trainer, resolve_amp_dtype, resolve_device
@@ -46,11 +47,14 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name
 
 
-def find_resume_checkpoint(resume: str, cfg: ExperimentConfig) -> Path:
+def find_resume_checkpoint(resume: str, cfg: ExperimentConfig) -> Path | None:
+    """The checkpoint to resume from; `auto` means <run>/checkpoints/last.pth, or None (start fresh) when the
+    run has none yet, so one command serves every restart of a pre-emptible job."""
     if resume == "auto":
         path = run_dir_for(cfg) / "checkpoints" / "last.pth"
         if not path.is_file():
-            raise CheckpointError(f"--resume auto found no {path}; start the run without --resume")
+            log.info("--resume auto: no %s yet; starting the run from scratch", path)
+            return None
         return path
     path = Path(resume)
     if not path.is_file():
@@ -87,13 +91,21 @@ def execute(request: RunRequest) -> dict[str, Any]:
     cfg = request.config
     resume_path: Path | None = None
     resume_payload: dict[str, Any] | None = None
+    auto_fresh = False  # --resume auto on a run that never wrote last.pth: start over in its directory
     if request.resume:
         resume_path = find_resume_checkpoint(request.resume, cfg)
-        resume_payload = load_checkpoint(resume_path)
+        auto_fresh = resume_path is None
+        if resume_path is not None:
+            resume_payload = load_checkpoint(resume_path)
     check_given_data_paths(cfg.data)
-    if not request.test_only and resume_path is None:
+    if not request.test_only and resume_path is None and not auto_fresh:
         _check_run_dir_free(run_dir_for(cfg), request.overwrite)
     device = resolve_device(cfg.training.device)
+    ctx = distributed.init_distributed(device.type)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    if not ctx.is_main:
+        logging.getLogger("kdlab").setLevel(logging.WARNING)
     if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.manual_seed(cfg.training.seed)
@@ -101,33 +113,40 @@ def execute(request: RunRequest) -> dict[str, Any]:
     teachers = load_teachers(cfg) if cfg.distillation.enabled and not request.test_only else []
     if resume_payload is not None and teachers:
         check_teacher_unchanged(resume_payload, teachers, resume_path, request.allow_teacher_change)
+    if not ctx.is_main:
+        distributed.barrier()  # rank 0 generates any synthetic data first
     train_set, val_set = build_datasets(cfg)
+    if ctx.enabled and ctx.is_main:
+        distributed.barrier()
     model = build_model(cfg.model)
     amp_dtype = resolve_amp_dtype(cfg.training.amp, device)
+    shard = {"rank": ctx.rank, "world_size": ctx.world_size}
     val_loader = build_loader(
         val_set, cfg.training.batch_size, shuffle=False, seed=cfg.training.seed,
-        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", **shard,
     )  # fmt: skip
     evaluator = SegmentationEvaluator(
         val_loader,
         device,
         amp_dtype,
         cfg.training.channels_last,
-        cfg.training.num_vis_images,
-        request.show_progress,
+        cfg.training.num_vis_images if ctx.is_main else 0,
+        request.show_progress and ctx.is_main,
     )
 
     if request.test_only:
         return _test_only(request, cfg, model, evaluator, device, resume_path, resume_payload)
 
     run_dir = run_dir_of_checkpoint(resume_path, cfg) if resume_path else run_dir_for(cfg)
-    _prepare_run_dir(run_dir, request.overwrite, resuming=resume_path is not None)
-    write_json_atomic(run_dir / "config.json", cfg.model_dump(mode="json"))
-    log.info("run directory: %s", run_dir.resolve())
+    if ctx.is_main:
+        _prepare_run_dir(run_dir, request.overwrite, resuming=resume_path is not None or auto_fresh)
+        write_json_atomic(run_dir / "config.json", cfg.model_dump(mode="json"))
+        log.info("run directory: %s", run_dir.resolve())
+    distributed.barrier()
 
     train_loader = build_loader(
         train_set, cfg.training.batch_size, shuffle=True, seed=cfg.training.seed,
-        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", **shard,
     )  # fmt: skip
     extra = {
         "config_name": cfg.name,
@@ -152,7 +171,7 @@ def execute(request: RunRequest) -> dict[str, Any]:
     )  # fmt: skip
     summary = trainer.fit()
     summary["run_dir"] = str(run_dir)
-    if cfg.export.onnx:
+    if cfg.export.onnx and ctx.is_main:
         from kdlab.export.onnx_export import export_run_to_onnx
 
         meta = export_run_to_onnx(run_dir, opset=cfg.export.opset)

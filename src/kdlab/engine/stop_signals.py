@@ -1,0 +1,51 @@
+"""SIGINT/SIGTERM during training: finish the current step, save last.pth, then stop.
+
+The handlers only set a flag that the training loop reads at optimizer-step boundaries (and at epoch
+ends); the loop then saves `last.pth` and raises `TrainingInterrupted`, which the CLI turns into exit
+130 (SIGINT) or 143 (SIGTERM) with the exact resume command. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving its state; `exit_code` is 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """Context manager: while active, SIGINT/SIGTERM request a graceful stop instead of killing the run."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
