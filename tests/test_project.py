@@ -29,9 +29,14 @@ def test_requirements_txt_matches_pyproject():
     assert listed == wanted
 
 
+def _python_sources() -> list[Path]:
+    files = [*(ROOT / "src").rglob("*.py"), ROOT / "train_advanced.py", ROOT / "run_experiments.py"]
+    return files + list((ROOT / "benchmarks").rglob("*.py"))
+
+
 def test_every_torch_load_is_weights_only():
     offenders = []
-    for path in list((ROOT / "src").rglob("*.py")) + [ROOT / "train_advanced.py"]:
+    for path in _python_sources():
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             if "torch.load(" in line and "weights_only=True" not in line:
                 offenders.append(f"{path.relative_to(ROOT)}:{lineno}")
@@ -39,10 +44,38 @@ def test_every_torch_load_is_weights_only():
 
 
 def test_no_shell_true_subprocesses():
-    offenders = [
-        str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.py") if "shell=True" in p.read_text()
-    ]
+    offenders = [str(p.relative_to(ROOT)) for p in _python_sources() if "shell=True" in p.read_text()]
     assert offenders == []
+
+
+def test_subprocesses_get_argument_lists_not_strings():
+    call = re.compile(
+        r"(subprocess\.(run|Popen|call|check_call|check_output)|os\.(system|popen))\(\s*(f?[\"']|$)"
+    )
+    offenders = []
+    for path in _python_sources():
+        text = path.read_text()
+        for m in call.finditer(text):
+            if m.group(1).startswith("os.") or m.group(4):
+                offenders.append(f"{path.relative_to(ROOT)}: {m.group(0)!r}")
+    assert offenders == []
+
+
+def test_only_configs_dir_or_given_paths_are_executed(tmp_path, monkeypatch):
+    """A run's config.json and a checkpoint's config are data, never code; names resolve in configs/."""
+    from kdlab.config import loader
+
+    executed: list[Path] = []
+    real = loader._exec_config_file
+    monkeypatch.setattr(loader, "_exec_config_file", lambda p: executed.append(Path(p)) or real(p))
+    loader.resolve_config("quickstart_distill", [], {})  # a named config with a BASE chain
+    assert executed and all(p.parent == loader.configs_dir() for p in executed)
+    cfg = loader.resolve_config("quickstart_baseline", [], {})
+    path = tmp_path / "config.json"
+    path.write_text(cfg.model_dump_json())
+    executed.clear()
+    loader.resolve_config(str(path), [], {})
+    assert executed == []
 
 
 def test_readme_config_reference_is_current():

@@ -201,6 +201,17 @@ def resolve_data_paths(cfg: DataConfig, generate: bool = True) -> DataPaths:
     return DataPaths(**{k: Path(v) for k, v in given.items()})
 
 
+def check_image_files(records: list[Any], images_dir: Path, what: str) -> None:
+    """Every annotated image must exist before a run starts (one stat per image; decoding stays lazy)."""
+    missing = [r.file_name for r in records if not (images_dir / r.file_name).is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(
+            f"image file {images_dir / missing[0]}{more} listed in the annotations does not exist "
+            f"(check data.{what}, or set data.skip_bad_images=true to skip such images)"
+        )
+
+
 def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeopleDataset]:
     """Train and validation datasets (annotations parsed and validated now, images read lazily)."""
     data = cfg.data
@@ -224,6 +235,9 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeople
         max_images=data.max_val_images,
         what="val_annotations",
     )
+    if not data.skip_bad_images:
+        check_image_files(train_records, paths.train_images, "train_images")
+        check_image_files(val_records, paths.val_images, "val_images")
     common = dict(
         input_size=tuple(data.input_size),
         mask_size=tuple(cfg.model.mask_size),

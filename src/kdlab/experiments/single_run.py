@@ -7,6 +7,7 @@ directory is created or touched, so a typo never costs files already on disk.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,22 @@ def run_dir_of_checkpoint(path: Path, cfg: ExperimentConfig) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else run_dir_for(cfg)
 
 
+def check_output_dir_writable(output_dir: str) -> None:
+    """Fail before any work when run directories cannot be created under `output_dir`."""
+    ancestor = Path(output_dir).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise KdlabInputError(
+            f"output_dir {output_dir} cannot be created: {ancestor} is a file, not a directory; "
+            "choose another --output_dir"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise KdlabInputError(
+            f"output_dir {output_dir} is not writable ({ancestor}); choose another --output_dir"
+        )
+
+
 def _check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
     """Refuse (before any work) to start a new run over an existing run directory."""
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
@@ -98,6 +115,8 @@ def execute(request: RunRequest) -> dict[str, Any]:
         if resume_path is not None:
             resume_payload = load_checkpoint(resume_path)
     check_given_data_paths(cfg.data)
+    if not request.test_only:
+        check_output_dir_writable(cfg.output_dir)
     if not request.test_only and resume_path is None and not auto_fresh:
         _check_run_dir_free(run_dir_for(cfg), request.overwrite)
     device = resolve_device(cfg.training.device)
@@ -137,6 +156,8 @@ def execute(request: RunRequest) -> dict[str, Any]:
     if request.test_only:
         return _test_only(request, cfg, model, evaluator, device, resume_path, resume_payload)
 
+    if resume_payload is not None:
+        check_resumable(resume_payload, resume_path, model)  # before the run directory is touched
     run_dir = run_dir_of_checkpoint(resume_path, cfg) if resume_path else run_dir_for(cfg)
     if ctx.is_main:
         _prepare_run_dir(run_dir, request.overwrite, resuming=resume_path is not None or auto_fresh)
@@ -206,6 +227,20 @@ def _test_only(
     if run_dir.is_dir():
         write_json_atomic(run_dir / "test_metrics.json", result)
     return result
+
+
+def check_resumable(payload: dict[str, Any], path: Path | None, model: torch.nn.Module) -> None:
+    """A resume checkpoint must be a full training state whose weights fit the configured model."""
+    if "optimizer_state_dict" not in payload:
+        raise CheckpointError(
+            f"checkpoint {path} holds only model weights (e.g. best_model.pth); resume from checkpoints/last.pth"
+        )
+    try:
+        model.load_state_dict(payload["model_state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the configured model: {str(exc).splitlines()[0]}"
+        ) from exc
 
 
 def load_teachers(cfg: ExperimentConfig) -> list[LoadedTeacher]:
