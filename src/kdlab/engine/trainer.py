@@ -335,11 +335,18 @@ class Trainer:
         if self.logger is not None:
             self.logger.scalars(values, step, prefix=prefix)
 
-    def forward_backward(self, batch: dict[str, Any], sync_grads: bool = True) -> dict[str, torch.Tensor]:
+    def forward_backward(
+        self, batch: dict[str, Any], sync_grads: bool = True, micro_index: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """One micro-batch (already on the device): task forward under autocast, scaled backward.
 
         Returns the task's loss dict (tensors on the device; nothing is read back to the host). Under DDP,
-        `sync_grads=False` skips the gradient all-reduce (micro-batches before an accumulation boundary)."""
+        `sync_grads=False` skips the gradient all-reduce (micro-batches before an accumulation boundary).
+        With `micro_index` (the micro-batch's place in the optimizer step, counted over all ranks) the RNG is
+        seeded from (seed, step, micro_index): drop-path and dropout then depend on nothing else, so a
+        resumed run, N DDP processes and one process with N-fold accumulation draw the same masks."""
+        if micro_index is not None:
+            torch.manual_seed(sample_seed(self.tcfg.seed, self.state.global_step, micro_index))
         set_progress = getattr(self.task, "set_progress", None)
         if set_progress is not None:
             set_progress(self.state.global_step, self.total_steps)
@@ -493,7 +500,8 @@ class Trainer:
                 prog.skipped += 1
             else:
                 batch = batch_to_device(raw, self.device, tcfg.channels_last)
-                pending.append(self.forward_backward(batch, sync_grads=boundary))
+                micro = (i % accum) * self.dist.world_size + self.dist.rank
+                pending.append(self.forward_backward(batch, sync_grads=boundary, micro_index=micro))
                 pending_images += raw["images"].shape[0]
             if not boundary or not pending:
                 continue

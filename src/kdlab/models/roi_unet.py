@@ -71,6 +71,20 @@ class RoiHierarchicalHead(nn.Module):
         }
 
 
+# Modules some smp encoders keep from their classifier although the UNet never runs them (timm-efficientnet:
+# conv_head + bn2). They stay in the state dict (parameter counts match smp) but get no gradient.
+UNUSED_ENCODER_MODULES = ("conv_head", "bn2")
+
+
+def freeze_unused_encoder_head(encoder: nn.Module) -> None:
+    """Mark the encoder's never-used classifier-head parameters as frozen: the optimizer then skips them and
+    DistributedDataParallel does not wait for gradients that never come."""
+    for name in UNUSED_ENCODER_MODULES:
+        module = getattr(encoder, name, None)
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False)
+
+
 class RoiUNet(nn.Module):
     """Full-image UNet + RoIAlign + `RoiHierarchicalHead`.
 
@@ -93,6 +107,7 @@ class RoiUNet(nn.Module):
         self.head = RoiHierarchicalHead(cfg.feature_channels + 3, cfg.head_channels, cfg.mask_size)
         if cfg.encoder_weights:
             load_encoder_weights(self.unet.encoder, cfg.encoder_weights)
+        freeze_unused_encoder_head(self.unet.encoder)
 
     def forward(self, images: torch.Tensor, rois: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (images - self.input_mean) / self.input_std
