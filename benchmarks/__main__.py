@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_images", type=int, help="synthetic images for the data suite")
     p.add_argument("--onnx_runs", type=int)
     p.add_argument("--onnx_sizes", type=_size, nargs="*", help="extra ONNX resolutions, e.g. 640x640")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no_naive", action="store_true", help="skip the naive reference loop")
     p.add_argument("--no_peak_memory", action="store_true", help="skip the CPU max-RSS subprocess")
     return p.parse_args(argv)
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     s = defaults_for(args.device)
     for name in ("batch_size", "teacher_encoder", "student_encoder", "amp", "channels_last", "compile", "reps",
-                 "warmup", "rois_per_image", "data_images", "onnx_runs"):  # fmt: skip
+                 "warmup", "rois_per_image", "data_images", "onnx_runs", "threads"):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
@@ -67,6 +68,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def run(s: BenchSettings, suites: tuple[str, ...]) -> dict[str, Any]:
     """Run the suites in one process; returns the JSON-ready result."""
     device = torch.device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available")
     result: dict[str, Any] = {"settings": s.to_json(), "machine": machine_info(device), "suites": {}}

@@ -41,6 +41,7 @@ class BenchSettings:
     onnx_runs: int = 10
     onnx_sizes: tuple[tuple[int, int], ...] = ()  # extra ONNX resolutions besides `size`, e.g. ((640, 640),)
     peak_memory: bool = True  # CPU: measure max RSS in a fresh subprocess
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
     naive: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -53,13 +54,18 @@ class BenchSettings:
 
 
 def defaults_for(device: str) -> BenchSettings:
-    """CPU: quickstart sizes (192x192, batch 4: a few minutes on 2 cores). CUDA: the seed's 640x640, batch 16."""
+    """CPU: quickstart sizes (192x192, batch 2: a few minutes on 2 cores), one torch thread. CUDA: the seed's
+    640x640, batch 16.
+
+    One thread on CPU: on a shared 2-core machine two OpenMP threads spin against the other processes and
+    the same step's wall time varied 3x between rounds; with one thread its CPU time varied by ~5 %. Pass
+    `--threads 2` on a dedicated machine."""
     if device == "cuda":
         return BenchSettings(
             device="cuda", batch_size=16, size=(640, 640), base_config="people_b0_from_b3", reps=20, warmup=5,
             workers=(0, 2, 4, 8), data_images=128, onnx_runs=20, onnx_sizes=(),
         )  # fmt: skip
-    return BenchSettings(batch_size=2, reps=7, warmup=1)
+    return BenchSettings(batch_size=2, reps=9, warmup=1, threads=1)
 
 
 def experiment_config(
