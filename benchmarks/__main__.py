@@ -68,10 +68,18 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def run(s: BenchSettings, suites: tuple[str, ...]) -> dict[str, Any]:
     """Run the suites in one process; returns the JSON-ready result."""
     device = torch.device(s.device)
-    if s.threads:
-        torch.set_num_threads(s.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available")
+    threads = torch.get_num_threads()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    try:
+        return _run(s, suites, device)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting
+
+
+def _run(s: BenchSettings, suites: tuple[str, ...], device: torch.device) -> dict[str, Any]:
     result: dict[str, Any] = {"settings": s.to_json(), "machine": machine_info(device), "suites": {}}
     started = time.perf_counter()
     with quiet_logs():

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.__main__ import main
 
@@ -20,7 +21,9 @@ def tiny_result(tmp_path_factory) -> dict:
         "--onnx_runs", "1", "--teacher_encoder", "timm-efficientnet-b0", "--student_encoder", "timm-efficientnet-b0",
         "--no_peak_memory",  # its subprocess is tested below, in-process (a fresh interpreter costs ~15 s)
     ]  # fmt: skip
+    threads = torch.get_num_threads()
     assert main(argv) == 0
+    assert torch.get_num_threads() == threads  # the CPU default of one thread is undone afterwards
     return json.loads(Path(out).read_text())
 
 
@@ -99,7 +102,7 @@ def test_gpu_busy_fraction_is_the_union_of_kernel_intervals_over_the_loop(monkey
 def test_peak_memory_child_reports_max_rss(tiny_result, capsys):
     from benchmarks.kd import _peak_memory_child
 
-    settings = dict(tiny_result["settings"], teacher_encoder="timm-efficientnet-b0")
+    settings = dict(tiny_result["settings"], teacher_encoder="timm-efficientnet-b0", threads=None)
     _peak_memory_child(json.dumps(settings))
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert _positive(report["kd_peak_memory_mib"])
