@@ -161,6 +161,11 @@ class TrainingConfig(_Section):
         "auto", description="auto = bf16 on CUDA when supported, else fp16 on CUDA, off on CPU"
     )
     channels_last: bool = True
+    compile: bool = Field(
+        False,
+        description="torch.compile the student's and teachers' forward (falls back to eager, with a warning, "
+        "when compilation fails)",
+    )
     val_every: int = Field(1, gt=0, description="validate every N epochs (and always after the last)")
     save_every: int = Field(5, gt=0, description="write checkpoint_epoch_XXXX.pth every N epochs")
     log_every_steps: int = Field(10, gt=0)
@@ -227,6 +232,11 @@ class DistillationConfig(_Section):
     )
     grad_share_every: int = Field(
         50, ge=0, description="log each term's share of the gradient norm every N steps (0 = off)"
+    )
+    evaluate_teacher: bool = Field(
+        True,
+        description="validate the teacher once before epoch 1 (its metrics in summary.json); validation "
+        "never runs the teacher otherwise",
     )
     teacher_input_mean: tuple[float, float, float] | None = Field(
         None, description="override the teacher's input normalisation (teacher trained with other mean/std)"

@@ -79,9 +79,11 @@ class KDTask:
         images, rois = batch["images"], batch["rois"]
         temperature = self.temperature.value(self.progress)
         alpha = self.alpha.value(self.progress)
+        # Teachers first: their activations are freed before the student's autograd graph is built, so the
+        # step's peak memory is max(teacher inference, student graph), not their sum.
+        teacher_outputs = [(teacher(images, rois), weight) for teacher, weight in self.teachers]
         student = model(images, rois)
         losses = segmentation_loss(student, batch["masks"], self.base_weights)
-        teacher_outputs = [(teacher(images, rois), weight) for teacher, weight in self.teachers]
         weights = [w for _, w in teacher_outputs]
         terms: dict[str, tuple[torch.Tensor, float]] = {}
         for name, key in HEADS:

@@ -34,6 +34,7 @@ from kdlab.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint_atomic,
 )
+from kdlab.engine.compile import compile_forward
 from kdlab.engine.optim import build_optimizer, build_scheduler, extended_schedule, warmup_cosine_factor
 from kdlab.engine.run_logger import RunLogger
 from kdlab.engine.stop_signals import StopSignals, TrainingInterrupted
@@ -157,6 +158,8 @@ class Trainer:
             self.ema.module.to(device)
             if self.tcfg.channels_last:
                 self.ema.module.to(memory_format=torch.channels_last)
+        if self.tcfg.compile:
+            compile_forward(self.model, "student")  # after the EMA copy, which stays eager
         self.teacher_eval_model = teacher_eval_model
         self.teacher_records = teacher_records or []
         self.teacher_metrics: dict[str, float] | None = None

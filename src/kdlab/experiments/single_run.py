@@ -24,6 +24,7 @@ from kdlab.distill.kd_task import KDTask
 from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher, load_teacher
 from kdlab.engine import distributed
 from kdlab.engine.checkpoint import load_checkpoint
+from kdlab.engine.compile import compile_forward
 from kdlab.engine.tasks import SegmentationTask
 from kdlab.engine.trainer import Trainer, resolve_amp_dtype, resolve_device
 from kdlab.errors import CheckpointError, KdlabInputError
@@ -298,7 +299,7 @@ def build_kd_task(
         eval_model = None
     else:
         frozen = [(t.teacher.to(device), t.weight) for t in teachers]
-        eval_model = frozen[0][0]
+        eval_model = frozen[0][0] if d.evaluate_teacher else None
     distiller = None
     if d.features:
         from kdlab.distill.features import FeatureDistiller
@@ -310,6 +311,11 @@ def build_kd_task(
         example_rois = torch.tensor([[0.0, 0.0, 0.0, float(w), float(h)]])
         distiller.infer_channels(model, frozen[0][0].model.to("cpu"), example_images, example_rois)
         frozen[0][0].to(device)
+    for teacher, _ in frozen if not d.self_distillation else []:
+        if cfg.training.channels_last:  # the input is channels_last: no layout conversion at every conv
+            teacher.to(memory_format=torch.channels_last)
+        if cfg.training.compile:
+            compile_forward(teacher.model, "teacher")
     records = [{"path": t.path, "sha256": t.sha256, "weight": t.weight} for t in teachers]
     return KDTask(d, cfg.training.loss, frozen, distiller), eval_model, records, ema
 

@@ -1,0 +1,109 @@
+"""Smoke test of the benchmark suite's code paths at tiny size (no timing is asserted, only shape and sanity)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = [
+        "--suite", "all", "--device", "cpu", "--json", str(out), "--size", "64", "64", "--batch_size", "1",
+        "--reps", "1", "--warmup", "0", "--workers", "0", "1", "--data_images", "2", "--rois_per_image", "2",
+        "--onnx_runs", "1", "--teacher_encoder", "timm-efficientnet-b0", "--student_encoder", "timm-efficientnet-b0",
+        "--no_peak_memory",  # its subprocess is tested below, in-process (a fresh interpreter costs ~15 s)
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    assert main(argv) == 0
+    assert torch.get_num_threads() == threads  # the CPU default of one thread is undone afterwards
+    return json.loads(Path(out).read_text())
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_every_suite_reports_its_headline_numbers(tiny_result):
+    summary = tiny_result["summary"]
+    for key in ("kd_over_student_plus_teacher", "speedup_vs_naive", "project_images_per_sec", "loader_over_step",
+                "fed_over_step_time", "onnx_student_over_teacher"):  # fmt: skip
+        assert _positive(summary[key]), (key, summary[key])
+    assert "gpu_busy_fraction" not in summary or summary["gpu_busy_fraction"] is None
+
+
+def test_kd_suite_times_every_case_in_every_rep(tiny_result):
+    kd = tiny_result["suites"]["kd"]
+    for case in ("student_step", "teacher_step", "kd_step", "naive_step"):
+        assert len(kd["times_s"][case]) == 1 and _positive(kd["times_s"][case][0])
+    assert kd["kd_over_student_plus_teacher"] == pytest.approx(
+        kd["kd_step_ms"] / (kd["student_step_ms"] + kd["teacher_step_ms"])
+    )
+    assert "excluded" in kd["grad_share_steps"]
+
+
+def test_data_and_onnx_suites_cover_every_setting(tiny_result):
+    data = tiny_result["suites"]["data"]
+    assert set(data["loader_images_per_sec"]) == {"0", "1"}
+    assert all(_positive(v) for v in data["loader_over_step"].values())
+    onnx = tiny_result["suites"]["onnx"]
+    assert (
+        onnx["size"] == [64, 64] and _positive(onnx["onnx_student_ms"]) and _positive(onnx["onnx_teacher_ms"])
+    )
+    assert tiny_result["machine"]["cpu_count"] >= 1 and tiny_result["settings"]["size"] == [64, 64]
+
+
+def test_gpu_busy_fraction_is_the_union_of_kernel_intervals_over_the_loop(monkeypatch):
+    """The CUDA-only busy fraction, fed fake profiler events: overlapping kernels count once, gaps are idle."""
+    import types
+
+    import torch.profiler
+    from torch.autograd import DeviceType
+
+    from benchmarks import data as data_suite
+
+    def event(name, device, start, end):
+        return types.SimpleNamespace(
+            name=name, device_type=device, time_range=types.SimpleNamespace(start=start, end=end)
+        )
+
+    events = [
+        event("kdlab_fed_loop", DeviceType.CPU, 0, 100),
+        event("k1", DeviceType.CUDA, 10, 30),
+        event("k2", DeviceType.CUDA, 20, 40),  # overlaps k1: busy 10..40
+        event("k3", DeviceType.CUDA, 60, 70),  # busy 60..70
+    ]
+
+    class FakeProfile:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(data_suite.torch.cuda, "synchronize", lambda: None)
+    assert data_suite.gpu_busy_fraction(lambda: None) == pytest.approx(0.4)
+
+
+def test_peak_memory_child_reports_max_rss(tiny_result, capsys):
+    from benchmarks.kd import _peak_memory_child
+
+    settings = dict(tiny_result["settings"], teacher_encoder="timm-efficientnet-b0", threads=None)
+    _peak_memory_child(json.dumps(settings))
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert _positive(report["kd_peak_memory_mib"])
+    assert report["kd_peak_memory_mib"] >= report["memory_before_steps_mib"] > 0
