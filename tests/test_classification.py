@@ -102,7 +102,7 @@ def test_classification_metrics_accumulate_and_top5_only_above_five_classes() ->
     m.update(torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]]), torch.tensor([0, 2]))
     out = m.compute()
     assert out["top1"] == pytest.approx(0.5) and "top5" not in out
-    assert out["val_loss"] == pytest.approx(
+    assert out["loss"] == pytest.approx(
         F.cross_entropy(torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]]), torch.tensor([0, 2])).item(),
         rel=1e-6,
     )

@@ -58,7 +58,7 @@ def test_digits_suite_trains_distils_exports_and_reports_top1(digits_suite):
     summary = json.loads((out / "digits_student_distill" / "summary.json").read_text())
     assert summary["best_metric_name"] == "top1" and summary["task"] == "distillation"
     assert 0.0 <= summary["teacher_metrics"]["top1"] <= 1.0
-    assert {"top1", "top5", "ece", "val_loss"} <= set(summary["final_metrics"])
+    assert {"top1", "top5", "ece", "loss"} <= set(summary["final_metrics"])
     rows = list(csv.DictReader((out / "experiment_comparison.csv").open()))
     assert list(rows[0]) == ["experiment", "status", "role", "model", "params_m", "macs_m", "top1", "top5", "ece",
                              "best_epoch", "train_time_min", "onnx_latency_ms", "onnx_mb", "pct_of_teacher",

@@ -340,10 +340,16 @@ class ExperimentConfig(_Section):
                     f"model.name='{name}' needs task=classification; task=segmentation uses "
                     f"model.name='{SEGMENTATION_MODEL}'"
                 )
-        elif name not in timm_model_names():
-            close = difflib.get_close_matches(name, sorted(timm_model_names()), n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(f"model.name='{name}' is not a timm model{hint}")
+        else:
+            if name not in timm_model_names():
+                close = difflib.get_close_matches(name, sorted(timm_model_names()), n=3)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(f"model.name='{name}' is not a timm model{hint}")
+            if self.distillation.cwd_weight > 0:
+                raise ValueError(
+                    "distillation.cwd_weight > 0 needs spatial logits (task=segmentation); classifiers use "
+                    "the KL+CE loss and distillation.features"
+                )
         return self
 
     @field_validator("name")

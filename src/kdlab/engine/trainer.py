@@ -379,7 +379,7 @@ class Trainer:
                     "epoch %d: new best %s=%.4f -> best_model.pth", epoch + 1, self.best_metric_name, value
                 )
             log.info(
-                "epoch %d/%d: loss %.4f, %s %.4f, %s, %.1f img/s",
+                "epoch %d/%d: loss %.4f, val %s %.4f (%s), %.1f img/s",
                 epoch + 1,
                 tcfg.epochs,
                 row.get("train_loss", float("nan")),

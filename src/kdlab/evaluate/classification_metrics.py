@@ -19,8 +19,9 @@ __all__ = [
     "topk_correct",
 ]
 
-# What `ClassificationMetrics.compute()` reports (top5 only with more than 5 classes); reports use these.
-CLASSIFICATION_METRICS = ("top1", "top5", "ece", "val_loss")
+# What `ClassificationMetrics.compute()` reports (top5 only with more than 5 classes; "loss" is the mean
+# validation cross-entropy, logged as val_loss); reports use these.
+CLASSIFICATION_METRICS = ("top1", "top5", "ece", "loss")
 ECE_BINS = 15
 
 
@@ -80,11 +81,11 @@ class ClassificationMetrics:
 
     def compute(self) -> dict[str, float]:
         if self.count == 0:
-            return {"top1": math.nan, "ece": math.nan, "val_loss": math.nan}
+            return {"top1": math.nan, "ece": math.nan, "loss": math.nan}
         top1 = torch.cat(self.top1)
         out = {"top1": float(top1.double().mean())}
         if self.top5:
             out["top5"] = float(torch.cat(self.top5).double().mean())
         out["ece"] = expected_calibration_error(torch.cat(self.conf), top1)
-        out["val_loss"] = float(self.loss_sum) / self.count
+        out["loss"] = float(self.loss_sum) / self.count
         return out

@@ -73,7 +73,7 @@ CLASSIFICATION_COLUMNS: tuple[str, ...] = (
     "pct_of_teacher",
     "gap_closed",
 )
-CLASSIFICATION_METRIC_COLUMNS: tuple[str, ...] = tuple(m for m in CLASSIFICATION_METRICS if m != "val_loss")
+CLASSIFICATION_METRIC_COLUMNS: tuple[str, ...] = tuple(m for m in CLASSIFICATION_METRICS if m != "loss")
 ROLES: tuple[str, ...] = ("teacher", "student", "distilled")
 # Runs whose numbers count: trained now ("completed") or found finished on disk by an export-only pass
 # ("exists"). A "skipped" run (its teacher failed) was not trained, so numbers on disk may be stale.
