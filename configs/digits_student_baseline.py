@@ -6,5 +6,5 @@ CONFIG = {
     "description": "MobileNetV3-small student on 300 digits, no distillation",
     "model": {"name": "mobilenetv3_small_100"},
     "data": {"classification": {"max_train_samples": 300}},
-    "training": {"epochs": 15, "batch_size": 32, "save_every": 5},
+    "training": {"epochs": 30, "batch_size": 32, "save_every": 10},
 }
