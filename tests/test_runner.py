@@ -187,3 +187,16 @@ def test_shell_wrapper_handles_spaces_and_passes_the_exit_status(quickstart_suit
                           "--overwrite"], env=env, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2
     assert "no such.pth" in bad.stderr
+
+
+def test_a_sweep_varies_the_students_and_runs_their_teacher_once():
+    planned = plan_runs(["digits"], [], {}, ["model.name=resnet10t,test_efficientnet"])
+    assert [p.run_name for p in planned] == [
+        "digits_teacher",
+        "digits_student_baseline__name-resnet10t",
+        "digits_student_baseline__name-test_efficientnet",
+        "digits_student_distill__name-resnet10t",
+        "digits_student_distill__name-test_efficientnet",
+    ]
+    assert planned[0].config.model.name == "resnet18"
+    assert [p.depends_on for p in planned[3:]] == ["digits_teacher", "digits_teacher"]

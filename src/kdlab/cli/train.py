@@ -99,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         metrics = result.get("final_metrics", {})
+        best_name = result.get("best_metric_name", "target_iou")
+        secondary = f", miou={metrics.get('miou')}" if "miou" in metrics else ""
         print(
-            f"{cfg.name}: {result['status']}, best target_iou={result.get('best_metric')} "
-            f"(epoch {result.get('best_epoch')}), miou={metrics.get('miou')}, run dir {result.get('run_dir')}"
+            f"{cfg.name}: {result['status']}, best {best_name}={result.get('best_metric')} "
+            f"(epoch {result.get('best_epoch')}){secondary}, run dir {result.get('run_dir')}"
         )
     return 0
 

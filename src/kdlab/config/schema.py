@@ -1,16 +1,29 @@
 """The experiment configuration schema (pydantic).
 
 Every section forbids unknown keys, so a typo fails before anything runs. Defaults are the seed's
-people-segmentation sizes (640x640 input, ROI 80x60, mask 160x120, H x W).
+people-segmentation sizes (640x640 input, ROI 80x60, mask 160x120, H x W). `task` selects what is trained
+("segmentation": the ROI UNet; "classification": a timm image classifier named by `model.name`).
 """
 
 from __future__ import annotations
 
+import difflib
+from functools import cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PositiveSize = tuple[int, int]
+TaskName = Literal["segmentation", "classification"]
+SEGMENTATION_MODEL = "roi_unet"
+
+
+@cache
+def timm_model_names() -> frozenset[str]:
+    """Every architecture name timm can build (imported lazily: segmentation configs never pay for it)."""
+    import timm
+
+    return frozenset(timm.list_models())
 
 
 class _Section(BaseModel):
@@ -24,9 +37,12 @@ def _check_size(value: tuple[int, int], what: str) -> tuple[int, int]:
 
 
 class ModelConfig(_Section):
-    """Full-image UNet + RoIAlign + hierarchical ROI head."""
+    """Segmentation: full-image UNet + RoIAlign + hierarchical ROI head. Classification: a timm model."""
 
-    name: Literal["roi_unet"] = "roi_unet"
+    name: str = Field(
+        SEGMENTATION_MODEL,
+        description="'roi_unet' (task segmentation) or a timm model name (task classification), e.g. resnet18",
+    )
     encoder: str = Field("timm-efficientnet-b3", description="smp encoder name, e.g. timm-efficientnet-b0")
     encoder_weights: str | None = Field(
         None, description="null (random init) or a local file path to encoder weights; never downloaded"
@@ -41,6 +57,12 @@ class ModelConfig(_Section):
         (0.485, 0.456, 0.406), description="normalisation inside the model; inputs stay in [0,1]"
     )
     input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_classes: int = Field(10, ge=2, description="classification: number of classes (the data must match)")
+    weights: str | None = Field(
+        None,
+        description="classification: null (random init) or a local file of timm weights; never downloaded",
+    )
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="classification: dropout before the classifier")
 
     @field_validator("roi_size", "mask_size")
     @classmethod
@@ -96,8 +118,30 @@ class AugmentConfig(_Section):
         return v
 
 
+class ClassificationDataConfig(_Section):
+    """Image-classification data: the embedded scikit-learn digits, or an ImageFolder tree of your own.
+
+    ImageFolder: `root/<class>/*.png|jpg|...` (split into train/val by val_fraction and split_seed), or
+    `root/train/<class>/...` + `root/val/<class>/...` (used as given). Classes are sorted by name.
+    """
+
+    source: Literal["digits", "image_folder"] = Field(
+        "digits",
+        description="digits = sklearn's 8x8 handwritten digits (1,797 images, 10 classes), upsampled",
+    )
+    root: str | None = Field(None, description="image_folder: the dataset directory")
+    image_size: int = Field(32, ge=8, le=1024, description="images are resized to image_size x image_size")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share per class (stratified)")
+    split_seed: int = Field(0, description="seed of the deterministic stratified train/val split")
+    max_train_samples: int | None = Field(
+        None, gt=0, description="train on a stratified subset of this many samples (e.g. a data-poor student)"
+    )
+    random_shift: int = Field(2, ge=0, description="train augmentation: random translation up to N px")
+    brightness: float = Field(0.1, ge=0.0, lt=1.0, description="train augmentation: random brightness +-")
+
+
 class DataConfig(_Section):
-    """COCO-format person data. Paths may be relative to the working directory."""
+    """COCO-format person data (segmentation) or `classification` data. Paths are relative to the cwd."""
 
     train_annotations: str | None = Field(None, description="COCO instances JSON of the training split")
     train_images: str | None = Field(None, description="directory of the training images")
@@ -118,6 +162,7 @@ class DataConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
     max_train_images: int | None = Field(None, gt=0, description="use only the first N training images")
     max_val_images: int | None = Field(None, gt=0, description="use only the first N validation images")
+    classification: ClassificationDataConfig = ClassificationDataConfig()
 
     @field_validator("input_size")
     @classmethod
@@ -138,6 +183,7 @@ class LossConfig(_Section):
     bg_fg: float = Field(0.5, ge=0.0)
     target: float = Field(0.5, ge=0.0)
     class_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="classification: CE label smoothing")
 
 
 class EMAConfig(_Section):
@@ -275,6 +321,7 @@ class ExperimentConfig(_Section):
         "experiment", min_length=1, description="run directory name (defaults to the config's name)"
     )
     description: str = Field("", description="free text shown in listings and reports")
+    task: TaskName = Field("segmentation", description="what is trained: segmentation or classification")
     output_dir: str = Field("experiments", description="parent of run directories")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -298,6 +345,27 @@ class ExperimentConfig(_Section):
             )
         if d.enabled and d.self_distillation and not self.training.ema.enabled:
             raise ValueError("distillation.self_distillation=true needs training.ema.enabled=true")
+        return self
+
+    @model_validator(mode="after")
+    def _model_fits_the_task(self) -> ExperimentConfig:
+        name = self.model.name
+        if self.task == "segmentation":
+            if name != SEGMENTATION_MODEL:
+                raise ValueError(
+                    f"model.name='{name}' needs task=classification; task=segmentation uses "
+                    f"model.name='{SEGMENTATION_MODEL}'"
+                )
+        else:
+            if name not in timm_model_names():
+                close = difflib.get_close_matches(name, sorted(timm_model_names()), n=3)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(f"model.name='{name}' is not a timm model{hint}")
+            if self.distillation.cwd_weight > 0:
+                raise ValueError(
+                    "distillation.cwd_weight > 0 needs spatial logits (task=segmentation); classifiers use "
+                    "the KL+CE loss and distillation.features"
+                )
         return self
 
     @field_validator("name")

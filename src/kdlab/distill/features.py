@@ -208,9 +208,12 @@ class FeatureDistiller(nn.Module):
         student: nn.Module,
         teacher: nn.Module,
         example_images: torch.Tensor,
-        example_rois: torch.Tensor,
+        example_rois: torch.Tensor | None = None,
     ) -> None:
         """Run both models once (no grad, eval mode, modes restored after) and build the adapters.
+
+        The models are called as `model(images, rois)`, or `model(images)` when `example_rois` is None
+        (classifiers).
 
         Eval mode keeps the dry pass from touching BatchNorm running statistics. Adapters are created on the
         device of the student features. Calling it again is a no-op when the channel counts still match.
@@ -219,8 +222,9 @@ class FeatureDistiller(nn.Module):
         try:
             student.eval()
             teacher.eval()
-            student(example_images, example_rois)
-            teacher(example_images, example_rois)
+            inputs = (example_images,) if example_rois is None else (example_images, example_rois)
+            student(*inputs)
+            teacher(*inputs)
             shapes: list[tuple[torch.Tensor, torch.Tensor]] = [
                 (self._feature(self.student_tap, s, "student"), self._feature(self.teacher_tap, t, "teacher"))
                 for s, t, _ in self.pairs

@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses: logit KL, channel-wise distillation (CWD) and feature MSE.
+"""Knowledge-distillation losses: logit KL, KL+CE for classifiers, channel-wise distillation (CWD), feature MSE.
 
 Conventions shared by every function here:
 - Inputs may be any floating dtype (bf16 under autocast included); everything is computed in float32 and the
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cwd_loss", "feature_mse_loss", "kd_kl_loss", "mix_teacher_probs", "teacher_probs"]
+__all__ = ["cwd_loss", "feature_mse_loss", "kd_ce_loss", "kd_kl_loss", "mix_teacher_probs", "teacher_probs"]
 
 
 def _check_temperature(temperature: float) -> None:
@@ -97,6 +97,36 @@ def kd_kl_loss(student_logits: Tensor, teacher_probs: Tensor, temperature: float
     kl_sum = (torch.xlogy(p_t, p_t) - p_t * log_q).sum()
     n_rows = student_logits.numel() // max(student_logits.shape[1], 1)  # N · P
     return kl_sum * (temperature * temperature / max(n_rows, 1))
+
+
+def kd_ce_loss(
+    student_logits: Tensor,
+    teacher_probs: Tensor,
+    labels: Tensor,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> dict[str, Tensor]:
+    """Classic classifier distillation: `alpha · T² · KL(p_t || softmax(s/T)) + (1 − alpha) · CE(s, y)`.
+
+    Normalisation, for logits `[N, C]` and integer labels `[N]`:
+
+        kd = T² / N · sum_n sum_c p_t[n,c] · (log p_t[n,c] − log softmax(s[n]/T)_c)   (`kd_kl_loss`)
+        ce = 1 / N · sum_n CE(s[n], y[n])   (temperature 1; with label smoothing ε the target is
+             (1 − ε)·onehot(y) + ε/C, as `torch.nn.functional.cross_entropy`)
+        loss = alpha · kd + (1 − alpha) · ce
+
+    i.e. the KL is summed over classes and averaged over the batch, and T² keeps its gradient scale
+    independent of T. `teacher_probs` is `softmax(t / T)` (or a multi-teacher mixture). alpha = 0 is
+    plain CE. Returns {"loss", "distill_kl", "ce"} as 0-dim float32 tensors.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if student_logits.ndim != 2:
+        raise ValueError(f"kd_ce_loss: expected [N, C] logits, got shape {tuple(student_logits.shape)}")
+    kd = kd_kl_loss(student_logits, teacher_probs, temperature)
+    ce = F.cross_entropy(student_logits.float(), labels.long(), label_smoothing=label_smoothing)
+    return {"loss": alpha * kd + (1.0 - alpha) * ce, "distill_kl": kd, "ce": ce}
 
 
 def cwd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -1,7 +1,8 @@
 """Teachers: loaded strictly from their own checkpoint, frozen, always in eval, run under inference_mode.
 
 The student's config names only the checkpoint; the teacher's architecture comes from the config saved
-inside it, so a B3, B5 or any other encoder works without code changes. A mismatch between weights and
+inside it (its `task` picks the builder), so a B3, B5, any other encoder or any timm classifier works
+without code changes. A mismatch between weights and
 that architecture is an error listing the offending keys: a teacher must never silently train the
 student on noise.
 """
@@ -20,7 +21,7 @@ from torch import nn
 from kdlab.config.schema import ExperimentConfig
 from kdlab.engine.checkpoint import load_checkpoint  # a leaf module: file I/O only
 from kdlab.errors import CheckpointError
-from kdlab.models.builders import build_model
+from kdlab.models.builders import build_task_model
 
 MAX_KEYS_SHOWN = 10
 
@@ -71,9 +72,10 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True) -> FrozenTeacher:  # noqa: ARG002 - a teacher never trains
         return super().train(False)
 
-    def forward(self, images: torch.Tensor, rois: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        """The wrapped model's output for `(images, rois)` (segmentation) or `(images,)` (classification)."""
         with torch.inference_mode():
-            return self.model(images, rois)
+            return self.model(*inputs)
 
 
 def model_from_checkpoint(path: str | Path, label: str) -> tuple[nn.Module, ExperimentConfig, dict[str, Any]]:
@@ -86,8 +88,9 @@ def model_from_checkpoint(path: str | Path, label: str) -> tuple[nn.Module, Expe
         config = ExperimentConfig.model_validate(raw_config)
     except ValidationError as exc:
         raise CheckpointError(f"{label} {path} holds an invalid config: {exc.errors()[0]['msg']}") from exc
-    # The weights come from the checkpoint; a local encoder-weights file need not exist any more.
-    model = build_model(config.model.model_copy(update={"encoder_weights": None}))
+    # The weights come from the checkpoint; a local encoder-weights file need not exist any more. The
+    # architecture follows the checkpoint's own task (a segmentation UNet or a timm classifier).
+    model = build_task_model(config, from_checkpoint=True)
     strict_load(model, payload["model_state_dict"], f"{label} {path}")
     return model, config, payload
 

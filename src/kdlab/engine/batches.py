@@ -1,4 +1,7 @@
-"""Moving a collated batch to the device: uint8 images become float in [0,1] there (4x less to copy)."""
+"""Moving a collated batch to the device: uint8 images become float in [0,1] there (4x less to copy).
+
+Segmentation batches carry `rois` and `masks`, classification batches `labels`; whichever are present move.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: 
     images = batch["images"].to(device, non_blocking=non_blocking).float().div_(255.0)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return {
-        **batch,
-        "images": images,
-        "rois": batch["rois"].to(device, non_blocking=non_blocking),
-        "masks": batch["masks"].to(device, non_blocking=non_blocking).long(),
-    }
+    out = {**batch, "images": images}
+    if "rois" in batch:
+        out["rois"] = batch["rois"].to(device, non_blocking=non_blocking)
+    if "masks" in batch:
+        out["masks"] = batch["masks"].to(device, non_blocking=non_blocking).long()
+    if "labels" in batch:
+        out["labels"] = batch["labels"].to(device, non_blocking=non_blocking).long()
+    return out

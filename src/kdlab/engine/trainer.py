@@ -132,8 +132,12 @@ class Trainer:
         teacher_eval_model: nn.Module | None = None,
         teacher_records: list[dict[str, Any]] | None = None,
         ema: ModelEMA | None = None,
+        best_metric: str = BEST_METRIC,
     ) -> None:
         self.cfg = cfg
+        self.best_metric_name = (
+            best_metric  # the validation metric that picks best_model.pth (higher is better)
+        )
         self.tcfg = cfg.training
         self.device = device
         self.model = model.to(device)
@@ -330,8 +334,8 @@ class Trainer:
         self.teacher_metrics = metrics
         self._log_scalars(metrics, 0, prefix="teacher/")
         log.info(
-            "teacher: target_iou %.4f, miou %.4f on %d val images",
-            metrics.get("target_iou", float("nan")), metrics.get("miou", float("nan")), metrics.get("images", 0),
+            "teacher: %s %.4f on %d val images",
+            self.best_metric_name, metrics.get(self.best_metric_name, float("nan")), metrics.get("images", 0),
         )  # fmt: skip
 
     def _log_scalars(self, values: dict[str, float], step: int, prefix: str) -> None:
@@ -584,7 +588,7 @@ class Trainer:
                 vis_dir = self.run_dir / "visualizations" / f"epoch_{epoch + 1:04d}"
                 for name, array in save_visualizations(vis, vis_dir):
                     self.logger.image(f"val/{name.removesuffix('.png')}", array, epoch + 1)
-            value = metrics.get(BEST_METRIC, float("nan"))
+            value = metrics.get(self.best_metric_name, float("nan"))
             if math.isfinite(value) and value > self.state.best_metric:
                 self.state.best_metric = value
                 self.state.best_epoch = epoch + 1
@@ -592,12 +596,21 @@ class Trainer:
                     best = self._base_payload()
                     best["best_metric"] = value
                     save_checkpoint_atomic(best, self.ckpt_dir / "best_model.pth")
-                log.info("epoch %d: new best %s=%.4f -> best_model.pth", epoch + 1, BEST_METRIC, value)
+                log.info(
+                    "epoch %d: new best %s=%.4f -> best_model.pth", epoch + 1, self.best_metric_name, value
+                )
             log.info(
-                "epoch %d/%d: loss %.4f, %s %.4f, miou %.4f, %.1f img/s",
-                epoch + 1, tcfg.epochs, row.get("train_loss", float("nan")), BEST_METRIC, value,
-                metrics.get("miou", float("nan")), row["train_images_per_sec"],
-            )  # fmt: skip
+                "epoch %d/%d: loss %.4f, val %s %.4f (%s), %.1f img/s",
+                epoch + 1,
+                tcfg.epochs,
+                row.get("train_loss", float("nan")),
+                self.best_metric_name,
+                value,
+                ", ".join(
+                    f"{k} {v:.4f}" for k, v in metrics.items() if k != self.best_metric_name and k != "images"
+                ),
+                row["train_images_per_sec"],
+            )
         else:
             log.info("epoch %d/%d: loss %.4f", epoch + 1, tcfg.epochs, row.get("train_loss", float("nan")))
         if self.logger is not None:
@@ -626,7 +639,7 @@ class Trainer:
             "epochs_completed": self.state.epoch,
             "epochs": self.tcfg.epochs,
             "global_step": self.state.global_step,
-            "best_metric_name": BEST_METRIC,
+            "best_metric_name": self.best_metric_name,
             "best_metric": self.state.best_metric if math.isfinite(self.state.best_metric) else None,
             "best_epoch": self.state.best_epoch,
             "final_metrics": {k: _json_number(v) for k, v in self.state.last_metrics.items()},

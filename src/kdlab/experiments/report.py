@@ -3,7 +3,9 @@
 Each run directory is read as the trainer leaves it (summary.json, config.json, logs/metrics.csv and,
 when exported, checkpoints/best_model.onnx.json). Metrics come from the best epoch's validation row;
 roles (teacher / student / distilled) come from the runner or are inferred from the configs, and give
-"% of teacher" and "gap closed" = (distilled - baseline) / (teacher - baseline) on target_iou.
+"% of teacher" and "gap closed" = (distilled - baseline) / (teacher - baseline) on the headline metric:
+target_iou for segmentation runs, top-1 for classification runs (a table of classifiers only has its own
+columns: model, top-1, top-5, ECE instead of the segmentation metrics).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdlab.config.schema import ModelConfig
+from kdlab.evaluate.classification_metrics import CLASSIFICATION_METRICS
 from kdlab.evaluate.metrics import REPORTED_METRICS
-from kdlab.models.builders import build_model
+from kdlab.models.builders import build_classifier, build_model
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,24 @@ COLUMNS: tuple[str, ...] = (
     "gap_closed",
 )
 METRIC_COLUMNS: tuple[str, ...] = REPORTED_METRICS
+CLASSIFICATION_COLUMNS: tuple[str, ...] = (
+    "experiment",
+    "status",
+    "role",
+    "model",
+    "params_m",
+    "macs_m",
+    "top1",
+    "top5",
+    "ece",
+    "best_epoch",
+    "train_time_min",
+    "onnx_latency_ms",
+    "onnx_mb",
+    "pct_of_teacher",
+    "gap_closed",
+)
+CLASSIFICATION_METRIC_COLUMNS: tuple[str, ...] = tuple(m for m in CLASSIFICATION_METRICS if m != "loss")
 ROLES: tuple[str, ...] = ("teacher", "student", "distilled")
 # Runs whose numbers count: trained now ("completed") or found finished on disk by an export-only pass
 # ("exists"). A "skipped" run (its teacher failed) was not trained, so numbers on disk may be stale.
@@ -90,6 +111,20 @@ def compute_macs(model_cfg: ModelConfig, input_size: tuple[int, int], rois_per_i
     _MACS_CACHE[key] = macs
     log.debug("MACs of %s at %dx%d with %d ROI(s): %d", arch.encoder, height, width, rois_per_image, macs)
     return macs
+
+
+def compute_classifier_macs(model_cfg: ModelConfig, image_size: int) -> int:
+    """Multiply-accumulates of one forward pass of a timm classifier on ONE image_size x image_size image
+    (FlopCounterMode on a CPU forward with random weights, MACs = FLOPs / 2); cached like `compute_macs`."""
+    arch = model_cfg.model_copy(update={"weights": None, "encoder_weights": None})
+    key = ("classifier:" + arch.model_dump_json(), (image_size, image_size), 0)
+    if key not in _MACS_CACHE:
+        model = build_classifier(arch).eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(torch.rand(1, 3, image_size, image_size))
+        _MACS_CACHE[key] = int(counter.get_total_flops()) // 2
+    return _MACS_CACHE[key]
 
 
 def _count_flops(model: nn.Module, height: int, width: int, rois_per_image: int, device: torch.device) -> int:
@@ -200,16 +235,19 @@ def _find_key(data: Any, key: str) -> Any:
     return None
 
 
-def _best_epoch_row(rows: list[dict[str, str]], best_epoch: int | None) -> dict[str, str] | None:
-    """The validation row of `best_epoch`, or (without one) the row with the highest val_target_iou."""
-    validated = [r for r in rows if _number(r.get("val_target_iou")) is not None]
+def _best_epoch_row(
+    rows: list[dict[str, str]], best_epoch: int | None, headline: str = "target_iou"
+) -> dict[str, str] | None:
+    """The validation row of `best_epoch`, or (without one) the row with the highest val_<headline>."""
+    key = f"val_{headline}"
+    validated = [r for r in rows if _number(r.get(key)) is not None]
     if best_epoch is not None and best_epoch > 0:
         for row in validated:
             if _number(row.get("epoch")) == best_epoch:
                 return row
     if not validated:
         return None
-    return max(validated, key=lambda r: _number(r["val_target_iou"]) or -math.inf)
+    return max(validated, key=lambda r: _number(r[key]) or -math.inf)
 
 
 def _teacher_checkpoints(config: dict[str, Any] | None) -> list[Path]:
@@ -228,6 +266,13 @@ def _is_inside(path: Path, run_dir: Path | None) -> bool:
 
 def _macs_g(config: dict[str, Any] | None, name: str) -> float | None:
     model = _get(config, "model")
+    if _get(config, "task") == "classification":
+        size = _get(config, "data", "classification", "image_size")
+        try:
+            return compute_classifier_macs(ModelConfig.model_validate(model), int(size)) / 1e9
+        except Exception as exc:  # a report must not die on one odd config
+            log.warning("report: cannot count MACs of %s (%s)", name, exc)
+            return None
     input_size = _get(config, "data", "input_size")
     if not isinstance(model, dict) or not isinstance(input_size, list | tuple) or len(input_size) != 2:
         return None
@@ -239,30 +284,39 @@ def _macs_g(config: dict[str, Any] | None, name: str) -> float | None:
     return macs / 1e9
 
 
-def _base_row(record: RunRecord, files: _RunFiles) -> dict[str, Any]:
+def _base_row(record: RunRecord, files: _RunFiles, layout: ReportLayout | None = None) -> dict[str, Any]:
+    layout = layout or SEGMENTATION_LAYOUT
+    metric_columns = layout.metric_columns
     summary, config = files.summary, files.config
     best_epoch_value = _number(_get(summary, "best_epoch"))
     best_epoch = int(best_epoch_value) if best_epoch_value else None
-    best_row = _best_epoch_row(files.metrics_rows, best_epoch)
+    best_row = _best_epoch_row(files.metrics_rows, best_epoch, layout.headline)
     if best_row is not None:
-        metrics = {k: _number(best_row.get(f"val_{k}")) for k in METRIC_COLUMNS}
+        metrics = {k: _number(best_row.get(f"val_{k}")) for k in metric_columns}
         best_epoch = int(_number(best_row.get("epoch")) or 0) or best_epoch
     else:
         final = _get(summary, "final_metrics")
-        metrics = {k: _number(_get(final, k)) for k in METRIC_COLUMNS}
+        metrics = {k: _number(_get(final, k)) for k in metric_columns}
     total_params = _number(_get(summary, "params", "total"))
     train_seconds = _number(_get(summary, "timings", "train_seconds"))
     onnx_mb = _number(_find_key(files.onnx_meta, "onnx_mb"))
     if onnx_mb is None and files.onnx_path is not None:
         onnx_mb = files.onnx_path.stat().st_size / 1e6
-    encoder = _get(config, "model", "encoder") or _get(summary, "encoder")
+    macs_g = _macs_g(config, record.name)
+    if layout.arch_column == "model":
+        arch = _get(config, "model", "name") or _get(summary, "model_name")
+    else:
+        arch = _get(config, "model", "encoder") or _get(summary, "encoder")
     return {
         "experiment": record.name,
         "status": record.status,
         "role": record.role,
-        "encoder": encoder if isinstance(encoder, str) else None,
+        layout.arch_column: arch if isinstance(arch, str) else None,
         "params_m": total_params / 1e6 if total_params is not None else None,
-        "macs_g": _macs_g(config, record.name),
+        "macs_g": macs_g,
+        **(
+            {"macs_m": macs_g * 1000 if macs_g is not None else None} if layout.arch_column == "model" else {}
+        ),
         **metrics,
         "best_epoch": best_epoch,
         "train_time_min": train_seconds / 60 if train_seconds is not None else None,
@@ -273,8 +327,40 @@ def _base_row(record: RunRecord, files: _RunFiles) -> dict[str, Any]:
     }
 
 
-def _has_result(row: dict[str, Any]) -> bool:
-    return row["status"] in RESULT_STATUSES and row["target_iou"] is not None
+@dataclass(frozen=True)
+class ReportLayout:
+    """Which columns a table has, the headline metric of % of teacher / gap closed, and the column that
+    says which architecture a run is (baselines are matched to distilled runs on it)."""
+
+    columns: tuple[str, ...]
+    metric_columns: tuple[str, ...]
+    headline: str
+    arch_column: str
+    headline_label: str
+
+
+SEGMENTATION_LAYOUT = ReportLayout(COLUMNS, METRIC_COLUMNS, "target_iou", "encoder", "target IoU")
+CLASSIFICATION_LAYOUT = ReportLayout(
+    CLASSIFICATION_COLUMNS, CLASSIFICATION_METRIC_COLUMNS, "top1", "model", "top-1"
+)
+
+
+def layout_for_configs(configs: list[dict[str, Any] | None]) -> ReportLayout:
+    """The classification layout when every run with a known config is a classifier, else segmentation."""
+    tasks = {_get(c, "task") or "segmentation" for c in configs if isinstance(c, dict)}
+    return CLASSIFICATION_LAYOUT if tasks == {"classification"} else SEGMENTATION_LAYOUT
+
+
+def layout_for_rows(rows: list[dict[str, Any]]) -> ReportLayout:
+    return (
+        CLASSIFICATION_LAYOUT
+        if rows and "top1" in rows[0] and "target_iou" not in rows[0]
+        else SEGMENTATION_LAYOUT
+    )
+
+
+def _has_result(row: dict[str, Any], headline: str = "target_iou") -> bool:
+    return row["status"] in RESULT_STATUSES and row.get(headline) is not None
 
 
 def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
@@ -288,7 +374,9 @@ def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
     Only completed (or skipped, i.e. earlier) runs serve as teacher or baseline; failed runs keep a row.
     """
     files = [_read_run(r.run_dir) for r in records]
-    rows = [_base_row(r, f) for r, f in zip(records, files, strict=True)]
+    layout = layout_for_configs([f.config for f in files])
+    head, arch = layout.headline, layout.arch_column
+    rows = [_base_row(r, f, layout) for r, f in zip(records, files, strict=True)]
     teacher_of: dict[int, list[int]] = {}  # distilled row index -> indices of its teacher rows
     for i, f in enumerate(files):
         ckpts = _teacher_checkpoints(f.config)
@@ -305,7 +393,7 @@ def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
         else:
             row["role"] = "student"
 
-    usable_teachers = [j for j, r in enumerate(rows) if r["role"] == "teacher" and _has_result(r)]
+    usable_teachers = [j for j, r in enumerate(rows) if r["role"] == "teacher" and _has_result(r, head)]
     for i, row in enumerate(rows):
         own = [j for j in teacher_of[i] if j in usable_teachers]
         if row["role"] == "teacher" and i in usable_teachers:
@@ -316,21 +404,21 @@ def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
             ref = usable_teachers[0]
         else:
             continue
-        teacher_iou = rows[ref]["target_iou"]
-        if row["target_iou"] is not None and teacher_iou:
-            row["pct_of_teacher"] = 100.0 * row["target_iou"] / teacher_iou
-        if row["role"] != "distilled" or row["target_iou"] is None:
+        teacher_iou = rows[ref][head]
+        if row[head] is not None and teacher_iou:
+            row["pct_of_teacher"] = 100.0 * row[head] / teacher_iou
+        if row["role"] != "distilled" or row[head] is None:
             continue
         baselines = [
-            r for r in rows if r["role"] == "student" and _has_result(r) and r["encoder"] == row["encoder"]
+            r for r in rows if r["role"] == "student" and _has_result(r, head) and r[arch] == row[arch]
         ]
         if not baselines:
             continue
-        baseline_iou = baselines[0]["target_iou"]
+        baseline_iou = baselines[0][head]
         # Only defined when the teacher beats the baseline: otherwise there is no gap to close, and the
         # ratio of two negative differences would read as success.
         if teacher_iou - baseline_iou > 1e-12:
-            row["gap_closed"] = (row["target_iou"] - baseline_iou) / (teacher_iou - baseline_iou)
+            row["gap_closed"] = (row[head] - baseline_iou) / (teacher_iou - baseline_iou)
     return rows
 
 
@@ -368,12 +456,13 @@ def _csv_value(value: Any) -> Any:
 
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:
-    """The table as CSV text, columns in COLUMNS order, missing values empty."""
+    """The table as CSV text, columns in the layout's order (COLUMNS for segmentation), missing values empty."""
+    columns = layout_for_rows(rows).columns
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
     return buffer.getvalue()
 
 
@@ -397,6 +486,11 @@ _MD_FORMAT: dict[str, tuple[str, str | None]] = {
     "onnx_mb": ("ONNX MB", "{:.1f}"),
     "pct_of_teacher": ("% of teacher", "{:.1f}"),
     "gap_closed": ("gap closed", "{:.2f}"),
+    "model": ("model", None),
+    "macs_m": ("MMACs", "{:.1f}"),
+    "top1": ("top-1", "{:.4f}"),
+    "top5": ("top-5", "{:.4f}"),
+    "ece": ("ECE", "{:.4f}"),
 }
 
 
@@ -411,10 +505,12 @@ def _md_cell(column: str, value: Any) -> str:
 
 def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
     """The table as GitHub Markdown with padded columns (readable as plain text too)."""
-    headers = [_MD_FORMAT[c][0] for c in COLUMNS]
-    cells = [[_md_cell(c, row.get(c)) for c in COLUMNS] for row in rows]
+    layout = layout_for_rows(rows)
+    columns = layout.columns
+    headers = [_MD_FORMAT[c][0] for c in columns]
+    cells = [[_md_cell(c, row.get(c)) for c in columns] for row in rows]
     widths = [max([len(h)] + [len(r[k]) for r in cells]) for k, h in enumerate(headers)]
-    numeric = [_MD_FORMAT[c][1] is not None for c in COLUMNS]
+    numeric = [_MD_FORMAT[c][1] is not None for c in columns]
 
     def line(values: list[str]) -> str:
         padded = [
@@ -430,6 +526,17 @@ def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
         + " |"
     )
     completed = sum(1 for r in rows if r.get("status") in RESULT_STATUSES)
+    if layout is CLASSIFICATION_LAYOUT:
+        intro = [
+            "# Experiment comparison",
+            "",
+            f"{len(rows)} experiments ({completed} completed). Classifiers; metrics on the validation set at each "
+            "run's best epoch (top-1/top-5 accuracy, ECE = expected calibration error over 15 confidence bins). "
+            "MMACs: one image at the configured size. % of teacher and gap closed = (distilled − baseline) / "
+            f"(teacher − baseline) use top-1. {MISSING} = not available.",
+            "",
+        ]
+        return "\n".join([*intro, line(headers), rule, *(line(r) for r in cells)]) + "\n"
     intro = [
         "# Experiment comparison",
         "",
@@ -453,8 +560,9 @@ def _style(role: str | None) -> tuple[str, str]:
     return _ROLE_STYLE.get(role or "", ("D", "tab:gray"))
 
 
-def _comparison_figure(rows: list[dict[str, Any]]) -> Figure:
-    plotted = [r for r in rows if _has_result(r)]
+def _comparison_figure(rows: list[dict[str, Any]], layout: ReportLayout = SEGMENTATION_LAYOUT) -> Figure:
+    head, label = layout.headline, layout.headline_label
+    plotted = [r for r in rows if _has_result(r, head)]
     fig = _new_figure(12, 5)
     axes = fig.subplots(1, 2)
     panels = (("onnx_latency_ms", "ONNX latency (ms / image, median)"), ("params_m", "parameters (M)"))
@@ -466,17 +574,17 @@ def _comparison_figure(rows: list[dict[str, Any]]) -> Figure:
             marker, colour = _style(row.get("role"))
             role = row.get("role") or "other"
             ax.scatter(
-                row[x_key], row["target_iou"], marker=marker, color=colour, s=80, zorder=3,
+                row[x_key], row[head], marker=marker, color=colour, s=80, zorder=3,
                 label=role if role not in seen_roles else None, edgecolors="black", linewidths=0.5,
             )  # fmt: skip
             seen_roles.add(role)
             ax.annotate(
-                row["experiment"], (row[x_key], row["target_iou"]), textcoords="offset points",
+                row["experiment"], (row[x_key], row[head]), textcoords="offset points",
                 xytext=(6, 6), fontsize=8,
             )  # fmt: skip
         ax.set_xlabel(x_label)
-        ax.set_ylabel("target IoU (val, best epoch)")
-        ax.set_title(f"target IoU vs {x_label.split(' (')[0]}")
+        ax.set_ylabel(f"{label} (val, best epoch)")
+        ax.set_title(f"{label} vs {x_label.split(' (')[0]}")
         ax.grid(True, alpha=0.3)
         if shown:
             ax.legend(loc="lower right", fontsize=8)
@@ -493,7 +601,9 @@ def _comparison_figure(rows: list[dict[str, Any]]) -> Figure:
     return fig
 
 
-def _curves_figure(curves_from: list[RunRecord], roles: dict[str, str | None]) -> Figure:
+def _curves_figure(
+    curves_from: list[RunRecord], roles: dict[str, str | None], layout: ReportLayout = SEGMENTATION_LAYOUT
+) -> Figure:
     fig = _new_figure(12, 4.5)
     ax_val, ax_loss = fig.subplots(1, 2)
     drawn = 0
@@ -501,7 +611,7 @@ def _curves_figure(curves_from: list[RunRecord], roles: dict[str, str | None]) -
         if record.run_dir is None:
             continue
         rows = read_metrics_csv(record.run_dir / "logs" / "metrics.csv")
-        val = [(_number(r.get("epoch")), _number(r.get("val_target_iou"))) for r in rows]
+        val = [(_number(r.get("epoch")), _number(r.get(f"val_{layout.headline}"))) for r in rows]
         loss = [(_number(r.get("epoch")), _number(r.get("train_loss"))) for r in rows]
         val = [(e, v) for e, v in val if e is not None and v is not None]
         loss = [(e, v) for e, v in loss if e is not None and v is not None]
@@ -512,7 +622,7 @@ def _curves_figure(curves_from: list[RunRecord], roles: dict[str, str | None]) -
         for ax, points in ((ax_val, val), (ax_loss, loss)):
             if points:
                 ax.plot(*zip(*points, strict=True), marker=marker, markersize=4, label=record.name)
-    for ax, title in ((ax_val, "validation target IoU"), (ax_loss, "train loss")):
+    for ax, title in ((ax_val, f"validation {layout.headline_label}"), (ax_loss, "train loss")):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
@@ -521,7 +631,7 @@ def _curves_figure(curves_from: list[RunRecord], roles: dict[str, str | None]) -
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no logs/metrics.csv values", transform=ax.transAxes, ha="center", va="center")
-    ax_val.set_ylabel("target IoU")
+    ax_val.set_ylabel(layout.headline_label)
     ax_loss.set_ylabel("loss")
     fig.suptitle(f"Training curves ({drawn} runs)")
     fig.tight_layout()
@@ -543,8 +653,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
     }
     _write_text_atomic(paths["csv"], rows_to_csv(rows))
     _write_text_atomic(paths["markdown"], rows_to_markdown(rows))
-    _save_figure_atomic(_comparison_figure(rows), paths["comparison_png"])
+    layout = layout_for_rows(rows)
+    _save_figure_atomic(_comparison_figure(rows, layout), paths["comparison_png"])
     roles = {r["experiment"]: r.get("role") for r in rows}
-    _save_figure_atomic(_curves_figure(curves_from, roles), paths["curves_png"])
+    _save_figure_atomic(_curves_figure(curves_from, roles, layout), paths["curves_png"])
     log.info("report: wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths

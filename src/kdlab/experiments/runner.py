@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 SUITES: dict[str, list[str]] = {
     "quickstart": ["quickstart_teacher", "quickstart_baseline", "quickstart_distill"],
     "people": ["people_b3_teacher", "people_b0_baseline", "people_b0_from_b3"],
+    "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
 }
 TRAIN_SCRIPT = Path(__file__).resolve().parents[3] / "train_advanced.py"
 ERROR_TAIL_LINES = 30
@@ -96,21 +97,37 @@ def _sweep_suffix(combo: list[tuple[str, str]]) -> str:
 def plan_runs(
     config_names: list[str], set_items: list[str], flags: dict[str, Any], sweeps: list[str]
 ) -> list[PlannedRun]:
-    """Resolve every config (failing early on bad input) and order teachers before their students."""
+    """Resolve every config (failing early on bad input) and order teachers before their students.
+
+    Sweeps vary the students: a config that another listed config names as its
+    `distillation.teacher_experiment` runs once, unswept, so `--configs digits --sweep model.name=a,b`
+    compares several students against one teacher in one table.
+    """
     planned: list[PlannedRun] = []
-    for name in expand_configs(config_names):
-        for combo in parse_sweeps(sweeps):
-            base = resolve_config(name, set_items, flags)
+    names = expand_configs(config_names)
+    bases = {name: resolve_config(name, set_items, flags) for name in names}
+    teachers = {
+        b.distillation.teacher_experiment for b in bases.values() if b.distillation.teacher_experiment
+    }
+    combos_all = parse_sweeps(sweeps)
+    for name in names:
+        base = bases[name]
+        combos = [[]] if sweeps and base.name in teachers else combos_all
+        if sweeps and base.name in teachers:
+            log.info("%s is the teacher of a listed config: it runs once, not swept", base.name)
+        for combo in combos:
             run_name = base.name + _sweep_suffix(combo)
             items = list(set_items) + [f"{k}={v}" for k, v in combo] + ([f"name={run_name}"] if combo else [])
             cfg = resolve_config(name, items, flags)
             planned.append(PlannedRun(name, run_name, items, cfg, cfg.distillation.teacher_experiment))
-    names = {p.run_name for p in planned}
+    run_names = {p.run_name for p in planned}
     ordered: list[PlannedRun] = []
     pending = list(planned)
     while pending:
         ready = [
-            p for p in pending if p.depends_on not in names or p.depends_on in {o.run_name for o in ordered}
+            p
+            for p in pending
+            if p.depends_on not in run_names or p.depends_on in {o.run_name for o in ordered}
         ]
         if not ready:
             cycle = ", ".join(p.run_name for p in pending)

@@ -1,7 +1,8 @@
 """One experiment end to end: validate inputs, prepare the run directory, train or evaluate.
 
 Everything that can fail on bad input (config, data files, model, checkpoint) is checked before the run
-directory is created or touched, so a typo never costs files already on disk.
+directory is created or touched, so a typo never costs files already on disk. What differs between
+tasks (data, model, loss, evaluator) comes from the config's `TaskSpec` (`kdlab.experiments.task_specs`).
 """
 
 from __future__ import annotations
@@ -18,19 +19,16 @@ import torch
 from kdlab.atomic_io import write_json_atomic
 from kdlab.config.loader import validate_config
 from kdlab.config.schema import ExperimentConfig
-from kdlab.data.loaders import build_datasets, build_loader, check_given_data_paths
 from kdlab.distill.ema import ModelEMA
 from kdlab.distill.kd_task import KDTask
 from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher, load_teacher
 from kdlab.engine import distributed
 from kdlab.engine.checkpoint import load_checkpoint
 from kdlab.engine.compile import compile_forward
-from kdlab.engine.tasks import SegmentationTask
 from kdlab.engine.trainer import Trainer, resolve_amp_dtype, resolve_device
 from kdlab.errors import CheckpointError, KdlabInputError
 from kdlab.evaluate.evaluator import SegmentationEvaluator
-from kdlab.models.builders import build_model
-from kdlab.models.roi_unet import count_parameters
+from kdlab.experiments.task_specs import build_model_for, check_teacher_task, task_spec
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +113,8 @@ def execute(request: RunRequest) -> dict[str, Any]:
         auto_fresh = resume_path is None
         if resume_path is not None:
             resume_payload = load_checkpoint(resume_path)
-    check_given_data_paths(cfg.data)
+    spec = task_spec(cfg)
+    spec.check_inputs(cfg)
     if not request.test_only:
         check_output_dir_writable(cfg.output_dir)
     if not request.test_only and resume_path is None and not auto_fresh:
@@ -135,24 +134,17 @@ def execute(request: RunRequest) -> dict[str, Any]:
         check_teacher_unchanged(resume_payload, teachers, resume_path, request.allow_teacher_change)
     if not ctx.is_main:
         distributed.barrier()  # rank 0 generates any synthetic data first
-    train_set, val_set = build_datasets(cfg)
+    train_set, val_set = spec.build_datasets(cfg)
     if ctx.enabled and ctx.is_main:
         distributed.barrier()
-    model = build_model(cfg.model)
+    model = build_model_for(cfg)
     amp_dtype = resolve_amp_dtype(cfg.training.amp, device)
     shard = {"rank": ctx.rank, "world_size": ctx.world_size}
-    val_loader = build_loader(
+    val_loader = spec.build_loader(
         val_set, cfg.training.batch_size, shuffle=False, seed=cfg.training.seed,
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", **shard,
     )  # fmt: skip
-    evaluator = SegmentationEvaluator(
-        val_loader,
-        device,
-        amp_dtype,
-        cfg.training.channels_last,
-        cfg.training.num_vis_images if ctx.is_main else 0,
-        request.show_progress and ctx.is_main,
-    )
+    evaluator = spec.build_evaluator(cfg, val_loader, device, amp_dtype, request.show_progress, ctx.is_main)
 
     if request.test_only:
         return _test_only(request, cfg, model, evaluator, device, resume_path, resume_payload)
@@ -166,30 +158,30 @@ def execute(request: RunRequest) -> dict[str, Any]:
         log.info("run directory: %s", run_dir.resolve())
     distributed.barrier()
 
-    train_loader = build_loader(
+    train_loader = spec.build_loader(
         train_set, cfg.training.batch_size, shuffle=True, seed=cfg.training.seed,
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", **shard,
     )  # fmt: skip
     extra = {
         "config_name": cfg.name,
-        "encoder": cfg.model.encoder,
         "train_images": len(train_set),
         "val_images": len(val_set),
-        "input_size": list(cfg.data.input_size),
+        **spec.summary_extra(cfg),
     }
     task, teacher_eval_model, teacher_records, ema = (
-        build_kd_task(cfg, model, teachers, device) if cfg.distillation.enabled else
-        (SegmentationTask(cfg.training.loss), None, [], None)
+        spec.build_kd_task(cfg, model, teachers, device) if cfg.distillation.enabled else
+        (spec.plain_task(cfg), None, [], None)
     )  # fmt: skip
     trainer = Trainer(cfg, model, task, train_loader, evaluator, run_dir, device,
                       show_progress=request.show_progress, extra_summary=extra,
-                      teacher_eval_model=teacher_eval_model, teacher_records=teacher_records, ema=ema)  # fmt: skip
+                      teacher_eval_model=teacher_eval_model, teacher_records=teacher_records, ema=ema,
+                      best_metric=spec.best_metric)  # fmt: skip
     if resume_path is not None:
         trainer.resume_from(resume_path, resume_payload)
     log.info(
-        "training %s: %s encoder, %.2fM params (UNet %.2fM), %d epochs, device %s, amp %s",
-        cfg.name, cfg.model.encoder, count_parameters(model) / 1e6, count_parameters(model.unet) / 1e6,
-        cfg.training.epochs, device, trainer.amp_dtype or "off",
+        "training %s (%s): %s, %d epochs, device %s, amp %s",
+        cfg.name, cfg.task, spec.describe_model(cfg, model), cfg.training.epochs, device,
+        trainer.amp_dtype or "off",
     )  # fmt: skip
     summary = trainer.fit()
     summary["run_dir"] = str(run_dir)
@@ -206,7 +198,7 @@ def _test_only(
     request: RunRequest,
     cfg: ExperimentConfig,
     model: torch.nn.Module,
-    evaluator: SegmentationEvaluator,
+    evaluator: SegmentationEvaluator | Any,
     device: torch.device,
     resume_path: Path | None,
     payload: dict[str, Any] | None,
@@ -245,7 +237,8 @@ def check_resumable(payload: dict[str, Any], path: Path | None, model: torch.nn.
 
 
 def load_teachers(cfg: ExperimentConfig) -> list[LoadedTeacher]:
-    """Load every configured teacher strictly; their mask size must equal the student's (KD is per pixel)."""
+    """Load every configured teacher strictly; each must fit the student's task (same task; for
+    segmentation the same mask size, KD being per pixel; for classification the same class count)."""
     d = cfg.distillation
     specs = [(spec.checkpoint, spec.weight) for spec in d.teacher_specs()]
     if d.teacher_experiment and not d.teacher_checkpoint:
@@ -254,12 +247,7 @@ def load_teachers(cfg: ExperimentConfig) -> list[LoadedTeacher]:
         load_teacher(path, weight, d.teacher_input_mean, d.teacher_input_std) for path, weight in specs
     ]
     for t in teachers:
-        mask_size = list(t.config.get("model", {}).get("mask_size", []))
-        if mask_size != list(cfg.model.mask_size):
-            raise CheckpointError(
-                f"teacher {t.path} predicts {mask_size} masks but the student's model.mask_size is "
-                f"{list(cfg.model.mask_size)}; set model.mask_size to the teacher's"
-            )
+        check_teacher_task(cfg, t)
     return teachers
 
 

@@ -284,7 +284,7 @@ def torch_latency_ms(model: RoiUNet, images: torch.Tensor, rois: torch.Tensor, r
         model.train(was_training)
 
 
-def load_student(checkpoint: Path) -> tuple[RoiUNet, ExperimentConfig, dict[str, Any]]:
+def load_student(checkpoint: Path) -> tuple[nn.Module, ExperimentConfig, dict[str, Any]]:
     """The student described by the config saved in `checkpoint`, weights loaded strictly, on CPU, in eval."""
     model, cfg, payload = model_from_checkpoint(checkpoint, "checkpoint")
     model.eval()
@@ -355,6 +355,8 @@ def export_run_to_onnx(
 ) -> dict[str, Any]:
     """Export <run_dir>/checkpoints/best_model.pth -> best_model.onnx + best_model.onnx.json; returns the metadata.
 
+    Classifier runs (config task=classification) go through `kdlab.export.onnx_classifier` (same files).
+
     Parity is measured on the first `parity_images` validation images of the run's own data; when it fails,
     the metadata (with parity.ok = false) is still written, then ExportParityError is raised.
     """
@@ -366,6 +368,12 @@ def export_run_to_onnx(
         raise CheckpointError(f"run directory {run_dir} has no checkpoints/best_model.pth (train it first)")
     model, cfg, payload = load_student(checkpoint)
     opset = cfg.export.opset if opset is None else opset
+    if cfg.task == "classification":
+        from kdlab.export.onnx_classifier import export_classifier_run
+
+        return export_classifier_run(
+            run_dir, checkpoint, model, cfg, payload, opset, max(parity_images, 8), latency_runs, tolerance
+        )
     input_size = (int(cfg.data.input_size[0]), int(cfg.data.input_size[1]))
     # Load the parity data before writing anything: a missing dataset fails without touching the run.
     batches = validation_batches(cfg, max(1, parity_images))

@@ -1,13 +1,15 @@
-"""Build models by config, with readable errors for unknown encoders."""
+"""Build models by config (one builder per task), with readable errors for unknown encoders."""
 
 from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Callable
 
 import segmentation_models_pytorch as smp
+from torch import nn
 
-from kdlab.config.schema import ModelConfig
+from kdlab.config.schema import ExperimentConfig, ModelConfig
 from kdlab.errors import ConfigError
 from kdlab.models.roi_unet import RoiUNet
 
@@ -27,3 +29,25 @@ def build_model(cfg: ModelConfig) -> RoiUNet:
         # smp marks `timm-` encoders deprecated in favour of `tu-`; the project's seed names are `timm-` ones.
         warnings.filterwarnings("ignore", message=".*timm-. encoders are deprecated.*")
         return RoiUNet(cfg)
+
+
+def build_classifier(cfg: ModelConfig) -> nn.Module:
+    """A timm classifier by `cfg.name` (random init unless `cfg.weights` is a local file)."""
+    from kdlab.models.classifier import TimmClassifier
+
+    return TimmClassifier(cfg)
+
+
+# The model of each task, built from the whole experiment config (one entry per `ExperimentConfig.task`).
+MODEL_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "segmentation": build_model,
+    "classification": build_classifier,
+}
+
+
+def build_task_model(cfg: ExperimentConfig, from_checkpoint: bool = False) -> nn.Module:
+    """The model `cfg.task` trains; `from_checkpoint` skips local weight files (the checkpoint has them)."""
+    model_cfg = cfg.model
+    if from_checkpoint:
+        model_cfg = model_cfg.model_copy(update={"encoder_weights": None, "weights": None})
+    return MODEL_BUILDERS[cfg.task](model_cfg)

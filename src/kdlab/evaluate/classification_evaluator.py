@@ -1,0 +1,65 @@
+"""Validation pass for classifiers: top-1/top-5/ECE/val loss over a loader (same call contract as
+`SegmentationEvaluator`: `evaluator(model, desc=...) -> (metrics, vis)`; vis is None, classifiers draw no pictures)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kdlab.data.loaders import raise_if_data_error
+from kdlab.engine import distributed
+from kdlab.engine.batches import batch_to_device
+from kdlab.evaluate.classification_metrics import ClassificationMetrics
+
+
+class ClassificationEvaluator:
+    """Runs the model in eval mode under `torch.inference_mode()`; metrics from `classification_metrics`."""
+
+    def __init__(
+        self,
+        loader: Any,
+        device: torch.device,
+        num_classes: int,
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        show_progress: bool = True,
+    ) -> None:
+        self.loader = loader
+        self.device = device
+        self.num_classes = num_classes
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
+        self.show_progress = show_progress
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def __call__(self, model: nn.Module, desc: str = "val") -> tuple[dict[str, float], None]:
+        was_training = model.training
+        model.eval()
+        metrics = ClassificationMetrics(self.num_classes)
+        images_seen = 0
+        bar = tqdm(self.loader, desc=desc, leave=False, disable=not self.show_progress, unit="batch")
+        with torch.inference_mode():
+            for raw in bar:
+                raise_if_data_error(raw)
+                if raw is None:
+                    continue
+                batch = batch_to_device(raw, self.device, self.channels_last)
+                with self._autocast():
+                    logits = model(batch["images"])
+                metrics.update(logits.float(), batch["labels"])
+                images_seen += raw["images"].shape[0]
+        images_seen = int(distributed.all_reduce_sum_(torch.tensor([float(images_seen)]))[0])
+        if was_training:
+            model.train()
+        metrics.merge_across_ranks()
+        result = metrics.compute()
+        result["images"] = images_seen
+        return result, None

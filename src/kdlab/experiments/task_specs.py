@@ -1,0 +1,233 @@
+"""What differs between tasks (segmentation, classification, ...): one `TaskSpec` per `ExperimentConfig.task`.
+
+`single_run.execute` does the same steps for every task (validate inputs, prepare the run directory,
+train with the shared `Trainer`, export); the spec supplies the task's data, model, loss task, evaluator,
+teacher checks and the metric that picks best_model.pth. A new task adds one entry to `TASK_SPECS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kdlab.config.schema import ExperimentConfig
+from kdlab.distill.ema import ModelEMA
+from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher
+from kdlab.errors import CheckpointError
+from kdlab.models.builders import build_task_model
+
+KDParts = tuple[Any, torch.nn.Module | None, list[dict[str, Any]], ModelEMA | None]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    best_metric: str
+    check_inputs: Callable[[ExperimentConfig], None]  # cheap checks of user paths (no parsing)
+    build_datasets: Callable[[ExperimentConfig], tuple[Any, Any]]
+    build_loader: Callable[..., Any]  # (dataset, batch_size, shuffle, seed, num_workers, pin_memory)
+    build_evaluator: Callable[[ExperimentConfig, Any, torch.device, torch.dtype | None, bool], Any]
+    plain_task: Callable[[ExperimentConfig], Any]
+    build_kd_task: Callable[[ExperimentConfig, torch.nn.Module, list[LoadedTeacher], torch.device], KDParts]
+    check_teacher: Callable[[ExperimentConfig, LoadedTeacher], None]
+    summary_extra: Callable[[ExperimentConfig], dict[str, Any]]
+    describe_model: Callable[[ExperimentConfig, torch.nn.Module], str]
+
+
+def build_model_for(cfg: ExperimentConfig) -> torch.nn.Module:
+    return build_task_model(cfg)
+
+
+# ------------------------------------------------------------------------------------ segmentation
+def _seg_check_inputs(cfg: ExperimentConfig) -> None:
+    from kdlab.data.loaders import check_given_data_paths
+
+    check_given_data_paths(cfg.data)
+
+
+def _seg_datasets(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    from kdlab.data.loaders import build_datasets
+
+    return build_datasets(cfg)
+
+
+def _seg_loader(*args: Any, **kwargs: Any) -> Any:
+    from kdlab.data.loaders import build_loader
+
+    return build_loader(*args, **kwargs)
+
+
+def _seg_evaluator(
+    cfg: ExperimentConfig,
+    val_loader: Any,
+    device: torch.device,
+    amp: torch.dtype | None,
+    progress: bool,
+    main_rank: bool = True,
+) -> Any:
+    """Under DDP only rank 0 shows a progress bar and collects pictures."""
+    from kdlab.evaluate.evaluator import SegmentationEvaluator
+
+    vis = cfg.training.num_vis_images if main_rank else 0
+    return SegmentationEvaluator(
+        val_loader, device, amp, cfg.training.channels_last, vis, progress and main_rank
+    )
+
+
+def _seg_plain_task(cfg: ExperimentConfig) -> Any:
+    from kdlab.engine.tasks import SegmentationTask
+
+    return SegmentationTask(cfg.training.loss)
+
+
+def _seg_kd_task(
+    cfg: ExperimentConfig, model: torch.nn.Module, teachers: list[LoadedTeacher], device: torch.device
+) -> KDParts:
+    from kdlab.experiments.single_run import build_kd_task
+
+    return build_kd_task(cfg, model, teachers, device)
+
+
+def _seg_check_teacher(cfg: ExperimentConfig, t: LoadedTeacher) -> None:
+    mask_size = list(t.config.get("model", {}).get("mask_size", []))
+    if mask_size != list(cfg.model.mask_size):
+        raise CheckpointError(
+            f"teacher {t.path} predicts {mask_size} masks but the student's model.mask_size is "
+            f"{list(cfg.model.mask_size)}; set model.mask_size to the teacher's"
+        )
+
+
+def _seg_summary(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"encoder": cfg.model.encoder, "input_size": list(cfg.data.input_size)}
+
+
+def _seg_describe(cfg: ExperimentConfig, model: torch.nn.Module) -> str:
+    from kdlab.models.roi_unet import count_parameters
+
+    return (
+        f"{cfg.model.encoder} encoder, {count_parameters(model) / 1e6:.2f}M params "
+        f"(UNet {count_parameters(model.unet) / 1e6:.2f}M)"
+    )
+
+
+# ---------------------------------------------------------------------------------- classification
+def _cls_check_inputs(cfg: ExperimentConfig) -> None:
+    from kdlab.errors import ConfigError, DataError
+
+    data = cfg.data.classification
+    if data.source == "image_folder":
+        if not data.root:
+            raise ConfigError("data.classification.source=image_folder needs data.classification.root")
+        from pathlib import Path
+
+        if not Path(data.root).is_dir():
+            raise DataError(f"data.classification.root directory {data.root} does not exist")
+
+
+def _cls_datasets(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    from kdlab.data.classification import build_classification_datasets
+
+    return build_classification_datasets(cfg)
+
+
+def _cls_loader(*args: Any, **kwargs: Any) -> Any:
+    from kdlab.data.classification import build_classification_loader
+
+    return build_classification_loader(*args, **kwargs)
+
+
+def _cls_evaluator(
+    cfg: ExperimentConfig,
+    val_loader: Any,
+    device: torch.device,
+    amp: torch.dtype | None,
+    progress: bool,
+    main_rank: bool = True,
+) -> Any:
+    from kdlab.evaluate.classification_evaluator import ClassificationEvaluator
+
+    return ClassificationEvaluator(
+        val_loader, device, cfg.model.num_classes, amp, cfg.training.channels_last, progress and main_rank
+    )
+
+
+def _cls_plain_task(cfg: ExperimentConfig) -> Any:
+    from kdlab.engine.tasks import ClassificationTask
+
+    return ClassificationTask(cfg.training.loss)
+
+
+def _cls_kd_task(
+    cfg: ExperimentConfig, model: torch.nn.Module, teachers: list[LoadedTeacher], device: torch.device
+) -> KDParts:
+    """The classifier KD task, the model evaluated as 'the teacher' before epoch 1, teacher records, EMA."""
+    from kdlab.distill.kd_classification import ClassificationKDTask
+
+    d = cfg.distillation
+    ema = ModelEMA(model, cfg.training.ema.decay) if cfg.training.ema.enabled else None
+    if d.self_distillation:
+        frozen = [(FrozenTeacher(ema.module), 1.0)]  # type: ignore[union-attr]
+        eval_model = None
+    else:
+        frozen = [(t.teacher.to(device), t.weight) for t in teachers]
+        eval_model = frozen[0][0]
+    distiller = None
+    if d.features:
+        from kdlab.distill.features import FeatureDistiller
+
+        pairs = [(f.student, f.teacher, f.weight) for f in d.features]
+        distiller = FeatureDistiller(model, frozen[0][0].model, pairs)
+        size = cfg.data.classification.image_size
+        distiller.infer_channels(model, frozen[0][0].model.to("cpu"), torch.rand(2, 3, size, size))
+        frozen[0][0].to(device)
+    records = [{"path": t.path, "sha256": t.sha256, "weight": t.weight} for t in teachers]
+    return ClassificationKDTask(d, cfg.training.loss, frozen, distiller), eval_model, records, ema
+
+
+def _cls_check_teacher(cfg: ExperimentConfig, t: LoadedTeacher) -> None:
+    classes = t.config.get("model", {}).get("num_classes")
+    if classes != cfg.model.num_classes:
+        raise CheckpointError(
+            f"teacher {t.path} predicts {classes} classes but the student's model.num_classes is "
+            f"{cfg.model.num_classes}"
+        )
+
+
+def _cls_summary(cfg: ExperimentConfig) -> dict[str, Any]:
+    size = cfg.data.classification.image_size
+    return {"model_name": cfg.model.name, "input_size": [size, size], "num_classes": cfg.model.num_classes}
+
+
+def _cls_describe(cfg: ExperimentConfig, model: torch.nn.Module) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    return f"timm {cfg.model.name}, {params / 1e6:.2f}M params, {cfg.model.num_classes} classes"
+
+
+TASK_SPECS: dict[str, TaskSpec] = {
+    "segmentation": TaskSpec(
+        "segmentation", "target_iou", _seg_check_inputs, _seg_datasets, _seg_loader, _seg_evaluator,
+        _seg_plain_task, _seg_kd_task, _seg_check_teacher, _seg_summary, _seg_describe,
+    ),
+    "classification": TaskSpec(
+        "classification", "top1", _cls_check_inputs, _cls_datasets, _cls_loader, _cls_evaluator,
+        _cls_plain_task, _cls_kd_task, _cls_check_teacher, _cls_summary, _cls_describe,
+    ),
+}  # fmt: skip
+
+
+def task_spec(cfg: ExperimentConfig) -> TaskSpec:
+    return TASK_SPECS[cfg.task]
+
+
+def check_teacher_task(cfg: ExperimentConfig, teacher: LoadedTeacher) -> None:
+    """A teacher must have been trained for the student's task (a UNet cannot teach a classifier)."""
+    teacher_task = teacher.config.get("task", "segmentation")
+    if teacher_task != cfg.task:
+        raise CheckpointError(
+            f"teacher {teacher.path} is a {teacher_task} model but this experiment's task is {cfg.task}; "
+            "use a teacher trained for the same task"
+        )
+    task_spec(cfg).check_teacher(cfg, teacher)
