@@ -22,7 +22,7 @@ from tests.helpers import assert_same_weights, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3  # 12 images, batch 2: 6 optimizer steps per epoch, 18 in all
-KILLS = 6
+RANDOM_KILLS = 5  # plus one inside a checkpoint write and one during start-up
 
 
 def _args(tmp: Path, out: str) -> list[str]:
@@ -59,16 +59,22 @@ def _step_of(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
-def _wait_for_progress(proc: subprocess.Popen, last: Path, timeout: float = 120.0) -> bool:
-    """Wait until last.pth changes (the run is training), or the process ends; True if it progressed."""
-    before = last.stat().st_mtime_ns if last.exists() else None
+def _wait_for_saves(proc: subprocess.Popen, last: Path, saves: int, timeout: float = 180.0) -> bool:
+    """Wait until last.pth has been replaced `saves` times (one per optimizer step here) or the process
+    ends; True if the saves happened. Counting saves, not seconds, keeps the kill points inside the run
+    however fast or loaded the machine is."""
+    seen = last.stat().st_mtime_ns if last.exists() else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if last.exists() and last.stat().st_mtime_ns != before:
-            return True
-        time.sleep(0.05)
+        now = last.stat().st_mtime_ns if last.exists() else None
+        if now != seen:
+            seen = now
+            saves -= 1
+            if saves <= 0:
+                return True
+        time.sleep(0.01)
     raise AssertionError("the training process made no progress")
 
 
@@ -96,22 +102,22 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference):
     assert list((run / "checkpoints").glob(".last.pth.tmp-*")), "the interrupted write leaves its temp file"
     kill_log.append(f"in save: last.pth at step {_step_of(_last(run))}")
 
-    # 2. Killed at random moments after the resumed run has made progress (or during start-up).
-    kills = 0
-    while kills < KILLS:
+    # 2. Killed during start-up, then at random steps (and a random moment within the step).
+    proc = _popen(["--resume", "auto", *args])
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    kill_log.append(f"start-up: last.pth at step {_step_of(_last(run))}")
+    # One random step in each of 5 windows over the 18 steps (leaving the end for the final resume).
+    targets = [base + rng.randrange(2) for base in (2, 5, 8, 11, 13)][:RANDOM_KILLS]
+    for target in targets:
+        before = _step_of(_last(run))
         proc = _popen(["--resume", "auto", *args])
-        if kills == 0:
-            time.sleep(1.0)  # during imports/start-up, before any step
-        elif not _wait_for_progress(proc, _last(run)):
-            break
-        time.sleep(rng.uniform(0.0, 2.5))
-        if proc.poll() is not None:
-            break
+        assert _wait_for_saves(proc, _last(run), max(1, target - before)), f"finished early: {kill_log}"
+        time.sleep(rng.uniform(0.0, 0.15))  # anywhere in the next step, its save included
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-        kills += 1
-        kill_log.append(f"kill {kills}: last.pth at step {_step_of(_last(run))}")
-    assert kills == KILLS, f"the run finished before {KILLS} kills: {kill_log}"
+        kill_log.append(f"random (target step {target}): last.pth at step {_step_of(_last(run))}")
 
     # 3. Finish with an explicit path; leftovers of the interrupted write are gone, and the weights,
     #    optimizer and EMA-free state equal the uninterrupted run bit for bit.
