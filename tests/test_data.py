@@ -741,3 +741,31 @@ def test_missing_explicit_path_fails_before_any_generation(
     with pytest.raises(DataError, match="missing.json"):
         resolve_data_paths(cfg.data)
     assert not (tmp_path / "gen").exists()
+
+
+def test_sampler_blocks_per_rank_match_single_process_micro_batches():
+    """N ranks with batch b see exactly the micro-batches of one process with batch b (DDP == accumulation)."""
+    single = list(EpochSeededSampler(12, True, 5, batch_size=2))
+    ranks = [list(EpochSeededSampler(12, True, 5, batch_size=2, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(r) == 4 for r in ranks)
+    for k in range(2):  # global batch k = micro-batches 3k, 3k+1, 3k+2 of the single process
+        for r in range(3):
+            assert ranks[r][2 * k : 2 * k + 2] == single[6 * k + 2 * r : 6 * k + 2 * r + 2]
+
+
+def test_sampler_pads_training_evenly_and_shards_evaluation_exactly_once():
+    train = [list(EpochSeededSampler(7, True, 1, batch_size=2, rank=r, world_size=2)) for r in range(2)]
+    assert len(train[0]) == len(train[1]) == 4  # 7 padded to 8: same number of steps on every rank
+    evals = [
+        EpochSeededSampler(7, False, 1, batch_size=2, rank=r, world_size=2, pad_even=False) for r in range(2)
+    ]
+    seen = sorted(i for s in evals for i, _ in s)
+    assert seen == list(range(7)) and len(evals[0]) + len(evals[1]) == 7
+
+
+def test_sampler_skip_resumes_mid_epoch_with_the_same_seeds():
+    full = EpochSeededSampler(10, True, 3, batch_size=2)
+    full.set_epoch(4)
+    resumed = EpochSeededSampler(10, True, 3, batch_size=2)
+    resumed.set_epoch(4, skip_batches=3)
+    assert list(resumed) == list(full)[6:]

@@ -466,11 +466,9 @@ class Trainer:
                 sampler.set_epoch(epoch, skip_batches=resume_batches)
             else:
                 sampler.set_epoch(epoch)
-        n_batches = len(self.train_loader)
-        if resume_batches and hasattr(sampler, "skip_batches"):
-            sampler.skip_batches = 0
-            n_batches = len(self.train_loader)
-            sampler.skip_batches = resume_batches
+        n_batches = len(
+            self.train_loader
+        )  # the whole epoch's batches (the sampler's length ignores skipping)
         self.model.train()
         self._stop_agreed = False
         prog = self.progress
