@@ -605,7 +605,9 @@ class Trainer:
                 self.best_metric_name,
                 value,
                 ", ".join(
-                    f"{k} {v:.4f}" for k, v in metrics.items() if k != self.best_metric_name and k != "images"
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in metrics.items()
+                    if k != self.best_metric_name and k != "images"
                 ),
                 row["train_images_per_sec"],
             )
