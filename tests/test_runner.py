@@ -200,3 +200,19 @@ def test_a_sweep_varies_the_students_and_runs_their_teacher_once():
     ]
     assert planned[0].config.model.name == "resnet18"
     assert [p.depends_on for p in planned[3:]] == ["digits_teacher", "digits_teacher"]
+
+
+def test_report_keeps_earlier_runs_of_the_same_task_only():
+    """`--configs digits` then `--configs quickstart` in one output dir: the people table must not list the
+    classifiers (their metrics have other columns), while experiment_runs.json keeps both."""
+    from kdlab.experiments.orchestrate import same_task_runs
+    from kdlab.experiments.runner import RunResult
+
+    def result(name, task):
+        config = {"task": task} if task else {}
+        return RunResult(name, name, f"/runs/{name}", "completed", 0, 1.0, [], "", config)
+
+    earlier = [result("digits_teacher", "classification"), result("old_people", None)]
+    now = [result("quickstart_teacher", "segmentation")]
+    assert [r.name for r in same_task_runs(earlier + now, now)] == ["old_people", "quickstart_teacher"]
+    assert [r.name for r in same_task_runs(earlier + now, earlier[:1])] == ["digits_teacher"]

@@ -50,6 +50,17 @@ def merge_with_previous(results: list[RunResult], path: Path) -> list[RunResult]
     return list(merged.values())
 
 
+def run_task(result: RunResult) -> str:
+    return str((result.config or {}).get("task") or "segmentation")
+
+
+def same_task_runs(all_runs: list[RunResult], current: list[RunResult]) -> list[RunResult]:
+    """Earlier runs of another task (classifiers beside people segmentation in one output dir) stay in
+    experiment_runs.json but not in this table: their metrics have other columns."""
+    tasks = {run_task(r) for r in current}
+    return [r for r in all_runs if run_task(r) in tasks]
+
+
 def orchestrate(
     configs: list[str],
     set_items: list[str],
@@ -82,7 +93,7 @@ def orchestrate(
             exit_code=r.exit_code,
             duration_s=r.duration_s,
         )
-        for r in all_runs
+        for r in same_task_runs(all_runs, results)
     ]
     paths = write_report(collect_rows(records), out, records)
     ok_status = {"completed", "exists"}
