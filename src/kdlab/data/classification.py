@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from kdlab.config.schema import ClassificationDataConfig, ExperimentConfig
-from kdlab.data.loaders import ERROR_KEY, EpochSeededSampler, ErrorsAsValues
+from kdlab.data.loaders import ERROR_KEY, build_loader
 from kdlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -242,26 +242,6 @@ def build_classification_datasets(
     )
 
 
-def build_classification_loader(
-    dataset: ClassificationDataset,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    num_workers: int,
-    pin_memory: bool,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataLoader:
-    """Same sampler contract as the segmentation loader: order and augmentation depend on (seed, epoch);
-    under DDP each rank gets its block of every global batch."""
-    sampler = EpochSeededSampler(len(dataset), shuffle, seed, batch_size, rank, world_size, pad_even=shuffle)
-    return DataLoader(
-        ErrorsAsValues(dataset),
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_classification,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        drop_last=False,
-    )
+def build_classification_loader(*args: Any, **kwargs: Any) -> DataLoader:
+    """The shared loader (`kdlab.data.loaders.build_loader`) with the classification collate."""
+    return build_loader(*args, collate_fn=collate_classification, **kwargs)

@@ -8,7 +8,7 @@ once per image, never once per ROI.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,7 +260,7 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeople
 
 
 def build_loader(
-    dataset: CocoPeopleDataset,
+    dataset: Dataset,
     batch_size: int,
     shuffle: bool,
     seed: int,
@@ -268,14 +268,17 @@ def build_loader(
     pin_memory: bool,
     rank: int = 0,
     world_size: int = 1,
+    collate_fn: Callable[[list[Any]], Any] = collate_people,
 ) -> DataLoader:
+    """A loader over `dataset` with the EpochSeededSampler contract (order and augmentation depend on
+    (seed, epoch, position); under DDP each rank gets its block of every global batch); any task's collate."""
     sampler = EpochSeededSampler(len(dataset), shuffle, seed, batch_size, rank, world_size, pad_even=shuffle)
     return DataLoader(
         ErrorsAsValues(dataset),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_people,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=False,

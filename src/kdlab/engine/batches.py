@@ -5,9 +5,17 @@ Segmentation batches carry `rois` and `masks`, classification batches `labels`; 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision in `dtype` on `device`, or nothing when dtype is None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:

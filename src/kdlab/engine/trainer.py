@@ -26,7 +26,7 @@ from kdlab.data.coco import sample_seed
 from kdlab.data.loaders import raise_if_data_error
 from kdlab.distill.ema import ModelEMA
 from kdlab.engine import distributed
-from kdlab.engine.batches import batch_to_device
+from kdlab.engine.batches import autocast_for, batch_to_device
 from kdlab.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -294,9 +294,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_for(self.device, self.amp_dtype)
 
     def fit(self) -> dict[str, Any]:
         """Train to `training.epochs`; returns the summary written to summary.json.

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from kdlab.data.loaders import raise_if_data_error
 from kdlab.engine import distributed
-from kdlab.engine.batches import batch_to_device
+from kdlab.engine.batches import autocast_for, batch_to_device
 from kdlab.evaluate.classification_metrics import ClassificationMetrics
 
 
@@ -36,9 +36,7 @@ class ClassificationEvaluator:
         self.show_progress = show_progress
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast_for(self.device, self.autocast_dtype)
 
     def __call__(self, model: nn.Module, desc: str = "val") -> tuple[dict[str, float], None]:
         was_training = model.training
