@@ -276,10 +276,17 @@ def check_teacher_unchanged(
             )
 
 
-def build_kd_task(
-    cfg: ExperimentConfig, model: torch.nn.Module, teachers: list[LoadedTeacher], device: torch.device
-) -> tuple[KDTask, torch.nn.Module | None, list[dict[str, Any]], ModelEMA | None]:
-    """The KD task, the model evaluated as 'the teacher' before epoch 1, the teacher records, the EMA."""
+def build_distillation(
+    cfg: ExperimentConfig,
+    model: torch.nn.Module,
+    teachers: list[LoadedTeacher],
+    device: torch.device,
+    task_class: Any,
+    example_inputs: tuple[torch.Tensor, ...],
+) -> tuple[Any, torch.nn.Module | None, list[dict[str, Any]], ModelEMA | None]:
+    """Any task's KD parts: `task_class(dcfg, loss_cfg, frozen teachers, feature distiller)`, the model
+    evaluated as 'the teacher' before epoch 1, the teacher records and the EMA. `example_inputs` (CPU)
+    size the feature adapters."""
     d = cfg.distillation
     ema = ModelEMA(model, cfg.training.ema.decay) if cfg.training.ema.enabled else None
     if d.self_distillation:
@@ -294,10 +301,7 @@ def build_kd_task(
 
         pairs = [(f.student, f.teacher, f.weight) for f in d.features]
         distiller = FeatureDistiller(model, frozen[0][0].model, pairs)
-        h, w = cfg.data.input_size
-        example_images = torch.rand(1, 3, h, w)
-        example_rois = torch.tensor([[0.0, 0.0, 0.0, float(w), float(h)]])
-        distiller.infer_channels(model, frozen[0][0].model.to("cpu"), example_images, example_rois)
+        distiller.infer_channels(model, frozen[0][0].model.to("cpu"), *example_inputs)
         frozen[0][0].to(device)
     for teacher, _ in frozen if not d.self_distillation else []:
         if cfg.training.channels_last:  # the input is channels_last: no layout conversion at every conv
@@ -305,7 +309,16 @@ def build_kd_task(
         if cfg.training.compile:
             compile_forward(teacher.model, "teacher")
     records = [{"path": t.path, "sha256": t.sha256, "weight": t.weight} for t in teachers]
-    return KDTask(d, cfg.training.loss, frozen, distiller), eval_model, records, ema
+    return task_class(d, cfg.training.loss, frozen, distiller), eval_model, records, ema
+
+
+def build_kd_task(
+    cfg: ExperimentConfig, model: torch.nn.Module, teachers: list[LoadedTeacher], device: torch.device
+) -> tuple[KDTask, torch.nn.Module | None, list[dict[str, Any]], ModelEMA | None]:
+    """The people-segmentation KD parts (see `build_distillation`)."""
+    h, w = cfg.data.input_size
+    example = (torch.rand(1, 3, h, w), torch.tensor([[0.0, 0.0, 0.0, float(w), float(h)]]))
+    return build_distillation(cfg, model, teachers, device, KDTask, example)
 
 
 def config_from_checkpoint(path: str) -> ExperimentConfig:

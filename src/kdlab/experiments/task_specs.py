@@ -15,7 +15,7 @@ import torch
 
 from kdlab.config.schema import ExperimentConfig
 from kdlab.distill.ema import ModelEMA
-from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher
+from kdlab.distill.teacher import LoadedTeacher
 from kdlab.errors import CheckpointError
 from kdlab.models.builders import build_task_model
 
@@ -163,28 +163,14 @@ def _cls_plain_task(cfg: ExperimentConfig) -> Any:
 def _cls_kd_task(
     cfg: ExperimentConfig, model: torch.nn.Module, teachers: list[LoadedTeacher], device: torch.device
 ) -> KDParts:
-    """The classifier KD task, the model evaluated as 'the teacher' before epoch 1, teacher records, EMA."""
+    """The classifier KD parts (see `single_run.build_distillation`)."""
     from kdlab.distill.kd_classification import ClassificationKDTask
+    from kdlab.experiments.single_run import build_distillation
 
-    d = cfg.distillation
-    ema = ModelEMA(model, cfg.training.ema.decay) if cfg.training.ema.enabled else None
-    if d.self_distillation:
-        frozen = [(FrozenTeacher(ema.module), 1.0)]  # type: ignore[union-attr]
-        eval_model = None
-    else:
-        frozen = [(t.teacher.to(device), t.weight) for t in teachers]
-        eval_model = frozen[0][0]
-    distiller = None
-    if d.features:
-        from kdlab.distill.features import FeatureDistiller
-
-        pairs = [(f.student, f.teacher, f.weight) for f in d.features]
-        distiller = FeatureDistiller(model, frozen[0][0].model, pairs)
-        size = cfg.data.classification.image_size
-        distiller.infer_channels(model, frozen[0][0].model.to("cpu"), torch.rand(2, 3, size, size))
-        frozen[0][0].to(device)
-    records = [{"path": t.path, "sha256": t.sha256, "weight": t.weight} for t in teachers]
-    return ClassificationKDTask(d, cfg.training.loss, frozen, distiller), eval_model, records, ema
+    size = cfg.data.classification.image_size
+    return build_distillation(
+        cfg, model, teachers, device, ClassificationKDTask, (torch.rand(2, 3, size, size),)
+    )
 
 
 def _cls_check_teacher(cfg: ExperimentConfig, t: LoadedTeacher) -> None:
