@@ -247,6 +247,32 @@ class FeaturePairConfig(_Section):
     weight: float = Field(1.0, ge=0.0)
 
 
+class TeacherCacheConfig(_Section):
+    """Offline distillation: train from teacher outputs cached once in an HDF5 file (no teacher per step).
+
+    An existing `distillation_data_path` is reused (checked against the configured data); a missing one is
+    generated from `teacher_model_path` (a .pth checkpoint or an .onnx export) before training. The subset
+    (per split: `subset_fraction` of the samples, then at most `max_samples`) is drawn once, without
+    replacement, with `seed`, and recorded in the file.
+    """
+
+    teacher_model_path: str | None = Field(
+        None, description="teacher (.pth or .onnx) that generates the cache when the file does not exist"
+    )
+    distillation_data_path: str | None = Field(
+        None, description="the cache file (.hdf5): reused when it exists; default <run>/teacher_cache.hdf5"
+    )
+    subset_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of each split that is cached")
+    max_samples: int | None = Field(None, gt=0, description="cap per split, applied after subset_fraction")
+    batch_size: int = Field(32, gt=0, description="images (or sequences) per teacher batch when generating")
+    seed: int = Field(0, description="seed of the subset draw (recorded in the file)")
+    symmetrize_flips: bool = Field(
+        True,
+        description="segmentation: cache the mean of the teacher on the image and on its mirror image, so a "
+        "replayed horizontal flip is exact (false: half the generation time, flips only approximate)",
+    )
+
+
 class DistillationConfig(_Section):
     """Knowledge distillation: total = alpha * distill_total + (1 - alpha) * base_total."""
 
@@ -288,6 +314,9 @@ class DistillationConfig(_Section):
         None, description="override the teacher's input normalisation (teacher trained with other mean/std)"
     )
     teacher_input_std: tuple[float, float, float] | None = None
+    cache: TeacherCacheConfig | None = Field(
+        None, description="train from cached teacher outputs (HDF5) instead of running a teacher every step"
+    )
 
     @field_validator("temperature_schedule")
     @classmethod
@@ -332,6 +361,37 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _distillation_has_a_teacher(self) -> ExperimentConfig:
         d = self.distillation
+        if d.cache is not None:
+            if not d.enabled:
+                raise ValueError("distillation.cache needs distillation.enabled=true")
+            if d.self_distillation:
+                raise ValueError(
+                    "distillation.cache replaces a live teacher; it cannot be combined with "
+                    "distillation.self_distillation=true"
+                )
+            if d.features:
+                raise ValueError(
+                    "distillation.features needs a live teacher's activations, which a cache does not hold; "
+                    "set distillation.features=[] or remove distillation.cache"
+                )
+            if d.teachers:
+                raise ValueError(
+                    "a cache holds one teacher's outputs; several teachers (distillation.teachers) with "
+                    "distillation.cache are not implemented"
+                )
+            c = d.cache
+            if not (
+                c.teacher_model_path
+                or c.distillation_data_path
+                or d.teacher_checkpoint
+                or d.teacher_experiment
+            ):
+                raise ValueError(
+                    "distillation.cache needs distillation.cache.distillation_data_path (an existing cache) or "
+                    "a teacher to generate it: distillation.cache.teacher_model_path (or "
+                    "distillation.teacher_checkpoint / distillation.teacher_experiment)"
+                )
+            return self
         if d.enabled and not d.teacher_specs() and not d.self_distillation and not d.teacher_experiment:
             raise ValueError(
                 "distillation.enabled=true needs a teacher: set distillation.teacher_checkpoint "

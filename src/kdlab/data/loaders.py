@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdlab.config.schema import DataConfig, ExperimentConfig
 from kdlab.data.coco import CocoPeopleDataset, read_coco_people, sample_seed
+from kdlab.data.teacher_cache import collate_teacher_outputs
 from kdlab.data.transforms import EvalTransform, TrainTransform
 from kdlab.errors import ConfigError, DataError
 
@@ -54,7 +55,8 @@ def raise_if_data_error(batch: dict[str, Any] | None) -> None:
 
 
 def collate_people(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """Stack images, concatenate every image's ROIs with their batch index; drop skipped (None) samples."""
+    """Stack images, concatenate every image's ROIs with their batch index (and any cached `teacher_*` ROI
+    rows in the same order); drop skipped (None) samples."""
     for s in samples:
         if s is not None and ERROR_KEY in s:
             return {ERROR_KEY: s[ERROR_KEY]}
@@ -72,6 +74,7 @@ def collate_people(samples: list[dict[str, Any] | None]) -> dict[str, Any] | Non
         "masks": torch.cat([s["roi_masks"] for s in samples], dim=0),
         "image_ids": [s["image_id"] for s in samples],
         "indices": [s["index"] for s in samples],
+        **collate_teacher_outputs(samples),  # cached teacher logits (training from a teacher cache)
     }
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kdlab.config.schema import DistillationConfig, LossConfig
+from kdlab.data.teacher_cache import teacher_outputs_from_batch
 from kdlab.distill.losses import cwd_loss, kd_kl_loss, mix_teacher_probs, teacher_probs
 from kdlab.distill.schedules import Schedule
 from kdlab.distill.teacher import FrozenTeacher
@@ -40,9 +41,11 @@ class KDTask:
         loss_cfg: LossConfig,
         teachers: list[tuple[FrozenTeacher, float]],
         feature_distiller: Any | None = None,
+        cached: bool = False,
     ) -> None:
-        if not teachers:
-            raise ValueError("KDTask needs at least one teacher")
+        if not teachers and not cached:
+            raise ValueError("KDTask needs at least one teacher (or cached teacher outputs)")
+        self.cached = cached
         self.dcfg = dcfg
         self.base_weights = SegmentationLossWeights(
             ce=loss_cfg.ce, dice=loss_cfg.dice, bg_fg=loss_cfg.bg_fg, target=loss_cfg.target,
@@ -80,8 +83,13 @@ class KDTask:
         temperature = self.temperature.value(self.progress)
         alpha = self.alpha.value(self.progress)
         # Teachers first: their activations are freed before the student's autograd graph is built, so the
-        # step's peak memory is max(teacher inference, student graph), not their sum.
-        teacher_outputs = [(teacher(images, rois), weight) for teacher, weight in self.teachers]
+        # step's peak memory is max(teacher inference, student graph), not their sum. From a cache, the
+        # teacher's logits for these ROIs (flips replayed) came with the batch and no teacher runs.
+        teacher_outputs = (
+            [(cached_teacher_outputs(batch), 1.0)]
+            if self.cached
+            else [(teacher(images, rois), weight) for teacher, weight in self.teachers]
+        )
         student = model(images, rois)
         losses = segmentation_loss(student, batch["masks"], self.base_weights)
         weights = [w for _, w in teacher_outputs]
@@ -122,6 +130,14 @@ class KDTask:
             contributions.update({name: alpha * w * v for name, (v, w) in terms.items()})
             losses.update(gradient_shares(contributions, [p for p in model.parameters() if p.requires_grad]))
         return losses
+
+
+def cached_teacher_outputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The batch's cached teacher heads; a batch without them means the loader is not reading the cache."""
+    outputs = teacher_outputs_from_batch(batch)
+    if outputs is None:
+        raise RuntimeError("KD from a teacher cache got a batch without cached teacher outputs")
+    return outputs
 
 
 def gradient_shares(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Moving a collated batch to the device: uint8 images become float in [0,1] there (4x less to copy).
 
-Segmentation batches carry `rois` and `masks`, classification batches `labels`; whichever are present move.
+Segmentation batches carry `rois` and `masks`, classification batches `labels`, batches read from a teacher
+cache `teacher_*` outputs; whichever are present move.
 """
 
 from __future__ import annotations
@@ -30,4 +31,7 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: 
         out["masks"] = batch["masks"].to(device, non_blocking=non_blocking).long()
     if "labels" in batch:
         out["labels"] = batch["labels"].to(device, non_blocking=non_blocking).long()
+    for key, value in batch.items():  # cached teacher outputs (float16 on disk) are used in float32
+        if key.startswith("teacher_") and isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=non_blocking).float()
     return out

@@ -21,12 +21,12 @@ from kdlab.config.loader import validate_config
 from kdlab.config.schema import ExperimentConfig
 from kdlab.distill.ema import ModelEMA
 from kdlab.distill.kd_task import KDTask
-from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher, load_teacher
+from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher, file_sha256, load_teacher
 from kdlab.engine import distributed
 from kdlab.engine.checkpoint import load_checkpoint
 from kdlab.engine.compile import compile_forward
 from kdlab.engine.trainer import Trainer, resolve_amp_dtype, resolve_device
-from kdlab.errors import CheckpointError, KdlabInputError
+from kdlab.errors import CheckpointError, ConfigError, DataError, KdlabInputError
 from kdlab.evaluate.evaluator import SegmentationEvaluator
 from kdlab.experiments.task_specs import build_model_for, check_teacher_task, task_spec
 
@@ -129,7 +129,13 @@ def execute(request: RunRequest) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.manual_seed(cfg.training.seed)
 
-    teachers = load_teachers(cfg) if cfg.distillation.enabled and not request.test_only else []
+    cache_plan = (
+        plan_teacher_cache(cfg, request, resume_path)
+        if cfg.distillation.enabled and cfg.distillation.cache is not None and not request.test_only
+        else None
+    )
+    live_teachers = cfg.distillation.enabled and cache_plan is None and not request.test_only
+    teachers = load_teachers(cfg) if live_teachers else []
     if resume_payload is not None and teachers:
         check_teacher_unchanged(resume_payload, teachers, resume_path, request.allow_teacher_change)
     if not ctx.is_main:
@@ -151,6 +157,8 @@ def execute(request: RunRequest) -> dict[str, Any]:
 
     if resume_payload is not None:
         check_resumable(resume_payload, resume_path, model)  # before the run directory is touched
+    if cache_plan is not None:
+        cache_plan.check(cfg, train_set, val_set, resume_payload, request.allow_teacher_change)
     run_dir = run_dir_of_checkpoint(resume_path, cfg) if resume_path else run_dir_for(cfg)
     if ctx.is_main:
         _prepare_run_dir(run_dir, request.overwrite, resuming=resume_path is not None or auto_fresh)
@@ -158,6 +166,8 @@ def execute(request: RunRequest) -> dict[str, Any]:
         log.info("run directory: %s", run_dir.resolve())
     distributed.barrier()
 
+    if cache_plan is not None:
+        train_set = cache_plan.train_set(cfg, train_set, val_set, device, request.show_progress)
     train_loader = spec.build_loader(
         train_set, cfg.training.batch_size, shuffle=True, seed=cfg.training.seed,
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", **shard,
@@ -168,10 +178,14 @@ def execute(request: RunRequest) -> dict[str, Any]:
         "val_images": len(val_set),
         **spec.summary_extra(cfg),
     }
-    task, teacher_eval_model, teacher_records, ema = (
-        spec.build_kd_task(cfg, model, teachers, device) if cfg.distillation.enabled else
-        (spec.plain_task(cfg), None, [], None)
-    )  # fmt: skip
+    if cache_plan is not None:
+        task, teacher_eval_model, teacher_records, ema = cache_plan.kd_parts(cfg, model)
+        extra["teacher_cache"] = cache_plan.summary()
+    else:
+        task, teacher_eval_model, teacher_records, ema = (
+            spec.build_kd_task(cfg, model, teachers, device) if cfg.distillation.enabled else
+            (spec.plain_task(cfg), None, [], None)
+        )  # fmt: skip
     trainer = Trainer(cfg, model, task, train_loader, evaluator, run_dir, device,
                       show_progress=request.show_progress, extra_summary=extra,
                       teacher_eval_model=teacher_eval_model, teacher_records=teacher_records, ema=ema,
@@ -310,6 +324,125 @@ def build_distillation(
             compile_forward(teacher.model, "teacher")
     records = [{"path": t.path, "sha256": t.sha256, "weight": t.weight} for t in teachers]
     return task_class(d, cfg.training.loss, frozen, distiller), eval_model, records, ema
+
+
+@dataclass
+class TeacherCachePlan:
+    """Training from a teacher cache: which file, whether it exists or is generated, and which teacher.
+
+    Everything that can be checked before the run directory is touched is (`plan_teacher_cache`, `check`);
+    a missing cache is generated after it (`train_set`), into a temp file renamed when complete.
+    """
+
+    path: Path
+    teacher: str | None
+    hooks: Any
+    info: Any = None  # CacheInfo once the file exists
+
+    def check(
+        self, cfg: ExperimentConfig, train_set: Any, val_set: Any, payload: dict[str, Any] | None, allow: bool
+    ) -> None:
+        """An existing cache must match the configured data, preprocessing and (when present) teacher."""
+        if self.info is None:
+            return
+        teacher_sha = file_sha256(self.teacher) if self.teacher and Path(self.teacher).is_file() else None
+        self.info.check_matches(
+            cfg.task,
+            self.hooks.preprocessing(cfg),
+            self.hooks.fingerprints(cfg, train_set, val_set),
+            teacher_sha,
+        )
+        self._check_heads(cfg)
+        recorded = (payload or {}).get("teachers") or []
+        before = recorded[0].get("sha256") if recorded else None
+        if before is not None and before != self.info.teacher_sha256:
+            if not allow:
+                raise CheckpointError(
+                    f"teacher cache {self.path} holds another teacher's outputs than when the run started "
+                    f"(sha256 {before[:12]}... now {self.info.teacher_sha256[:12]}...); pass "
+                    "--allow_teacher_change to resume with it anyway"
+                )
+            log.warning("teacher cache %s changed teacher since the run started (allowed)", self.path)
+
+    def _check_heads(self, cfg: ExperimentConfig) -> None:
+        missing = [h for h in self.hooks.required_heads(cfg) if h not in self.info.heads]
+        if missing:
+            raise DataError(
+                f"teacher cache {self.path} has no {missing[0]} outputs (its teacher exported only "
+                f"{', '.join(self.info.heads)}): set the matching distillation.*_weight to 0, or regenerate it "
+                "from a .pth teacher or an ONNX teacher made by python -m kdlab.distill.cache export-teacher"
+            )
+
+    def train_set(
+        self, cfg: ExperimentConfig, train_set: Any, val_set: Any, device: torch.device, progress: bool
+    ) -> Any:
+        """The training set read from the cache, generating the cache first when it does not exist (under
+        DDP rank 0 generates it while the others wait)."""
+        if self.info is None:
+            from kdlab.data.teacher_cache import CacheInfo
+            from kdlab.distill.cache import generate_cache, request_from_config
+
+            assert self.teacher is not None
+            if distributed.current().is_main:
+                prints = self.hooks.fingerprints(cfg, train_set, val_set)
+                sources = {"train": (train_set, prints["train"]), "val": (val_set, prints["val"])}
+                request = request_from_config(cfg, self.teacher, self.path)
+                generate_cache(cfg, request, device, progress, sources=sources)
+            distributed.barrier()
+            self.info = CacheInfo(self.path)
+            self._check_heads(cfg)
+        return self.hooks.cached_train_set(cfg, train_set, self.info)
+
+    def kd_parts(
+        self, cfg: ExperimentConfig, model: torch.nn.Module
+    ) -> tuple[Any, None, list[dict[str, Any]], Any]:
+        """The KD task fed by the cache: no teacher is loaded, none is evaluated."""
+        d = cfg.distillation
+        ema = ModelEMA(model, cfg.training.ema.decay) if cfg.training.ema.enabled else None
+        task = self.hooks.kd_task_class()(d, cfg.training.loss, [], None, cached=True)
+        records = [{"path": str(self.path), "sha256": self.info.teacher_sha256, "weight": 1.0, "cache": True}]
+        return task, None, records, ema
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "teacher_sha256": self.info.teacher_sha256,
+            "teacher_path": self.info.teacher_path,
+            "samples": {split: len(v["indices"]) for split, v in self.info.splits.items()},
+        }
+
+
+def plan_teacher_cache(
+    cfg: ExperimentConfig, request: RunRequest, resume_path: Path | None
+) -> TeacherCachePlan:
+    """Resolve `distillation.cache`: reuse an existing file (the log says so) or plan its generation from a
+    teacher (`cache.teacher_model_path`, else the distillation's teacher); neither is an error."""
+    from kdlab.data.teacher_cache import CacheInfo
+
+    spec = task_spec(cfg)
+    if spec.teacher_cache is None:
+        raise ConfigError(f"distillation.cache is not implemented for task={cfg.task}")
+    c, d = cfg.distillation.cache, cfg.distillation
+    assert c is not None
+    run_dir = run_dir_of_checkpoint(resume_path, cfg) if resume_path else run_dir_for(cfg)
+    path = Path(c.distillation_data_path) if c.distillation_data_path else run_dir / "teacher_cache.hdf5"
+    teacher = c.teacher_model_path or d.teacher_checkpoint
+    if teacher is None and d.teacher_experiment:
+        teacher = str(teacher_experiment_checkpoint(cfg))
+    replaced = request.overwrite and resume_path is None and path.resolve().is_relative_to(run_dir.resolve())
+    if path.is_file() and not replaced:
+        info = CacheInfo(path)
+        log.info("reusing the existing teacher cache %s: %s", path, info.describe())
+        return TeacherCachePlan(path, teacher, spec.teacher_cache, info)
+    if teacher is None:
+        raise DataError(
+            f"teacher cache {path} does not exist and no teacher is configured to generate it: set "
+            "distillation.cache.teacher_model_path, or generate it with python -m kdlab.distill.cache generate"
+        )
+    if not Path(teacher).is_file():
+        raise CheckpointError(f"teacher {teacher} (to generate the teacher cache {path}) does not exist")
+    log.info("teacher cache %s does not exist yet: it will be generated from %s", path, teacher)
+    return TeacherCachePlan(path, teacher, spec.teacher_cache)
 
 
 def build_kd_task(

@@ -7,6 +7,7 @@ teacher checks and the metric that picks best_model.pth. A new task adds one ent
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from kdlab.distill.ema import ModelEMA
 from kdlab.distill.teacher import LoadedTeacher
 from kdlab.errors import CheckpointError
 from kdlab.models.builders import build_task_model
+
+log = logging.getLogger(__name__)
 
 KDParts = tuple[Any, torch.nn.Module | None, list[dict[str, Any]], ModelEMA | None]
 
@@ -35,6 +38,18 @@ class TaskSpec:
     check_teacher: Callable[[ExperimentConfig, LoadedTeacher], None]
     summary_extra: Callable[[ExperimentConfig], dict[str, Any]]
     describe_model: Callable[[ExperimentConfig, torch.nn.Module], str]
+    teacher_cache: CacheHooks | None = None  # None: training from a teacher cache is not implemented
+
+
+@dataclass(frozen=True)
+class CacheHooks:
+    """What a task needs to train from a teacher cache (`kdlab.data.teacher_cache`)."""
+
+    preprocessing: Callable[[ExperimentConfig], dict[str, Any]]
+    fingerprints: Callable[[ExperimentConfig, Any, Any], dict[str, str]]  # (cfg, train_set, val_set)
+    cached_train_set: Callable[[ExperimentConfig, Any, Any], Any]  # (cfg, train_set, CacheInfo)
+    kd_task_class: Callable[[], Any]
+    required_heads: Callable[[ExperimentConfig], list[str]]
 
 
 def build_model_for(cfg: ExperimentConfig) -> torch.nn.Module:
@@ -111,6 +126,55 @@ def _seg_describe(cfg: ExperimentConfig, model: torch.nn.Module) -> str:
         f"{cfg.model.encoder} encoder, {count_parameters(model) / 1e6:.2f}M params "
         f"(UNet {count_parameters(model.unet) / 1e6:.2f}M)"
     )
+
+
+def _seg_cached_train_set(cfg: ExperimentConfig, train_set: Any, info: Any) -> Any:
+    from kdlab.data.teacher_cache import CachedPeopleDataset
+
+    log.info(
+        "training from teacher cache %s: horizontal flips are replayed on the cached logits, colour jitter "
+        "applies to the student's input, random zoom/crop (data.augment.scale_range) is off: cached logits "
+        "are for the letterbox view and a crop would change what the full-image UNet sees",
+        info.path,
+    )
+    split = info.splits["train"]
+    return CachedPeopleDataset(train_set, info.path, "train", split["indices"], info.heads, cfg.data.augment)
+
+
+def _seg_fingerprints(cfg: ExperimentConfig, train_set: Any, val_set: Any) -> dict[str, str]:
+    from kdlab.distill.cache import segmentation_fingerprints
+
+    return segmentation_fingerprints(cfg, train_set, val_set)
+
+
+def _seg_preprocessing(cfg: ExperimentConfig) -> dict[str, Any]:
+    from kdlab.data.teacher_cache import segmentation_preprocessing
+
+    return segmentation_preprocessing(cfg)
+
+
+def _seg_required_heads(cfg: ExperimentConfig) -> list[str]:
+    from kdlab.distill.kd_task import HEADS
+
+    d = cfg.distillation
+    weights = {
+        "distill_final": d.final_weight,
+        "distill_bg_fg": d.bg_fg_weight,
+        "distill_target": d.target_weight,
+    }
+    heads = [key for name, key in HEADS if weights[name] > 0]
+    return heads + (["logits"] if d.cwd_weight > 0 and "logits" not in heads else [])
+
+
+def _seg_kd_class() -> Any:
+    from kdlab.distill.kd_task import KDTask
+
+    return KDTask
+
+
+SEGMENTATION_CACHE = CacheHooks(
+    _seg_preprocessing, _seg_fingerprints, _seg_cached_train_set, _seg_kd_class, _seg_required_heads
+)
 
 
 # ---------------------------------------------------------------------------------- classification
@@ -195,7 +259,7 @@ def _cls_describe(cfg: ExperimentConfig, model: torch.nn.Module) -> str:
 TASK_SPECS: dict[str, TaskSpec] = {
     "segmentation": TaskSpec(
         "segmentation", "target_iou", _seg_check_inputs, _seg_datasets, _seg_loader, _seg_evaluator,
-        _seg_plain_task, _seg_kd_task, _seg_check_teacher, _seg_summary, _seg_describe,
+        _seg_plain_task, _seg_kd_task, _seg_check_teacher, _seg_summary, _seg_describe, SEGMENTATION_CACHE,
     ),
     "classification": TaskSpec(
         "classification", "top1", _cls_check_inputs, _cls_datasets, _cls_loader, _cls_evaluator,

@@ -21,6 +21,7 @@ We use the TorchScript exporter (`dynamo=False`; the dynamo exporter needs `onnx
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import statistics
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 CLASSES = ["background", "target", "other"]
 INPUT_NAMES = ["images", "rois"]
 OUTPUT_NAMES = ["masks"]
-DYNAMIC_AXES = {"images": {0: "batch"}, "rois": {0: "num_rois"}, "masks": {0: "num_rois"}}
 MIN_OPSET = 16  # RoiAlign's coordinate_transformation_mode (half_pixel = torchvision aligned=True)
 WARMUP_RUNS = 3
 
@@ -58,15 +58,23 @@ class ExportParityError(KdlabRunFailure):
     """onnxruntime's output differs from PyTorch's by more than the tolerance."""
 
 
-class MasksOnly(nn.Module):
-    """The exported graph: `RoiUNet` forward returning only the 3-class log-probabilities."""
+# Model output key -> ONNX output name. A student exports `masks` only; a teacher for the offline cache
+# (`python -m kdlab.distill.cache export-teacher`) also exports the two aux heads the KD loss uses.
+HEAD_OUTPUT_NAMES = {"logits": "masks", "bg_fg_logits": "bg_fg_logits", "target_logits": "target_logits"}
+CONFIG_METADATA_KEY = "kdlab_config"  # the resolved experiment config (JSON) in the ONNX metadata_props
 
-    def __init__(self, model: RoiUNet) -> None:
+
+class SelectedHeads(nn.Module):
+    """The exported graph of a teacher: `RoiUNet` forward returning the named heads, in order."""
+
+    def __init__(self, model: RoiUNet, heads: tuple[str, ...]) -> None:
         super().__init__()
         self.model = model
+        self.heads = heads
 
-    def forward(self, images: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        return self.model(images, rois)["logits"]
+    def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(images, rois)
+        return tuple(out[h] for h in self.heads)
 
 
 class TraceableGroupNorm(nn.Module):
@@ -121,22 +129,37 @@ def _example_inputs(input_size: tuple[int, int], device: torch.device) -> tuple[
     return images.to(device), rois.to(device)
 
 
-def _declare_static_output_dims(path: Path, per_roi_shape: tuple[int, ...]) -> None:
-    """Write the fixed [3, mask_h, mask_w] into the graph's output type (the tracer leaves them symbolic).
+def _declare_static_output_dims(
+    path: Path, per_roi_shapes: list[tuple[int, ...]], metadata: dict[str, str] | None = None
+) -> None:
+    """Write the fixed [C, mask_h, mask_w] into each output's type (the tracer leaves them symbolic), and
+    `metadata` into metadata_props.
 
     The Resize to the mask size has constant target sizes, so these dims never vary; declaring them lets
     users and tools see the mask size in the graph signature.
     """
     model_proto = onnx.load(str(path))
-    dims = model_proto.graph.output[0].type.tensor_type.shape.dim
-    for dim, value in zip(dims[1:], per_roi_shape, strict=True):
-        dim.Clear()
-        dim.dim_value = int(value)
+    for output, per_roi_shape in zip(model_proto.graph.output, per_roi_shapes, strict=True):
+        dims = output.type.tensor_type.shape.dim
+        for dim, value in zip(dims[1:], per_roi_shape, strict=True):
+            dim.Clear()
+            dim.dim_value = int(value)
+    for key, value in (metadata or {}).items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.save(model_proto, str(path))
 
 
-def export_model_to_onnx(model: RoiUNet, path: Path, input_size: tuple[int, int], opset: int = 17) -> None:
-    """Trace `model` (in eval mode) to `path`: inputs images/rois, output masks, dynamic B and N.
+def export_model_to_onnx(
+    model: RoiUNet,
+    path: Path,
+    input_size: tuple[int, int],
+    opset: int = 17,
+    heads: tuple[str, ...] = ("logits",),
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Trace `model` (in eval mode) to `path`: inputs images/rois, outputs the `heads` (default: masks
+    only), dynamic B and N; `metadata` goes into the file's metadata_props.
 
     Exports an eval-mode copy (see `export_ready_copy`), so `model` and its train/eval mode are untouched.
     Written to a temp file, checked with `onnx.checker`, then renamed into place.
@@ -150,7 +173,13 @@ def export_model_to_onnx(model: RoiUNet, path: Path, input_size: tuple[int, int]
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     # Eval-mode wrapper: the exporter restores the wrapper's mode, recursively, when it is done.
-    wrapper = MasksOnly(export_ready_copy(model)).eval()
+    wrapper = SelectedHeads(export_ready_copy(model), tuple(heads)).eval()
+    output_names = [HEAD_OUTPUT_NAMES[h] for h in heads]
+    dynamic_axes = {
+        "images": {0: "batch"},
+        "rois": {0: "num_rois"},
+        **{n: {0: "num_rois"} for n in output_names},
+    }
     images, rois = _example_inputs(tuple(input_size), device)
 
     def write(tmp: Path) -> None:
@@ -164,15 +193,15 @@ def export_model_to_onnx(model: RoiUNet, path: Path, input_size: tuple[int, int]
                 (images, rois),
                 str(tmp),
                 input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
-                dynamic_axes=DYNAMIC_AXES,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 do_constant_folding=True,
                 training=torch.onnx.TrainingMode.EVAL,
                 dynamo=False,
             )
-            per_roi_shape = tuple(wrapper(images, rois).shape[1:])
-        _declare_static_output_dims(tmp, per_roi_shape)
+            per_roi_shapes = [tuple(o.shape[1:]) for o in wrapper(images, rois)]
+        _declare_static_output_dims(tmp, per_roi_shapes, metadata)
         onnx.checker.check_model(str(tmp))
 
     atomic_write(path, write)
@@ -381,7 +410,8 @@ def export_run_to_onnx(
         raise CheckpointError(f"run {run_dir} has no validation images to check the ONNX export against")
 
     onnx_path = checkpoint.with_suffix(".onnx")
-    export_model_to_onnx(model, onnx_path, input_size, opset)
+    config_json = json.dumps(cfg.model_dump(mode="json"))
+    export_model_to_onnx(model, onnx_path, input_size, opset, metadata={CONFIG_METADATA_KEY: config_json})
     parity = onnx_parity(onnx_path, model, batches, tolerance)
     log.info(
         "ONNX parity on %d val images / %d ROIs: max abs diff %.3g (tolerance %.3g)",
