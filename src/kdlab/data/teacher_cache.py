@@ -74,7 +74,7 @@ def draw_subset(
         cap = "none" if max_samples is None else str(max_samples)
         raise DataError(
             f"the teacher cache's {split} split would be empty: subset_fraction={fraction} of {num_samples} "
-            f"samples (max_samples={cap}) rounds down to 0; raise distillation.cache.subset_fraction"
+            f"samples (max_samples={cap}) rounds down to 0; raise the fraction (--subset_fraction or distillation.cache.subset_fraction)"
         )
     rng = np.random.default_rng([seed & 0xFFFFFFFF, SPLITS.index(split)])
     return np.sort(rng.permutation(num_samples)[:size]).astype(np.int64)
