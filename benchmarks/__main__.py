@@ -110,6 +110,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "kd_over_student_plus_teacher": kd.get("kd_over_student_plus_teacher"),
         "kd_over_student_plus_teacher_per_rep_median": kd.get("kd_over_student_plus_teacher_per_rep_median"),
         "kd_over_student_plus_teacher_cpu_time": kd.get("kd_over_student_plus_teacher_cpu_time"),
+        "cached_kd_over_student": kd.get("cached_kd_over_student"),
         "speedup_vs_naive": kd.get("speedup_vs_naive"),
         "project_images_per_sec": kd.get("project_images_per_sec"),
         "kd_peak_memory_mib": kd.get("kd_peak_memory_mib"),
@@ -157,6 +158,9 @@ def table(result: dict[str, Any]) -> str:
                 _fmt(kd.get("kd_over_student_plus_teacher_cpu_time")),
                 "",
             ),
+            ("(d) KD step from cached teacher outputs", _fmt(kd["cached_kd_step_ms"], " ms"), ""),
+            ("cached_kd_over_student = d / a", _fmt(kd["cached_kd_over_student"]), "<= 1.10"),
+            ("  per-rep median of d / a", _fmt(kd["cached_kd_over_student_per_rep_median"]), ""),
             ("project loop images/s", _fmt(kd["project_images_per_sec"]), ""),
         ]
         if "speedup_vs_naive" in kd:

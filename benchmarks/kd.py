@@ -1,10 +1,13 @@
-"""KD suite: student step (a), teacher inference (b), the project's KD step (c), a naive loop, peak memory.
+"""KD suite: student step (a), teacher inference (b), the project's KD step (c), a naive loop, peak memory,
+and the KD step from cached teacher outputs (d, offline distillation: no teacher runs).
 
 (a) and (c) are the project's own training step, `Trainer.forward_backward` + `Trainer.optimizer_step`, with
 `SegmentationTask` and `KDTask` (built by `build_kd_task`, gradient-share measurement off); (b) is the frozen
 teacher's forward exactly as KDTask calls it (same autocast, input already on the device). The naive loop is
 the obvious way to write online distillation: fp32, no channels_last, teacher with autograd on, and the full
-model run once per ROI; it computes the same losses.
+model run once per ROI; it computes the same losses. (d) is `KDTask(cached=True)` on a batch that carries
+the teacher's three heads as float16 ROI rows, as a `CachedPeopleDataset` batch does (the HDF5 read happens
+in loader workers and is not part of the step).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from benchmarks.common import (
     synthetic_batch,
 )
 from kdlab.config.schema import ExperimentConfig
-from kdlab.distill.kd_task import HEADS
+from kdlab.distill.kd_task import HEADS, KDTask
 from kdlab.distill.losses import kd_kl_loss, teacher_probs
 from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher
 from kdlab.engine.batches import batch_to_device
@@ -79,6 +82,18 @@ class ProjectSteps:
             teacher_records=records, ema=ema,
         )  # fmt: skip
         self.on_device = batch_to_device(self.raw, self.device, self.cfg.training.channels_last)
+        torch.manual_seed(0)
+        cached_task = KDTask(self.cfg.distillation, self.cfg.training.loss, [], None, cached=True)
+        self.cached_trainer = Trainer(
+            self.cfg, build_model(self.cfg.model), cached_task, steps, _no_eval, run_dir, self.device,
+            show_progress=False,
+        )  # fmt: skip
+        with self.kd_trainer._autocast():
+            outputs = self.teacher(self.on_device["images"], self.on_device["rois"])
+        cached = {f"teacher_{key}": outputs[key].half().cpu() for _, key in HEADS}
+        if self.device.type == "cuda":
+            cached = {k: v.pin_memory() for k, v in cached.items()}
+        self.cached_raw = {**self.raw, **cached}
 
     def student_step(self) -> None:
         t = self.student_trainer
@@ -92,6 +107,11 @@ class ProjectSteps:
     def kd_step(self) -> None:
         t = self.kd_trainer
         t.forward_backward(batch_to_device(self.raw, self.device, self.cfg.training.channels_last))
+        t.optimizer_step()
+
+    def cached_kd_step(self) -> None:
+        t = self.cached_trainer
+        t.forward_backward(batch_to_device(self.cached_raw, self.device, self.cfg.training.channels_last))
         t.optimizer_step()
 
 
@@ -148,6 +168,7 @@ def run_kd_suite(s: BenchSettings) -> dict[str, Any]:
             "student_step": steps.student_step,
             "teacher_step": steps.teacher_step,
             "kd_step": steps.kd_step,
+            "cached_kd_step": steps.cached_kd_step,
         }
         naive = NaiveLoop(s, steps.cfg, steps.raw) if s.naive else None
         if naive is not None:
@@ -160,8 +181,14 @@ def run_kd_suite(s: BenchSettings) -> dict[str, Any]:
         for ai, bi, ci in zip(times["student_step"], times["teacher_step"], times["kd_step"], strict=True)
     ]
     ca, cb, cc = (median(cpu_times[k]) for k in ("student_step", "teacher_step", "kd_step"))
+    d = median(times["cached_kd_step"])
     n = s.batch_size
     out: dict[str, Any] = {
+        "cached_kd_step_ms": d * 1e3,
+        "cached_kd_over_student": d / a,
+        "cached_kd_over_student_per_rep_median": median(
+            [di / ai for ai, di in zip(times["student_step"], times["cached_kd_step"], strict=True)]
+        ),
         "student_step_ms": a * 1e3,
         "teacher_step_ms": b * 1e3,
         "kd_step_ms": c * 1e3,

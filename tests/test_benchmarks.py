@@ -33,7 +33,7 @@ def _positive(value) -> bool:
 
 def test_every_suite_reports_its_headline_numbers(tiny_result):
     summary = tiny_result["summary"]
-    for key in ("kd_over_student_plus_teacher", "speedup_vs_naive", "project_images_per_sec", "loader_over_step",
+    for key in ("kd_over_student_plus_teacher", "cached_kd_over_student", "speedup_vs_naive", "project_images_per_sec", "loader_over_step",
                 "fed_over_step_time", "onnx_student_over_teacher"):  # fmt: skip
         assert _positive(summary[key]), (key, summary[key])
     assert "gpu_busy_fraction" not in summary or summary["gpu_busy_fraction"] is None
@@ -41,7 +41,7 @@ def test_every_suite_reports_its_headline_numbers(tiny_result):
 
 def test_kd_suite_times_every_case_in_every_rep(tiny_result):
     kd = tiny_result["suites"]["kd"]
-    for case in ("student_step", "teacher_step", "kd_step", "naive_step"):
+    for case in ("student_step", "teacher_step", "kd_step", "cached_kd_step", "naive_step"):
         assert len(kd["times_s"][case]) == 1 and _positive(kd["times_s"][case][0])
     assert kd["kd_over_student_plus_teacher"] == pytest.approx(
         kd["kd_step_ms"] / (kd["student_step_ms"] + kd["teacher_step_ms"])
