@@ -64,6 +64,10 @@ def load_cache_teacher(path: str | Path, cfg: ExperimentConfig, device: torch.de
     if not path.is_file():
         raise CheckpointError(f"teacher {path} does not exist")
     if path.suffix.lower() == ".onnx":
+        if cfg.task != "segmentation":
+            raise ConfigError(
+                f"ONNX teachers are implemented for task=segmentation only, not task={cfg.task}"
+            )
         return _onnx_teacher(path)
     from kdlab.distill.teacher import load_teacher
 
@@ -402,8 +406,60 @@ def megabytes_per_1000(path: Path) -> str:
     return f"{per:.1f} MB per 1,000 {'images' if info.task == 'segmentation' else 'samples'}"
 
 
+# --------------------------------------------------------------------------------------------- sequences
+def sequence_preprocessing(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {
+        "task": "sequence",
+        "input_dim": cfg.data.sequence.input_dim,
+        "num_classes": cfg.model.num_classes,
+    }
+
+
+def sequence_fingerprint(dataset: Any) -> str:
+    """Identifies a sequence split: the bytes of its inputs and class labels (after data.* selection)."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(dataset.inputs.numpy()).tobytes())
+    digest.update(np.ascontiguousarray(dataset.labels.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+class _SequenceWriter:
+    """Sequences: `data` = the inputs [n,T,D_in], `labels` = the teacher's trajectory [n,T+1,D_out]
+    (its output-state history, t = 0 included), `class_labels` [n]."""
+
+    @staticmethod
+    def sources(cfg: ExperimentConfig) -> dict[str, tuple[Any, str]]:
+        from kdlab.data.sequence import SequenceDataset, load_sequence_splits
+
+        splits = load_sequence_splits(cfg.data.sequence, cfg.model.num_classes)
+        out = {}
+        for name, split in splits.items():
+            dataset = SequenceDataset(split)
+            out[name] = (dataset, sequence_fingerprint(dataset))
+        return out
+
+    preprocessing = staticmethod(sequence_preprocessing)
+
+    @staticmethod
+    def write_split(
+        group: Any, dataset: Any, indices: np.ndarray, teacher: CacheTeacher, batch_size: int,
+        device: torch.device, progress: bool,
+    ) -> None:  # fmt: skip
+        inputs = dataset.inputs[torch.from_numpy(indices)]
+        group.create_dataset("data", data=inputs.numpy().astype(np.float32))
+        group.create_dataset("class_labels", data=dataset.labels[torch.from_numpy(indices)].numpy())
+        chunks = []
+        starts = range(0, len(indices), batch_size)
+        for start in tqdm(
+            starts, desc=f"teacher cache {group.name.strip('/')}", unit="batch", disable=not progress
+        ):
+            chunks.append(teacher.run(inputs[start : start + batch_size])["trajectory"].cpu().numpy())
+        group.create_dataset("labels", data=np.concatenate(chunks).astype(np.float32))
+
+
 def _sequence_writer() -> Any:
-    raise ConfigError("a teacher cache for task=sequence is not implemented yet")
+    return _SequenceWriter
 
 
 # --------------------------------------------------------------------------------------------------- CLI
