@@ -17,7 +17,12 @@ def build_parser() -> OneLineArgumentParser:
         prog="run_experiments.py",
         description="Run experiments in series (teachers first), export each to ONNX, write a comparison report.",
     )
-    p.add_argument("--configs", nargs="+", required=True, help="config names or suites (quickstart, people)")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        required=True,
+        help="config names or suites (quickstart, people, digits, sequence)",
+    )
     p.add_argument("--epochs", type=int, help="override training.epochs (only when given)")
     p.add_argument("--batch_size", type=int, help="override training.batch_size (only when given)")
     p.add_argument("--seed", type=int)
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         fail_fast=args.fail_fast,
         skip_training=args.skip_training,
         export=(args.export_onnx or not args.skip_training) and not args.no_export,
+        export_requested=args.export_onnx,
     )
     if report_md is not None and report_md.is_file():
         print(report_md.read_text())

@@ -2,7 +2,8 @@
 
 Every section forbids unknown keys, so a typo fails before anything runs. Defaults are the seed's
 people-segmentation sizes (640x640 input, ROI 80x60, mask 160x120, H x W). `task` selects what is trained
-("segmentation": the ROI UNet; "classification": a timm image classifier named by `model.name`).
+("segmentation": the ROI UNet; "classification": a timm image classifier named by `model.name`; "sequence": a
+GRU over [T, D_in] sequences, `model.name` = "gru").
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PositiveSize = tuple[int, int]
-TaskName = Literal["segmentation", "classification"]
+TaskName = Literal["segmentation", "classification", "sequence"]
 SEGMENTATION_MODEL = "roi_unet"
+SEQUENCE_MODEL = "gru"
 
 
 @cache
@@ -37,11 +39,13 @@ def _check_size(value: tuple[int, int], what: str) -> tuple[int, int]:
 
 
 class ModelConfig(_Section):
-    """Segmentation: full-image UNet + RoIAlign + hierarchical ROI head. Classification: a timm model."""
+    """Segmentation: full-image UNet + RoIAlign + hierarchical ROI head. Classification: a timm model.
+    Sequence: a GRU (`hidden_size`, `num_layers`; input size = data.sequence.input_dim, outputs = num_classes)."""
 
     name: str = Field(
         SEGMENTATION_MODEL,
-        description="'roi_unet' (task segmentation) or a timm model name (task classification), e.g. resnet18",
+        description="'roi_unet' (task segmentation), a timm model name (task classification), e.g. resnet18, "
+        "or 'gru' (task sequence)",
     )
     encoder: str = Field("timm-efficientnet-b3", description="smp encoder name, e.g. timm-efficientnet-b0")
     encoder_weights: str | None = Field(
@@ -57,12 +61,16 @@ class ModelConfig(_Section):
         (0.485, 0.456, 0.406), description="normalisation inside the model; inputs stay in [0,1]"
     )
     input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    num_classes: int = Field(10, ge=2, description="classification: number of classes (the data must match)")
+    num_classes: int = Field(
+        10, ge=2, description="classification and sequence: number of classes (the data must match)"
+    )
     weights: str | None = Field(
         None,
         description="classification: null (random init) or a local file of timm weights; never downloaded",
     )
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="classification: dropout before the classifier")
+    hidden_size: int = Field(64, gt=0, description="sequence: GRU hidden state size H")
+    num_layers: int = Field(1, gt=0, le=8, description="sequence: stacked GRU layers")
 
     @field_validator("roi_size", "mask_size")
     @classmethod
@@ -140,6 +148,36 @@ class ClassificationDataConfig(_Section):
     brightness: float = Field(0.1, ge=0.0, lt=1.0, description="train augmentation: random brightness +-")
 
 
+class SequenceDataConfig(_Section):
+    """Sequence-classification data: an HDF5 file, or one generated from the synthetic parameters below.
+
+    HDF5 layout: groups `train`, `val` and optionally `test`, each holding `data` float32 [N, T, D_in] and
+    `labels` int64 [N] in [0, model.num_classes). D_in must equal `input_dim` (the GRU is built from it).
+    """
+
+    source: Literal["synthetic", "hdf5"] = Field(
+        "synthetic", description="synthetic = generated on first use into `path`; hdf5 = read `path`"
+    )
+    path: str = Field(
+        "data/generated/synthetic_sequences.hdf5",
+        description="hdf5: the dataset file; synthetic: where the generated file is written (reused when its "
+        "generator parameters match, else an error)",
+    )
+    input_dim: int = Field(
+        8, gt=0, description="D_in, features per time step (the model's input size; an hdf5 file must match)"
+    )
+    seq_len: int = Field(48, ge=2, description="synthetic: time steps T per sequence")
+    train_samples: int = Field(2000, gt=0, description="synthetic: training sequences")
+    val_samples: int = Field(1000, gt=0, description="synthetic: validation sequences")
+    test_samples: int = Field(0, ge=0, description="synthetic: test sequences (0 = no test split)")
+    noise: float = Field(1.0, ge=0.0, description="synthetic: std of the Gaussian noise on every channel")
+    seed: int = Field(0, description="synthetic: generator seed (classes use model.num_classes)")
+    max_train_samples: int | None = Field(
+        None, gt=0, description="train on a stratified subset of this many samples (e.g. a data-poor student)"
+    )
+    subset_seed: int = Field(1, description="seed of the max_train_samples subset")
+
+
 class DataConfig(_Section):
     """COCO-format person data (segmentation) or `classification` data. Paths are relative to the cwd."""
 
@@ -163,6 +201,7 @@ class DataConfig(_Section):
     max_train_images: int | None = Field(None, gt=0, description="use only the first N training images")
     max_val_images: int | None = Field(None, gt=0, description="use only the first N validation images")
     classification: ClassificationDataConfig = ClassificationDataConfig()
+    sequence: SequenceDataConfig = SequenceDataConfig()
 
     @field_validator("input_size")
     @classmethod
@@ -350,7 +389,9 @@ class ExperimentConfig(_Section):
         "experiment", min_length=1, description="run directory name (defaults to the config's name)"
     )
     description: str = Field("", description="free text shown in listings and reports")
-    task: TaskName = Field("segmentation", description="what is trained: segmentation or classification")
+    task: TaskName = Field(
+        "segmentation", description="what is trained: segmentation, classification or sequence"
+    )
     output_dir: str = Field("experiments", description="parent of run directories")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -412,11 +453,24 @@ class ExperimentConfig(_Section):
         name = self.model.name
         if self.task == "segmentation":
             if name != SEGMENTATION_MODEL:
+                needs = "sequence" if name == SEQUENCE_MODEL else "classification"
                 raise ValueError(
-                    f"model.name='{name}' needs task=classification; task=segmentation uses "
+                    f"model.name='{name}' needs task={needs}; task=segmentation uses "
                     f"model.name='{SEGMENTATION_MODEL}'"
                 )
+        elif self.task == "sequence":
+            if name != SEQUENCE_MODEL:
+                raise ValueError(
+                    f"model.name='{name}' does not fit task=sequence; use model.name='{SEQUENCE_MODEL}'"
+                )
+            for key, value in (("distillation.features", self.distillation.features),
+                               ("distillation.cwd_weight", self.distillation.cwd_weight > 0),
+                               ("export.onnx", self.export.onnx)):  # fmt: skip
+                if value:
+                    raise ValueError(f"{key} is not implemented for task=sequence; unset it")
         else:
+            if name == SEQUENCE_MODEL:
+                raise ValueError(f"model.name='{SEQUENCE_MODEL}' needs task=sequence")
             if name not in timm_model_names():
                 close = difflib.get_close_matches(name, sorted(timm_model_names()), n=3)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""

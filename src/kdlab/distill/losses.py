@@ -1,4 +1,5 @@
-"""Knowledge-distillation losses: logit KL, KL+CE for classifiers, channel-wise distillation (CWD), feature MSE.
+"""Knowledge-distillation losses: logit KL, KL+CE for classifiers, channel-wise distillation (CWD), feature MSE,
+trajectory MSE (+ CE) for sequence models.
 
 Conventions shared by every function here:
 - Inputs may be any floating dtype (bf16 under autocast included); everything is computed in float32 and the
@@ -20,7 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cwd_loss", "feature_mse_loss", "kd_ce_loss", "kd_kl_loss", "mix_teacher_probs", "teacher_probs"]
+__all__ = [
+    "cwd_loss",
+    "feature_mse_loss",
+    "kd_ce_loss",
+    "kd_kl_loss",
+    "mix_teacher_probs",
+    "mix_teacher_trajectories",
+    "teacher_probs",
+    "trajectory_kd_loss",
+    "trajectory_mse_loss",
+]
 
 
 def _check_temperature(temperature: float) -> None:
@@ -165,3 +176,62 @@ def feature_mse_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
         )
     diff = student_feat.float() - teacher_feat.float()
     return (diff * diff).sum() / max(diff.numel(), 1)
+
+
+def trajectory_mse_loss(student_traj: Tensor, teacher_traj: Tensor) -> Tensor:
+    """Trajectory distillation: mean squared difference of the output-state histories, in float32.
+
+    Normalisation, for trajectories `[B, T+1, C]` (batch, time steps with t = 0 the initial state, outputs):
+
+        traj_mse = 1 / (B · (T+1) · C) · sum_{b, t, c} (s[b,t,c] − t[b,t,c])²
+
+    i.e. a plain mean over every element, so the value does not grow with the sequence length or the number
+    of outputs. Shapes must match exactly; empty inputs return a graph-connected 0.
+    """
+    if student_traj.ndim != 3:
+        raise ValueError(f"trajectory_mse_loss: expected [B, T+1, C], got shape {tuple(student_traj.shape)}")
+    if student_traj.shape != teacher_traj.shape:
+        raise ValueError(
+            f"trajectory_mse_loss: student and teacher shapes differ: "
+            f"{tuple(student_traj.shape)} vs {tuple(teacher_traj.shape)}"
+        )
+    diff = student_traj.float() - teacher_traj.float()
+    return (diff * diff).sum() / max(diff.numel(), 1)
+
+
+def mix_teacher_trajectories(trajectories: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Several teachers' trajectories as one target: `sum_i w_i traj_i / sum_i w_i` (float32, weights > 0)."""
+    if len(trajectories) == 0:
+        raise ValueError("mix_teacher_trajectories needs at least one teacher")
+    if len(trajectories) != len(weights) or not all(w > 0 for w in weights):
+        raise ValueError(f"need one weight > 0 per teacher trajectory, got {list(weights)}")
+    total = float(sum(weights))
+    mixed = trajectories[0].float() * (float(weights[0]) / total)
+    for traj, w in zip(trajectories[1:], weights[1:], strict=True):
+        if traj.shape != trajectories[0].shape:
+            raise ValueError(
+                f"teacher trajectories differ in shape: {tuple(traj.shape)} vs {tuple(trajectories[0].shape)}"
+            )
+        mixed = mixed + traj.float() * (float(w) / total)
+    return mixed
+
+
+def trajectory_kd_loss(
+    student_traj: Tensor,
+    student_logits: Tensor,
+    teacher_traj: Tensor,
+    labels: Tensor,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> dict[str, Tensor]:
+    """Sequence distillation: `alpha · traj_mse + (1 − alpha) · CE(logits, y)`.
+
+    traj_mse is `trajectory_mse_loss` (mean over batch, the T+1 time steps and the C outputs); CE is the
+    batch mean on the final logits `[B, C]` (label smoothing as `F.cross_entropy`). No temperature: the
+    trajectories are matched as raw outputs. alpha = 0 is plain CE. Returns {"loss", "traj_mse", "ce"}.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    traj = trajectory_mse_loss(student_traj, teacher_traj)
+    ce = F.cross_entropy(student_logits.float(), labels.long(), label_smoothing=label_smoothing)
+    return {"loss": alpha * traj + (1.0 - alpha) * ce, "traj_mse": traj, "ce": ce}

@@ -1,7 +1,7 @@
 """Tasks turn a batch into a loss dict; the training loop never asks what kind of training it runs.
 
 A task is any object with `__call__(model, batch) -> {"loss": tensor, "<component>": tensor, ...}` and a
-`name`. `SegmentationTask` and `ClassificationTask` are the plain (no teacher) ones; the KD tasks live in
+`name`. `SegmentationTask`, `ClassificationTask` and `SequenceTask` are the plain (no teacher) ones; the KD tasks live in
 `kdlab.distill`.
 """
 
@@ -54,5 +54,19 @@ class ClassificationTask:
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits = model(batch["images"])
+        ce = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
+        return {"loss": ce, "ce": ce}
+
+
+class SequenceTask:
+    """Plain supervised sequence classification: cross-entropy on the final logits (readout of h_T)."""
+
+    name = "sequence"
+
+    def __init__(self, cfg: LossConfig) -> None:
+        self.label_smoothing = cfg.label_smoothing
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits = model(batch["inputs"])["logits"]
         ce = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
         return {"loss": ce, "ce": ce}

@@ -26,7 +26,7 @@ from kdlab.data.coco import sample_seed
 from kdlab.data.loaders import raise_if_data_error
 from kdlab.distill.ema import ModelEMA
 from kdlab.engine import distributed
-from kdlab.engine.batches import autocast_for, batch_to_device
+from kdlab.engine.batches import autocast_for, batch_size_of, batch_to_device
 from kdlab.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -505,7 +505,7 @@ class Trainer:
                 batch = batch_to_device(raw, self.device, tcfg.channels_last)
                 micro = (i % accum) * self.dist.world_size + self.dist.rank
                 pending.append(self.forward_backward(batch, sync_grads=boundary, micro_index=micro))
-                pending_images += raw["images"].shape[0]
+                pending_images += batch_size_of(raw)
             if not boundary or not pending:
                 continue
             step_norm = self.optimizer_step(pending)

@@ -7,9 +7,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kdlab.errors import ConfigError
 from kdlab.experiments.runner import RunResult, plan_runs, run_all, write_runs_json
 
 log = logging.getLogger(__name__)
+
+# Tasks whose student has no ONNX exporter yet: the default export after training skips them (logged), and
+# an explicit --export_onnx naming them is a ConfigError.
+NOT_EXPORTABLE_TASKS = frozenset({"sequence"})
 
 
 def export_finished(results: list[Any]) -> None:
@@ -18,6 +23,9 @@ def export_finished(results: list[Any]) -> None:
 
     for result in results:
         if result.status not in ("completed", "exists"):
+            continue
+        if run_task(result) in NOT_EXPORTABLE_TASKS:
+            log.info("%s: ONNX export is not implemented for task=%s; skipped", result.name, run_task(result))
             continue
         try:
             meta = export_run_to_onnx(result.run_dir)
@@ -72,11 +80,19 @@ def orchestrate(
     fail_fast: bool,
     skip_training: bool,
     export: bool,
+    export_requested: bool = False,
 ) -> tuple[int, Path | None]:
-    """Returns (exit status, path of experiment_comparison.md)."""
+    """Returns (exit status, path of experiment_comparison.md). `export_requested`: --export_onnx was given."""
     from kdlab.experiments.report import RunRecord, collect_rows, write_report
 
     planned = plan_runs(configs, set_items, flags, sweeps)
+    if export_requested:
+        for p in planned:
+            if p.config.task in NOT_EXPORTABLE_TASKS:
+                raise ConfigError(
+                    f"--export_onnx: ONNX export is not implemented for task={p.config.task} ({p.run_name}); "
+                    "drop --export_onnx or those configs"
+                )
     out = output_dir or Path(planned[0].config.output_dir)
     results = run_all(
         planned, flags_argv, out, resume=resume, fail_fast=fail_fast, skip_training=skip_training

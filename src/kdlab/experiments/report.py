@@ -4,8 +4,9 @@ Each run directory is read as the trainer leaves it (summary.json, config.json, 
 when exported, checkpoints/best_model.onnx.json). Metrics come from the best epoch's validation row;
 roles (teacher / student / distilled) come from the runner or are inferred from the configs, and give
 "% of teacher" and "gap closed" = (distilled - baseline) / (teacher - baseline) on the headline metric:
-target_iou for segmentation runs, top-1 for classification runs (a table of classifiers only has its own
-columns: model, top-1, top-5, ECE instead of the segmentation metrics).
+target_iou for segmentation runs, top-1 for classification and sequence runs (a table of classifiers only has
+its own columns: model, top-1, top-5, ECE instead of the segmentation metrics; a table of sequence models
+names each GRU `gru-<hidden>x<layers>`, counts parameters in thousands and has no ONNX columns).
 """
 
 from __future__ import annotations
@@ -74,6 +75,21 @@ CLASSIFICATION_COLUMNS: tuple[str, ...] = (
     "gap_closed",
 )
 CLASSIFICATION_METRIC_COLUMNS: tuple[str, ...] = tuple(m for m in CLASSIFICATION_METRICS if m != "loss")
+SEQUENCE_COLUMNS: tuple[str, ...] = (
+    "experiment",
+    "status",
+    "role",
+    "model",
+    "params_k",
+    "macs_m",
+    "top1",
+    "top5",
+    "ece",
+    "best_epoch",
+    "train_time_min",
+    "pct_of_teacher",
+    "gap_closed",
+)
 ROLES: tuple[str, ...] = ("teacher", "student", "distilled")
 # Runs whose numbers count: trained now ("completed") or found finished on disk by an export-only pass
 # ("exists"). A "skipped" run (its teacher failed) was not trained, so numbers on disk may be stale.
@@ -125,6 +141,18 @@ def compute_classifier_macs(model_cfg: ModelConfig, image_size: int) -> int:
             model(torch.rand(1, 3, image_size, image_size))
         _MACS_CACHE[key] = int(counter.get_total_flops()) // 2
     return _MACS_CACHE[key]
+
+
+def compute_gru_macs(
+    hidden_size: int, num_layers: int, input_dim: int, num_classes: int, seq_len: int
+) -> int:
+    """Multiply-accumulates of one GRU sequence model forward on ONE sequence of `seq_len` steps, counted by
+    hand (FlopCounterMode does not see inside nn.GRU): per step and layer the three gates' input and
+    recurrent matmuls, 3·H·(D_l + H) with D_l = input_dim for layer 0 else H; plus the readout of the
+    T+1 states, (T+1)·H·C. Element-wise gate maths is not counted (as for convolutions elsewhere)."""
+    h = hidden_size
+    per_step = sum(3 * h * ((input_dim if layer == 0 else h) + h) for layer in range(num_layers))
+    return per_step * seq_len + (seq_len + 1) * h * num_classes
 
 
 def _count_flops(model: nn.Module, height: int, width: int, rois_per_image: int, device: torch.device) -> int:
@@ -266,6 +294,15 @@ def _is_inside(path: Path, run_dir: Path | None) -> bool:
 
 def _macs_g(config: dict[str, Any] | None, name: str) -> float | None:
     model = _get(config, "model")
+    if _get(config, "task") == "sequence":
+        seq = _get(config, "data", "sequence")
+        try:
+            macs = compute_gru_macs(int(model["hidden_size"]), int(model["num_layers"]), int(seq["input_dim"]),
+                                    int(model["num_classes"]), int(seq["seq_len"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:  # a report must not die on one odd config
+            log.warning("report: cannot count MACs of %s (%s)", name, exc)
+            return None
+        return macs / 1e9
     if _get(config, "task") == "classification":
         size = _get(config, "data", "classification", "image_size")
         try:
@@ -303,7 +340,10 @@ def _base_row(record: RunRecord, files: _RunFiles, layout: ReportLayout | None =
     if onnx_mb is None and files.onnx_path is not None:
         onnx_mb = files.onnx_path.stat().st_size / 1e6
     macs_g = _macs_g(config, record.name)
-    if layout.arch_column == "model":
+    if layout is SEQUENCE_LAYOUT:
+        hidden, layers = _get(config, "model", "hidden_size"), _get(config, "model", "num_layers")
+        arch = f"gru-{hidden}x{layers}" if hidden and layers else None
+    elif layout.arch_column == "model":
         arch = _get(config, "model", "name") or _get(summary, "model_name")
     else:
         arch = _get(config, "model", "encoder") or _get(summary, "encoder")
@@ -313,6 +353,11 @@ def _base_row(record: RunRecord, files: _RunFiles, layout: ReportLayout | None =
         "role": record.role,
         layout.arch_column: arch if isinstance(arch, str) else None,
         "params_m": total_params / 1e6 if total_params is not None else None,
+        **(
+            {"params_k": total_params / 1e3 if total_params is not None else None}
+            if layout is SEQUENCE_LAYOUT
+            else {}
+        ),
         "macs_g": macs_g,
         **(
             {"macs_m": macs_g * 1000 if macs_g is not None else None} if layout.arch_column == "model" else {}
@@ -343,15 +388,21 @@ SEGMENTATION_LAYOUT = ReportLayout(COLUMNS, METRIC_COLUMNS, "target_iou", "encod
 CLASSIFICATION_LAYOUT = ReportLayout(
     CLASSIFICATION_COLUMNS, CLASSIFICATION_METRIC_COLUMNS, "top1", "model", "top-1"
 )
+SEQUENCE_LAYOUT = ReportLayout(SEQUENCE_COLUMNS, CLASSIFICATION_METRIC_COLUMNS, "top1", "model", "top-1")
 
 
 def layout_for_configs(configs: list[dict[str, Any] | None]) -> ReportLayout:
-    """The classification layout when every run with a known config is a classifier, else segmentation."""
+    """The classification (sequence) layout when every run with a known config is a classifier (sequence
+    model), else segmentation."""
     tasks = {_get(c, "task") or "segmentation" for c in configs if isinstance(c, dict)}
-    return CLASSIFICATION_LAYOUT if tasks == {"classification"} else SEGMENTATION_LAYOUT
+    if tasks == {"classification"}:
+        return CLASSIFICATION_LAYOUT
+    return SEQUENCE_LAYOUT if tasks == {"sequence"} else SEGMENTATION_LAYOUT
 
 
 def layout_for_rows(rows: list[dict[str, Any]]) -> ReportLayout:
+    if rows and "params_k" in rows[0]:
+        return SEQUENCE_LAYOUT
     return (
         CLASSIFICATION_LAYOUT
         if rows and "top1" in rows[0] and "target_iou" not in rows[0]
@@ -488,6 +539,7 @@ _MD_FORMAT: dict[str, tuple[str, str | None]] = {
     "gap_closed": ("gap closed", "{:.2f}"),
     "model": ("model", None),
     "macs_m": ("MMACs", "{:.1f}"),
+    "params_k": ("params k", "{:.1f}"),
     "top1": ("top-1", "{:.4f}"),
     "top5": ("top-5", "{:.4f}"),
     "ece": ("ECE", "{:.4f}"),
@@ -526,6 +578,17 @@ def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
         + " |"
     )
     completed = sum(1 for r in rows if r.get("status") in RESULT_STATUSES)
+    if layout is SEQUENCE_LAYOUT:
+        intro = [
+            "# Experiment comparison",
+            "",
+            f"{len(rows)} experiments ({completed} completed). GRU sequence classifiers (model = gru-<hidden>x<layers>); "
+            "metrics on the validation set at each run's best epoch (top-1 on the final logits, ECE over 15 "
+            "confidence bins). MMACs: one sequence, counted by hand. % of teacher and gap closed = (distilled − "
+            f"baseline) / (teacher − baseline) use top-1. {MISSING} = not available.",
+            "",
+        ]
+        return "\n".join([*intro, line(headers), rule, *(line(r) for r in cells)]) + "\n"
     if layout is CLASSIFICATION_LAYOUT:
         intro = [
             "# Experiment comparison",

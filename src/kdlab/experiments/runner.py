@@ -31,6 +31,7 @@ SUITES: dict[str, list[str]] = {
     "quickstart": ["quickstart_teacher", "quickstart_baseline", "quickstart_distill"],
     "people": ["people_b3_teacher", "people_b0_baseline", "people_b0_from_b3"],
     "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
+    "sequence": ["sequence_teacher", "sequence_student_baseline", "sequence_student_distill"],
 }
 TRAIN_SCRIPT = Path(__file__).resolve().parents[3] / "train_advanced.py"
 ERROR_TAIL_LINES = 30

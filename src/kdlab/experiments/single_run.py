@@ -308,7 +308,7 @@ def build_distillation(
         eval_model = None
     else:
         frozen = [(t.teacher.to(device), t.weight) for t in teachers]
-        eval_model = frozen[0][0] if d.evaluate_teacher else None
+        eval_model = frozen[0][0] if d.evaluate_teacher and frozen else None
     distiller = None
     if d.features:
         from kdlab.distill.features import FeatureDistiller

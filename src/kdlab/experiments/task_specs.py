@@ -256,6 +256,85 @@ def _cls_describe(cfg: ExperimentConfig, model: torch.nn.Module) -> str:
     return f"timm {cfg.model.name}, {params / 1e6:.2f}M params, {cfg.model.num_classes} classes"
 
 
+# ---------------------------------------------------------------------------------------- sequence
+def _seq_check_inputs(cfg: ExperimentConfig) -> None:
+    from kdlab.data.sequence import check_sequence_inputs
+
+    check_sequence_inputs(cfg.data.sequence)
+
+
+def _seq_datasets(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    from kdlab.data.sequence import build_sequence_datasets
+
+    return build_sequence_datasets(cfg)
+
+
+def _seq_loader(*args: Any, **kwargs: Any) -> Any:
+    from kdlab.data.sequence import build_sequence_loader
+
+    return build_sequence_loader(*args, **kwargs)
+
+
+def _seq_evaluator(
+    cfg: ExperimentConfig,
+    val_loader: Any,
+    device: torch.device,
+    amp: torch.dtype | None,
+    progress: bool,
+    main_rank: bool = True,
+) -> Any:
+    from kdlab.evaluate.sequence_evaluator import SequenceEvaluator
+
+    return SequenceEvaluator(val_loader, device, cfg.model.num_classes, amp, progress and main_rank)
+
+
+def _seq_plain_task(cfg: ExperimentConfig) -> Any:
+    from kdlab.engine.tasks import SequenceTask
+
+    return SequenceTask(cfg.training.loss)
+
+
+def _seq_kd_task(
+    cfg: ExperimentConfig, model: torch.nn.Module, teachers: list[LoadedTeacher], device: torch.device
+) -> KDParts:
+    """The sequence KD parts (see `single_run.build_distillation`; no feature pairs for sequences)."""
+    from kdlab.distill.kd_sequence import SequenceKDTask
+    from kdlab.experiments.single_run import build_distillation
+
+    data = cfg.data.sequence
+    example = (torch.rand(2, data.seq_len, data.input_dim),)
+    return build_distillation(cfg, model, teachers, device, SequenceKDTask, example)
+
+
+def _seq_check_teacher(cfg: ExperimentConfig, t: LoadedTeacher) -> None:
+    model = t.config.get("model", {})
+    seq = t.config.get("data", {}).get("sequence", {})
+    theirs = {"model.num_classes": model.get("num_classes"), "data.sequence.input_dim": seq.get("input_dim")}
+    ours = {
+        "model.num_classes": cfg.model.num_classes,
+        "data.sequence.input_dim": cfg.data.sequence.input_dim,
+    }
+    for key, value in theirs.items():
+        if value != ours[key]:
+            raise CheckpointError(
+                f"teacher {t.path} has {key}={value} but the student's {key} is {ours[key]}; they must match"
+            )
+
+
+def _seq_summary(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"model_name": cfg.model.name, "hidden_size": cfg.model.hidden_size,
+            "num_layers": cfg.model.num_layers, "input_dim": cfg.data.sequence.input_dim,
+            "num_classes": cfg.model.num_classes}  # fmt: skip
+
+
+def _seq_describe(cfg: ExperimentConfig, model: torch.nn.Module) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    return (
+        f"GRU hidden {cfg.model.hidden_size} x {cfg.model.num_layers} layer(s), {params / 1e3:.1f}k params, "
+        f"{cfg.data.sequence.input_dim} inputs, {cfg.model.num_classes} classes"
+    )
+
+
 TASK_SPECS: dict[str, TaskSpec] = {
     "segmentation": TaskSpec(
         "segmentation", "target_iou", _seg_check_inputs, _seg_datasets, _seg_loader, _seg_evaluator,
@@ -264,6 +343,10 @@ TASK_SPECS: dict[str, TaskSpec] = {
     "classification": TaskSpec(
         "classification", "top1", _cls_check_inputs, _cls_datasets, _cls_loader, _cls_evaluator,
         _cls_plain_task, _cls_kd_task, _cls_check_teacher, _cls_summary, _cls_describe,
+    ),
+    "sequence": TaskSpec(
+        "sequence", "top1", _seq_check_inputs, _seq_datasets, _seq_loader, _seq_evaluator,
+        _seq_plain_task, _seq_kd_task, _seq_check_teacher, _seq_summary, _seq_describe,
     ),
 }  # fmt: skip
 

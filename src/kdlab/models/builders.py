@@ -38,16 +38,24 @@ def build_classifier(cfg: ModelConfig) -> nn.Module:
     return TimmClassifier(cfg)
 
 
+def build_sequence_model(cfg: ExperimentConfig) -> nn.Module:
+    """The GRU of task=sequence; its input size is `data.sequence.input_dim` (checked against the data)."""
+    from kdlab.models.sequence import GRUSequenceModel
+
+    return GRUSequenceModel(cfg.model, cfg.data.sequence.input_dim)
+
+
 # The model of each task, built from the whole experiment config (one entry per `ExperimentConfig.task`).
-MODEL_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "segmentation": build_model,
-    "classification": build_classifier,
+MODEL_BUILDERS: dict[str, Callable[[ExperimentConfig], nn.Module]] = {
+    "segmentation": lambda cfg: build_model(cfg.model),
+    "classification": lambda cfg: build_classifier(cfg.model),
+    "sequence": build_sequence_model,
 }
 
 
 def build_task_model(cfg: ExperimentConfig, from_checkpoint: bool = False) -> nn.Module:
     """The model `cfg.task` trains; `from_checkpoint` skips local weight files (the checkpoint has them)."""
-    model_cfg = cfg.model
     if from_checkpoint:
-        model_cfg = model_cfg.model_copy(update={"encoder_weights": None, "weights": None})
-    return MODEL_BUILDERS[cfg.task](model_cfg)
+        model_cfg = cfg.model.model_copy(update={"encoder_weights": None, "weights": None})
+        cfg = cfg.model_copy(update={"model": model_cfg})
+    return MODEL_BUILDERS[cfg.task](cfg)
