@@ -307,7 +307,11 @@ def test_tiny_sequence_suite_trains_distils_and_reports(tmp_path):
     assert all(r["status"] == "completed" and r["export"] is None for r in runs)
     summary = json.loads((out / "sequence_student_distill" / "summary.json").read_text())
     assert summary["best_metric_name"] == "top1" and summary["task"] == "distillation"
-    assert 0.0 <= summary["teacher_metrics"]["top1"] <= 1.0
+    cache = out / "sequence_student_distill" / "teacher_cache.hdf5"
+    assert (
+        summary["teacher_cache"]["path"] == str(cache) and summary["teacher_cache"]["samples"]["train"] == 48
+    )
+    check_cached_trajectories(cache, out / "sequence_teacher" / "checkpoints" / "best_model.pth")
     metrics = list(csv.DictReader((out / "sequence_student_distill" / "logs" / "metrics.csv").open()))
     assert "train_traj_mse" in metrics[0]
     rows = list(csv.DictReader((out / "experiment_comparison.csv").open()))
@@ -317,6 +321,48 @@ def test_tiny_sequence_suite_trains_distils_and_reports(tmp_path):
     assert "| top-1 |" in " ".join((out / "experiment_comparison.md").read_text().split())
     explicit = ["--configs", "sequence_teacher", "--export_onnx", "--skip_training", "--output_dir", str(out)]
     assert run_cli(experiments_main, explicit) == 2
+
+
+def check_cached_trajectories(cache: Path, teacher_ckpt: Path) -> None:
+    """The cache layout for sequences: data [n,T,D_in], labels = the teacher's [n,T+1,D_out] trajectory."""
+    import h5py
+
+    from kdlab.distill.teacher import model_from_checkpoint
+
+    teacher, _, _ = model_from_checkpoint(teacher_ckpt, "teacher")
+    with h5py.File(cache, "r") as fh:
+        assert set(fh) == {"train", "val"} and fh.attrs["task"] == "sequence"
+        for split in ("train", "val"):
+            data, labels = fh[split]["data"][()], fh[split]["labels"][()]
+            n, t, _ = data.shape
+            assert labels.shape == (n, t + 1, 8) and fh[split]["class_labels"].shape == (n,)
+            with torch.no_grad():
+                expected = teacher.eval()(torch.from_numpy(data))["trajectory"].numpy()
+            np.testing.assert_allclose(labels, expected, atol=1e-5)
+
+
+def test_cache_cli_writes_sequence_trajectories_and_a_student_trains_from_them(tmp_path):
+    from kdlab.data.teacher_cache import CacheInfo
+    from kdlab.distill.cache import main as cache_main
+
+    sets = [f"data.sequence.path={tmp_path / 'seq.h5'}", *TINY]
+    teacher_args = ["--config", "sequence_teacher", "--output_dir", str(tmp_path / "runs"), "--epochs", "1",
+                    "--device", "cpu", "--no_progress", "--set", *sets]  # fmt: skip
+    assert run_cli(train_main, teacher_args) == 0
+    ckpt = tmp_path / "runs" / "sequence_teacher" / "checkpoints" / "best_model.pth"
+    cache = tmp_path / "traj.hdf5"
+    gen = ["generate", "--teacher", str(ckpt), "--config", "sequence_student_distill", "--out", str(cache),
+           "--subset_fraction", "0.5", "--max_samples", "20", "--seed", "3", "--no_progress", "--set", *sets]  # fmt: skip
+    assert run_cli(cache_main, gen) == 0
+    info = CacheInfo(cache)
+    assert {s: len(v["indices"]) for s, v in info.splits.items()} == {"train": 20, "val": 8}
+    check_cached_trajectories(cache, ckpt)
+    ckpt.unlink()  # the student needs the cache alone
+    student = ["--config", "sequence_student_distill", "--output_dir", str(tmp_path / "runs"), "--epochs", "1",
+               "--device", "cpu", "--no_progress", "--set", *sets, f"distillation.cache.distillation_data_path={cache}"]  # fmt: skip
+    assert run_cli(train_main, student) == 0
+    summary = json.loads((tmp_path / "runs" / "sequence_student_distill" / "summary.json").read_text())
+    assert summary["train_images"] == 20 and summary["teacher_cache"]["samples"] == {"train": 20, "val": 8}
 
 
 def test_bad_hdf5_source_through_the_cli_is_one_error_line_and_no_run_dir(tmp_path, capsys):

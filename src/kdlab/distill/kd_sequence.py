@@ -34,12 +34,14 @@ class SequenceKDTask:
         loss_cfg: LossConfig,
         teachers: list[tuple[FrozenTeacher, float]],
         feature_distiller: Any | None = None,
+        cached: bool = False,
     ) -> None:
         if feature_distiller is not None:
             raise ValueError("feature distillation is not implemented for task=sequence")
         self.dcfg = dcfg
         self.label_smoothing = loss_cfg.label_smoothing
         self.teachers = teachers
+        self.cached = cached  # the trajectory comes with every batch (an offline teacher cache)
         self.alpha = make_schedule(dcfg.alpha, dcfg.alpha_schedule)
         self.progress = 0.0
         self.step = 0
@@ -55,6 +57,8 @@ class SequenceKDTask:
         """The cached trajectory when the batch has one, else the live teachers' weighted mean."""
         if CACHE_KEY in batch:
             return batch[CACHE_KEY]
+        if self.cached:
+            raise RuntimeError(f"KD from a teacher cache got a batch without '{CACHE_KEY}'")
         if not self.teachers:
             raise ValueError(f"SequenceKDTask has no teacher and the batch carries no '{CACHE_KEY}'")
         inputs = batch["inputs"]

@@ -335,6 +335,44 @@ def _seq_describe(cfg: ExperimentConfig, model: torch.nn.Module) -> str:
     )
 
 
+def _seq_cached_train_set(cfg: ExperimentConfig, train_set: Any, info: Any) -> Any:
+    """The cache's train split as it was cached: inputs, class labels and the teacher trajectory."""
+    import h5py
+
+    from kdlab.data.sequence import SequenceDataset, SequenceSplit
+
+    with h5py.File(info.path, "r") as fh:
+        group = fh["train"]
+        split = SequenceSplit(group["data"][()], group["class_labels"][()])
+        trajectory = group["labels"][()]
+    log.info("training from teacher cache %s: %d sequences with the teacher's %s trajectories", info.path,
+             len(split.labels), "x".join(str(d) for d in trajectory.shape[1:]))  # fmt: skip
+    return SequenceDataset(split, extra={"teacher_trajectory": trajectory})
+
+
+def _seq_fingerprints(cfg: ExperimentConfig, train_set: Any, val_set: Any) -> dict[str, str]:
+    from kdlab.distill.cache import sequence_fingerprint
+
+    return {"train": sequence_fingerprint(train_set), "val": sequence_fingerprint(val_set)}
+
+
+def _seq_preprocessing(cfg: ExperimentConfig) -> dict[str, Any]:
+    from kdlab.distill.cache import sequence_preprocessing
+
+    return sequence_preprocessing(cfg)
+
+
+def _seq_kd_class() -> Any:
+    from kdlab.distill.kd_sequence import SequenceKDTask
+
+    return SequenceKDTask
+
+
+SEQUENCE_CACHE = CacheHooks(
+    _seq_preprocessing, _seq_fingerprints, _seq_cached_train_set, _seq_kd_class, lambda cfg: ["trajectory"]
+)
+
+
 TASK_SPECS: dict[str, TaskSpec] = {
     "segmentation": TaskSpec(
         "segmentation", "target_iou", _seg_check_inputs, _seg_datasets, _seg_loader, _seg_evaluator,
@@ -346,7 +384,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
     ),
     "sequence": TaskSpec(
         "sequence", "top1", _seq_check_inputs, _seq_datasets, _seq_loader, _seq_evaluator,
-        _seq_plain_task, _seq_kd_task, _seq_check_teacher, _seq_summary, _seq_describe,
+        _seq_plain_task, _seq_kd_task, _seq_check_teacher, _seq_summary, _seq_describe, SEQUENCE_CACHE,
     ),
 }  # fmt: skip
 
