@@ -312,6 +312,17 @@ def test_tiny_sequence_suite_trains_distils_and_reports(tmp_path):
         summary["teacher_cache"]["path"] == str(cache) and summary["teacher_cache"]["samples"]["train"] == 48
     )
     check_cached_trajectories(cache, out / "sequence_teacher" / "checkpoints" / "best_model.pth")
+    # A distilled student starts from the baseline's weights, also with a live teacher (built before the
+    # student, so its initialisation must not shift the student's).
+    live = ["--config", "sequence_student_distill", "--output_dir", str(out), "--epochs", "1", "--device", "cpu",
+            "--no_progress", "--set", "name=live", "distillation.cache=null", f"data.sequence.path={tmp_path / 'seq.h5'}",
+            *TINY]  # fmt: skip
+    assert run_cli(train_main, live) == 0
+    start = {n: torch.load(out / n / "checkpoints" / "untrained_model.pth", weights_only=True)["model_state_dict"]
+             for n in ("sequence_student_baseline", "sequence_student_distill", "live")}  # fmt: skip
+    base = start["sequence_student_baseline"]
+    for name in ("sequence_student_distill", "live"):
+        assert all(torch.equal(base[k], start[name][k]) for k in base), name
     metrics = list(csv.DictReader((out / "sequence_student_distill" / "logs" / "metrics.csv").open()))
     assert "train_traj_mse" in metrics[0]
     rows = list(csv.DictReader((out / "experiment_comparison.csv").open()))

@@ -143,6 +143,10 @@ def execute(request: RunRequest) -> dict[str, Any]:
     train_set, val_set = spec.build_datasets(cfg)
     if ctx.enabled and ctx.is_main:
         distributed.barrier()
+    # Re-seeded here so the student's initial weights depend on the seed alone, not on whether a teacher was
+    # built first: a distilled student starts from exactly the baseline's weights (a fair comparison), and
+    # live and cached distillation start alike.
+    torch.manual_seed(cfg.training.seed)
     model = build_model_for(cfg)
     amp_dtype = resolve_amp_dtype(cfg.training.amp, device)
     shard = {"rank": ctx.rank, "world_size": ctx.world_size}
