@@ -353,8 +353,8 @@ def check_cached_trajectories(cache: Path, teacher_ckpt: Path) -> None:
 
 
 def test_cache_cli_writes_sequence_trajectories_and_a_student_trains_from_them(tmp_path):
+    from kdlab.cli.cache import main as cache_main
     from kdlab.data.teacher_cache import CacheInfo
-    from kdlab.distill.cache import main as cache_main
 
     sets = [f"data.sequence.path={tmp_path / 'seq.h5'}", *TINY]
     teacher_args = ["--config", "sequence_teacher", "--output_dir", str(tmp_path / "runs"), "--epochs", "1",

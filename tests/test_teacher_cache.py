@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdlab.cli.cache import main as cache_main
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
 from kdlab.config.loader import resolve_config
@@ -20,9 +21,6 @@ from kdlab.distill.cache import (
     load_cache_teacher,
     mirrored_rois,
     teacher_roi_outputs,
-)
-from kdlab.distill.cache import (
-    main as cache_main,
 )
 from kdlab.errors import ConfigError, DataError
 from tests.helpers import error_lines, tiny_args, tree_hashes

@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SEGMENTATION_HEADS = ("logits", "bg_fg_logits", "target_logits")
 TEACHER_KEY_PREFIX = "teacher_"  # batch keys that carry cached teacher outputs
+ONNX_CONFIG_METADATA_KEY = "kdlab_config"  # an ONNX export's experiment config (JSON) in its metadata_props
 
 
 # ------------------------------------------------------------------------------------------ subset rules

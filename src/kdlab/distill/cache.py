@@ -29,13 +29,14 @@ from kdlab.atomic_io import temp_path_for
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.teacher_cache import (
     FORMAT_VERSION,
+    ONNX_CONFIG_METADATA_KEY,
     SEGMENTATION_HEADS,
     CacheInfo,
     draw_subset,
     segmentation_preprocessing,
     sha256_of_file,
 )
-from kdlab.errors import CheckpointError, ConfigError, DataError
+from kdlab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +98,12 @@ def _onnx_teacher(path: Path) -> CacheTeacher:
     import onnx
     import onnxruntime as ort
 
-    from kdlab.export.onnx_export import CONFIG_METADATA_KEY
-
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise CheckpointError(f"teacher {path} is not a readable ONNX file ({type(exc).__name__})") from exc
     meta = {p.key: p.value for p in proto.metadata_props}
-    config = json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else {}
+    config = json.loads(meta[ONNX_CONFIG_METADATA_KEY]) if ONNX_CONFIG_METADATA_KEY in meta else {}
     inputs = {i.name: i for i in proto.graph.input}
     outputs = [o.name for o in proto.graph.output]
     if set(inputs) != {"images", "rois"} or "masks" not in outputs:
@@ -140,21 +139,6 @@ def _onnx_teacher(path: Path) -> CacheTeacher:
         input_size=input_size,
         mask_size=mask_size,
     )
-
-
-def export_teacher_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> Path:
-    """Export a segmentation teacher with all three heads (masks, bg_fg_logits, target_logits) and its
-    config in the metadata, so it can fill a cache as an ONNX teacher."""
-    from kdlab.distill.teacher import model_from_checkpoint
-    from kdlab.export.onnx_export import CONFIG_METADATA_KEY, export_model_to_onnx
-
-    model, cfg, _ = model_from_checkpoint(checkpoint, "teacher checkpoint")
-    if cfg.task != "segmentation":
-        raise ConfigError(f"export-teacher exports segmentation teachers; {checkpoint} is a {cfg.task} model")
-    size = (int(cfg.data.input_size[0]), int(cfg.data.input_size[1]))
-    metadata = {CONFIG_METADATA_KEY: json.dumps(cfg.model_dump(mode="json"))}
-    export_model_to_onnx(model.eval(), Path(out), size, opset, heads=SEGMENTATION_HEADS, metadata=metadata)
-    return Path(out)
 
 
 # -------------------------------------------------------------------------------------------- segmentation
@@ -462,38 +446,6 @@ def _sequence_writer() -> Any:
     return _SequenceWriter
 
 
-# --------------------------------------------------------------------------------------------------- CLI
-def build_parser() -> Any:
-    from kdlab.cli.common import OneLineArgumentParser
-
-    p = OneLineArgumentParser(prog="python -m kdlab.distill.cache", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="run a teacher over a config's data and write the cache")
-    gen.add_argument(
-        "--teacher", required=True, help="teacher checkpoint (.pth) or kdlab ONNX export (.onnx)"
-    )
-    gen.add_argument(
-        "--config", required=True, help="the named config (or .py / config.json) whose data to cache"
-    )
-    gen.add_argument("--out", required=True, type=Path, help="the cache file to write (.hdf5)")
-    gen.add_argument("--subset_fraction", type=float, default=None, help="share of each split (default 1.0)")
-    gen.add_argument("--max_samples", type=int, default=None, help="cap per split, after the fraction")
-    gen.add_argument("--batch_size", type=int, default=None, help="teacher batch size (default 32)")
-    gen.add_argument("--seed", type=int, default=None, help="seed of the subset draw (default 0)")
-    gen.add_argument("--no_symmetrize_flips", action="store_true", help="cache the teacher on one view only")
-    gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="training.device")
-    gen.add_argument("--set", dest="set_items", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    gen.add_argument("--no_progress", action="store_true")
-    exp = sub.add_parser("export-teacher", help="export a segmentation teacher to ONNX with its aux heads")
-    exp.add_argument("--teacher", required=True, help="teacher checkpoint (.pth)")
-    exp.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
-    exp.add_argument("--opset", type=int, default=17)
-    for parser in (gen, exp):
-        parser.error = p.error  # type: ignore[method-assign]  # one-line errors for subcommands too
-    return p
-
-
 def request_from_config(cfg: ExperimentConfig, teacher: str, out: Path, args: Any = None) -> CacheRequest:
     """The config's `distillation.cache` settings, overridden by the CLI flags that were given."""
     c = cfg.distillation.cache
@@ -512,31 +464,7 @@ def request_from_config(cfg: ExperimentConfig, teacher: str, out: Path, args: An
     return req
 
 
-def main(argv: list[str] | None = None) -> int:
-    from kdlab.cli.common import setup_logging
-    from kdlab.config.loader import resolve_config
+if __name__ == "__main__":  # `python -m kdlab.distill.cache ...`; the command line lives in kdlab.cli.cache
+    from kdlab.cli.cache import entrypoint
 
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    if args.command == "export-teacher":
-        path = export_teacher_onnx(args.teacher, args.out, args.opset)
-        print(f"exported teacher with masks, bg_fg_logits and target_logits to {path}")
-        return 0
-    flags = {"training.device": args.device} if args.device else {}
-    cfg = resolve_config(args.config, args.set_items, flags)
-    if args.out.exists() and not args.overwrite:
-        raise DataError(
-            f"--out {args.out} already exists; pass --overwrite to replace it or choose another path"
-        )
-    request = request_from_config(cfg, args.teacher, args.out, args)
-    from kdlab.engine.trainer import resolve_device
-
-    info = generate_cache(cfg, request, resolve_device(cfg.training.device), progress=not args.no_progress)
-    print(f"wrote {args.out}: {info.describe()}, {megabytes_per_1000(args.out)}")
-    return 0
-
-
-if __name__ == "__main__":
-    from kdlab.cli.common import run_cli
-
-    raise SystemExit(run_cli(main))
+    entrypoint()

@@ -41,6 +41,7 @@ from torch import nn
 from kdlab.atomic_io import atomic_write, write_json_atomic
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.loaders import build_datasets, build_loader, raise_if_data_error
+from kdlab.data.teacher_cache import ONNX_CONFIG_METADATA_KEY, SEGMENTATION_HEADS
 from kdlab.distill.teacher import file_sha256, model_from_checkpoint
 from kdlab.errors import CheckpointError, ConfigError, KdlabRunFailure
 from kdlab.models.roi_unet import RoiUNet
@@ -61,7 +62,7 @@ class ExportParityError(KdlabRunFailure):
 # Model output key -> ONNX output name. A student exports `masks` only; a teacher for the offline cache
 # (`python -m kdlab.distill.cache export-teacher`) also exports the two aux heads the KD loss uses.
 HEAD_OUTPUT_NAMES = {"logits": "masks", "bg_fg_logits": "bg_fg_logits", "target_logits": "target_logits"}
-CONFIG_METADATA_KEY = "kdlab_config"  # the resolved experiment config (JSON) in the ONNX metadata_props
+CONFIG_METADATA_KEY = ONNX_CONFIG_METADATA_KEY  # the resolved experiment config (JSON) in metadata_props
 
 
 class SelectedHeads(nn.Module):
@@ -489,3 +490,15 @@ def export_run_to_onnx(
             f"(do not use this file; details in {onnx_path.name}.json)"
         )
     return metadata
+
+
+def export_teacher_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> Path:
+    """Export a segmentation teacher with all three heads (masks, bg_fg_logits, target_logits) and its
+    config in the metadata, so it can fill a teacher cache (`python -m kdlab.distill.cache generate --teacher x.onnx`)."""
+    model, cfg, _ = model_from_checkpoint(checkpoint, "teacher checkpoint")
+    if cfg.task != "segmentation":
+        raise ConfigError(f"export-teacher exports segmentation teachers; {checkpoint} is a {cfg.task} model")
+    size = (int(cfg.data.input_size[0]), int(cfg.data.input_size[1]))
+    metadata = {CONFIG_METADATA_KEY: json.dumps(cfg.model_dump(mode="json"))}
+    export_model_to_onnx(model.eval(), Path(out), size, opset, heads=SEGMENTATION_HEADS, metadata=metadata)
+    return Path(out)
