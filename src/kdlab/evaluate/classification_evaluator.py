@@ -27,7 +27,13 @@ class ClassificationEvaluator:
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         show_progress: bool = True,
+        input_key: str = "images",
+        output_key: str | None = None,
     ) -> None:
+        """`input_key` names the batch entry the model takes; `output_key` the logits in a dict output
+        (None: the model returns the logits)."""
+        self.input_key = input_key
+        self.output_key = output_key
         self.loader = loader
         self.device = device
         self.num_classes = num_classes
@@ -51,9 +57,10 @@ class ClassificationEvaluator:
                     continue
                 batch = batch_to_device(raw, self.device, self.channels_last)
                 with self._autocast():
-                    logits = model(batch["images"])
+                    out = model(batch[self.input_key])
+                logits = out[self.output_key] if self.output_key else out
                 metrics.update(logits.float(), batch["labels"])
-                images_seen += raw["images"].shape[0]
+                images_seen += raw[self.input_key].shape[0]
         images_seen = int(distributed.all_reduce_sum_(torch.tensor([float(images_seen)]))[0])
         if was_training:
             model.train()
