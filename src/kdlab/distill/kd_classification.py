@@ -14,15 +14,13 @@ import torch
 from torch import nn
 
 from kdlab.config.schema import DistillationConfig, LossConfig
-from kdlab.distill.kd_task import gradient_shares, make_schedule
+from kdlab.distill.kd_task import KDTaskBase, gradient_shares, make_schedule
 from kdlab.distill.losses import kd_ce_loss, mix_teacher_probs, teacher_probs
 from kdlab.distill.teacher import FrozenTeacher
 
 
-class ClassificationKDTask:
+class ClassificationKDTask(KDTaskBase):
     """Distils one or more frozen classifier teachers (or the student's EMA) into a student classifier."""
-
-    name = "distillation"
 
     def __init__(
         self,
@@ -39,15 +37,6 @@ class ClassificationKDTask:
         self.feature_distiller = feature_distiller
         self.temperature = make_schedule(dcfg.temperature, dcfg.temperature_schedule)
         self.alpha = make_schedule(dcfg.alpha, dcfg.alpha_schedule)
-        self.progress = 0.0
-        self.step = 0
-
-    def set_progress(self, step: int, total_steps: int) -> None:
-        self.step = step
-        self.progress = step / max(1, total_steps)
-
-    def trainable_modules(self) -> list[nn.Module]:
-        return [self.feature_distiller] if self.feature_distiller is not None else []
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images, labels = batch["images"], batch["labels"]

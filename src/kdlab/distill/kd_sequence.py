@@ -16,17 +16,15 @@ import torch
 from torch import nn
 
 from kdlab.config.schema import DistillationConfig, LossConfig
-from kdlab.distill.kd_task import gradient_shares, make_schedule
+from kdlab.distill.kd_task import KDTaskBase, gradient_shares, make_schedule
 from kdlab.distill.losses import mix_teacher_trajectories, trajectory_kd_loss
 from kdlab.distill.teacher import FrozenTeacher
 
 CACHE_KEY = "teacher_trajectory"
 
 
-class SequenceKDTask:
+class SequenceKDTask(KDTaskBase):
     """Distils frozen GRU teachers (or a cached teacher trajectory) into a student GRU."""
-
-    name = "distillation"
 
     def __init__(
         self,
@@ -43,15 +41,6 @@ class SequenceKDTask:
         self.teachers = teachers
         self.cached = cached  # the trajectory comes with every batch (an offline teacher cache)
         self.alpha = make_schedule(dcfg.alpha, dcfg.alpha_schedule)
-        self.progress = 0.0
-        self.step = 0
-
-    def set_progress(self, step: int, total_steps: int) -> None:
-        self.step = step
-        self.progress = step / max(1, total_steps)
-
-    def trainable_modules(self) -> list[nn.Module]:
-        return []
 
     def teacher_trajectory(self, batch: dict[str, Any]) -> torch.Tensor:
         """The cached trajectory when the batch has one, else the live teachers' weighted mean."""

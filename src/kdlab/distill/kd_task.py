@@ -30,10 +30,25 @@ def make_schedule(start: float, cfg: Any) -> Schedule:
     return Schedule(cfg.kind, start, start if cfg.end is None else cfg.end)
 
 
-class KDTask:
-    """Distils one or more frozen teachers (or the student's EMA) into the student."""
+class KDTaskBase:
+    """What every KD task shares: where training stands (schedules and the gradient-share interval read it)
+    and the modules that train with the student without being part of it (feature adapters)."""
 
     name = "distillation"
+    feature_distiller: Any | None = None
+    progress = 0.0
+    step = 0
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.step = step
+        self.progress = step / max(1, total_steps)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.feature_distiller] if self.feature_distiller is not None else []
+
+
+class KDTask(KDTaskBase):
+    """Distils one or more frozen teachers (or the student's EMA) into the student."""
 
     def __init__(
         self,
@@ -60,17 +75,6 @@ class KDTask:
             "distill_bg_fg": dcfg.bg_fg_weight,
             "distill_target": dcfg.target_weight,
         }
-        self.progress = 0.0
-        self.step = 0
-
-    # The trainer tells the task where training stands (schedules, gradient-share interval).
-    def set_progress(self, step: int, total_steps: int) -> None:
-        self.step = step
-        self.progress = step / max(1, total_steps)
-
-    def trainable_modules(self) -> list[nn.Module]:
-        """Modules that train with the student but are not part of it (feature adapters)."""
-        return [self.feature_distiller] if self.feature_distiller is not None else []
 
     def current_values(self) -> dict[str, float]:
         return {
