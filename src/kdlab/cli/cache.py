@@ -45,7 +45,7 @@ def build_parser() -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     from kdlab.config.loader import resolve_config
-    from kdlab.distill.cache import generate_cache, megabytes_per_1000, request_from_config
+    from kdlab.distill.cache import generate_cache, request_from_config
     from kdlab.engine.trainer import resolve_device
 
     args = build_parser().parse_args(argv)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     request = request_from_config(cfg, args.teacher, args.out, args)
     info = generate_cache(cfg, request, resolve_device(cfg.training.device), progress=not args.no_progress)
-    print(f"wrote {args.out}: {info.describe()}, {megabytes_per_1000(args.out)}")
+    print(f"wrote {args.out}: {info.describe()}, {info.megabytes_per_1000()}")
     return 0
 
 

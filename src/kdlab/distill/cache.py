@@ -377,17 +377,9 @@ def generate_cache(
             tmp.unlink()
     info = CacheInfo(out)
     log.info(
-        "teacher cache written: %s, %.1f MB (%s)", out, out.stat().st_size / 1e6, megabytes_per_1000(out)
+        "teacher cache written: %s, %.1f MB (%s)", out, out.stat().st_size / 1e6, info.megabytes_per_1000()
     )
     return info
-
-
-def megabytes_per_1000(path: Path) -> str:
-    """File size per 1,000 cached samples (images or sequences), for the log and the README."""
-    info = CacheInfo(path)
-    count = sum(len(v["indices"]) for v in info.splits.values())
-    per = path.stat().st_size / 1e6 / max(1, count) * 1000
-    return f"{per:.1f} MB per 1,000 {'images' if info.task == 'segmentation' else 'samples'}"
 
 
 # --------------------------------------------------------------------------------------------- sequences
