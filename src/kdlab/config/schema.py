@@ -56,6 +56,22 @@ class ModelConfig(_Section):
     roi_size: PositiveSize = Field((80, 60), description="RoIAlign crop size (H, W)")
     mask_size: PositiveSize = Field((160, 120), description="predicted mask size per ROI (H, W)")
     head_channels: int = Field(64, gt=0, description="width of the ROI head")
+    head: Literal["context", "basic"] = Field(
+        "context",
+        description="ROI head: 'context' (encoder-decoder over the whole ROI + box coordinates) or 'basic' "
+        "(the seed's three 3x3 convs; sees ~7 px, learns 'other people' slowly)",
+    )
+    head_depth: int = Field(3, ge=1, le=5, description="context head: stride-2 stages of its ROI encoder")
+    roi_margin: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="context around each box, as a fraction of its size per side; the targets are built "
+        "on the same enlarged window",
+    )  # fmt: skip
+    instance_cues: bool = Field(
+        False,
+        description="context head: add the distance-transform and contour outputs that "
+        "training.loss.distance / training.loss.contour train",
+    )
     roi_sampling_ratio: int = Field(2, ge=0, description="RoIAlign samples per bin (0 = adaptive)")
     input_mean: tuple[float, float, float] = Field(
         (0.485, 0.456, 0.406), description="normalisation inside the model; inputs stay in [0,1]"
@@ -222,6 +238,17 @@ class LossConfig(_Section):
     bg_fg: float = Field(0.5, ge=0.0)
     target: float = Field(0.5, ge=0.0)
     class_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
+    distance: float = Field(
+        0.0, ge=0.0, description="instance cue: weight of the distance-transform regression (needs model.instance_cues)"
+    )
+    contour: float = Field(
+        0.0, ge=0.0, description="instance cue: weight of the target-contour BCE (needs model.instance_cues)"
+    )
+    boundary_weight: float = Field(
+        0.0, ge=0.0, description="boundary-aware CE: extra pixel weight within boundary_width px of a label change"
+    )
+    boundary_width: int = Field(2, ge=1, description="boundary-aware CE: band half-width in mask pixels")
+    distance_max: int = Field(8, ge=1, description="distance transform cap in mask pixels")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="classification: CE label smoothing")
 
 
@@ -458,6 +485,14 @@ class ExperimentConfig(_Section):
                     f"model.name='{name}' needs task={needs}; task=segmentation uses "
                     f"model.name='{SEGMENTATION_MODEL}'"
                 )
+            loss = self.training.loss
+            if (loss.distance > 0 or loss.contour > 0) and not self.model.instance_cues:
+                raise ValueError(
+                    "training.loss.distance / training.loss.contour > 0 need the head's instance-cue outputs; "
+                    "set model.instance_cues=true (with model.head='context')"
+                )
+            if self.model.instance_cues and self.model.head != "context":
+                raise ValueError("model.instance_cues=true needs model.head='context'")
         elif self.task == "sequence":
             if name != SEQUENCE_MODEL:
                 raise ValueError(

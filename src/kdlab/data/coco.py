@@ -208,6 +208,7 @@ class CocoPeopleDataset(Dataset):
         max_rois_per_image: int | None = None,
         skip_bad_images: bool = False,
         roi_sampling_ratio: int = 2,
+        roi_margin: float = 0.0,
     ) -> None:
         self.records = records
         self.images_dir = Path(images_dir)
@@ -217,6 +218,7 @@ class CocoPeopleDataset(Dataset):
         self.max_rois_per_image = max_rois_per_image
         self.skip_bad_images = skip_bad_images
         self.roi_sampling_ratio = roi_sampling_ratio
+        self.roi_margin = roi_margin
         self.bad_images = 0
 
     def __len__(self) -> int:
@@ -255,7 +257,9 @@ class CocoPeopleDataset(Dataset):
             return None
         gen = torch.Generator().manual_seed(seed)
         sample = self.transform(raw, gen)
-        roi_masks = build_roi_masks(sample.masks, sample.boxes, self.mask_size, self.roi_sampling_ratio)
+        roi_masks = build_roi_masks(
+            sample.masks, sample.boxes, self.mask_size, self.roi_sampling_ratio, self.roi_margin
+        )
         return {
             "image": sample.image.contiguous(),
             "boxes": sample.boxes,

@@ -247,6 +247,7 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeople
         max_rois_per_image=data.max_rois_per_image,
         skip_bad_images=data.skip_bad_images,
         roi_sampling_ratio=cfg.model.roi_sampling_ratio,
+        roi_margin=cfg.model.roi_margin,
     )
     train = CocoPeopleDataset(
         train_records, paths.train_images, transform=TrainTransform(data.input_size, data.augment), **common

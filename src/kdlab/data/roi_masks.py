@@ -12,13 +12,30 @@ from torchvision.ops import roi_align
 BACKGROUND, TARGET, OTHER = 0, 1, 2
 
 
+def expand_rois(rois: torch.Tensor, margin: float) -> torch.Tensor:
+    """Grow each box (the last 4 columns, x1 y1 x2 y2) by `margin` x its width/height on every side.
+
+    The model crops its context window with this and the dataset builds the targets on the same window, so
+    the two always agree. margin 0 returns `rois` unchanged.
+    """
+    if margin == 0:
+        return rois
+    x1, y1, x2, y2 = rois[..., -4], rois[..., -3], rois[..., -2], rois[..., -1]
+    dx, dy = (x2 - x1) * margin, (y2 - y1) * margin
+    grown = torch.stack([x1 - dx, y1 - dy, x2 + dx, y2 + dy], dim=-1)
+    return torch.cat([rois[..., :-4], grown], dim=-1)
+
+
 def build_roi_masks(
     instance_masks: torch.Tensor,
     boxes: torch.Tensor,
     mask_size: tuple[int, int],
     sampling_ratio: int = 2,
+    margin: float = 0.0,
 ) -> torch.Tensor:
     """instance_masks bool/uint8 [K,H,W], boxes float [K,4] (x1,y1,x2,y2, pixels) -> uint8 [K,mask_h,mask_w].
+
+    With `margin` > 0 each mask covers the box grown by `expand_rois` (the model's context window).
 
     One RoIAlign call over a single (K+1)-channel image (K instance channels + their union) crops every ROI;
     for ROI i we keep channel i (its own person) and the union channel (anyone). A crop value >= 0.5 counts
@@ -32,6 +49,7 @@ def build_roi_masks(
     union = masks.amax(dim=0, keepdim=True)
     stacked = torch.cat([masks, union], dim=0).unsqueeze(0)  # [1, K+1, H, W]
     rois = torch.cat([torch.zeros((k, 1), dtype=torch.float32), boxes.to(torch.float32)], dim=1)
+    rois = expand_rois(rois, margin)
     crops = roi_align(stacked, rois, (mask_h, mask_w), 1.0, sampling_ratio, aligned=True)  # [K, K+1, h, w]
     own = crops[torch.arange(k), torch.arange(k)] >= 0.5
     anyone = crops[:, k] >= 0.5

@@ -106,6 +106,7 @@ def segmentation_preprocessing(cfg: ExperimentConfig) -> dict[str, Any]:
         "geometry": "letterbox-centred",
         "input_size": list(data.input_size),
         "mask_size": list(cfg.model.mask_size),
+        "roi_margin": cfg.model.roi_margin,
         "person_category": data.person_category,
         "min_box_size": data.min_box_size,
         "max_rois_per_image": data.max_rois_per_image,
@@ -117,6 +118,7 @@ def segmentation_preprocessing(cfg: ExperimentConfig) -> dict[str, Any]:
 PREPROCESSING_KEYS = {
     "input_size": "data.input_size",
     "mask_size": "model.mask_size",
+    "roi_margin": "model.roi_margin",
     "person_category": "data.person_category",
     "min_box_size": "data.min_box_size",
     "max_rois_per_image": "data.max_rois_per_image",
@@ -309,7 +311,7 @@ class CachedPeopleDataset(Dataset):
         image = color_jitter(sample.image, self.augment, gen) if self.augment is not None else sample.image
         sample = Sample(image, sample.boxes, sample.masks)
         roi_masks = build_roi_masks(
-            sample.masks, sample.boxes, self.base.mask_size, self.base.roi_sampling_ratio
+            sample.masks, sample.boxes, self.base.mask_size, self.base.roi_sampling_ratio, self.base.roi_margin
         )
         out: dict[str, Any] = {
             "image": sample.image.contiguous(),

@@ -62,10 +62,7 @@ class KDTask(KDTaskBase):
             raise ValueError("KDTask needs at least one teacher (or cached teacher outputs)")
         self.cached = cached
         self.dcfg = dcfg
-        self.base_weights = SegmentationLossWeights(
-            ce=loss_cfg.ce, dice=loss_cfg.dice, bg_fg=loss_cfg.bg_fg, target=loss_cfg.target,
-            class_weights=tuple(loss_cfg.class_weights),
-        )  # fmt: skip
+        self.base_weights = SegmentationLossWeights.from_config(loss_cfg)
         self.teachers = teachers
         self.feature_distiller = feature_distiller
         self.temperature = make_schedule(dcfg.temperature, dcfg.temperature_schedule)

@@ -23,19 +23,13 @@ class Task(Protocol):
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
 
 
-def loss_weights(cfg: LossConfig) -> SegmentationLossWeights:
-    return SegmentationLossWeights(
-        ce=cfg.ce, dice=cfg.dice, bg_fg=cfg.bg_fg, target=cfg.target, class_weights=tuple(cfg.class_weights)
-    )
-
-
 class SegmentationTask:
     """Plain supervised training: the base segmentation loss on the model's outputs."""
 
     name = "segmentation"
 
     def __init__(self, cfg: LossConfig) -> None:
-        self.weights = loss_weights(cfg)
+        self.weights = SegmentationLossWeights.from_config(cfg)
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         outputs = model(batch["images"], batch["rois"])

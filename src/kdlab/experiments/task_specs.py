@@ -88,7 +88,8 @@ def _seg_evaluator(
 
     vis = cfg.training.num_vis_images if main_rank else 0
     return SegmentationEvaluator(
-        val_loader, device, amp, cfg.training.channels_last, vis, progress and main_rank
+        val_loader, device, amp, cfg.training.channels_last, vis, progress and main_rank,
+        roi_margin=cfg.model.roi_margin,
     )
 
 
@@ -113,6 +114,12 @@ def _seg_check_teacher(cfg: ExperimentConfig, t: LoadedTeacher) -> None:
             f"teacher {t.path} predicts {mask_size} masks but the student's model.mask_size is "
             f"{list(cfg.model.mask_size)}; set model.mask_size to the teacher's"
         )
+    margin = float(t.config.get("model", {}).get("roi_margin", 0.0))
+    if margin != cfg.model.roi_margin:
+        raise CheckpointError(
+            f"teacher {t.path} predicts masks on boxes grown by roi_margin={margin} but the student's "
+            f"model.roi_margin is {cfg.model.roi_margin}; set model.roi_margin to the teacher's"
+        )
 
 
 def _seg_summary(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -124,7 +131,8 @@ def _seg_describe(cfg: ExperimentConfig, model: torch.nn.Module) -> str:
 
     return (
         f"{cfg.model.encoder} encoder, {count_parameters(model) / 1e6:.2f}M params "
-        f"(UNet {count_parameters(model.unet) / 1e6:.2f}M)"
+        f"(UNet {count_parameters(model.unet) / 1e6:.2f}M, {cfg.model.head} head "
+        f"{count_parameters(model.head) / 1e6:.3f}M)"
     )
 
 
