@@ -167,6 +167,7 @@ class Trainer:
         self.teacher_eval_model = teacher_eval_model
         self.teacher_records = teacher_records or []
         self.teacher_metrics: dict[str, float] | None = None
+        self.teacher_vis_preds: torch.Tensor | None = None
         self.total_steps = self.steps_per_epoch * self.tcfg.epochs
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, self.steps_per_epoch)
         self.state = TrainState()
@@ -328,8 +329,10 @@ class Trainer:
 
     def _evaluate_teacher(self) -> None:
         """Evaluate the teacher once on the validation set before training: the bar the student aims at."""
-        metrics, _ = self.evaluator(self.teacher_eval_model, desc="teacher val")
+        metrics, vis = self.evaluator(self.teacher_eval_model, desc="teacher val")
         self.teacher_metrics = metrics
+        if vis is not None and "preds" in vis:  # drawn beside the student's in every epoch's pictures
+            self.teacher_vis_preds = vis["preds"]
         self._log_scalars(metrics, 0, prefix="teacher/")
         log.info(
             "teacher: %s %.4f on %d val images",
@@ -581,6 +584,8 @@ class Trainer:
             self.state.last_metrics = metrics
             self._log_scalars(metrics, epoch + 1, prefix="val/")
             if vis is not None and self.logger is not None:
+                if self.teacher_vis_preds is not None and len(self.teacher_vis_preds) == len(vis["preds"]):
+                    vis["teacher_preds"] = self.teacher_vis_preds
                 vis_dir = self.run_dir / "visualizations" / f"epoch_{epoch + 1:04d}"
                 for name, array in save_visualizations(vis, vis_dir):
                     self.logger.image(f"val/{name.removesuffix('.png')}", array, epoch + 1)

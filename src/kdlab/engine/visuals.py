@@ -1,7 +1,9 @@
-"""Mask-overlay pictures of fixed validation images: ground truth beside prediction, one colour per person.
+"""Pictures of fixed validation images: every ROI's three classes, ground truth beside the predictions.
 
-Each ROI's class-1 ("this person") mask is pasted back into its box; class 2 ("other people") is drawn as a
-faint grey tint so a user can see whether the head separates the target from the people around it.
+One PNG per image: on top the image with its numbered ROI boxes and a legend; below, one row per ROI with
+the ROI's window (what the head sees, cropped exactly as the masks are), then the ground truth, the
+student's prediction and, for a distilled run, the teacher's prediction, each as a colour overlay:
+green = the ROI's own person, orange = other people, darkened = background.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import roi_align
 
 PALETTE = np.array(
     [
@@ -21,78 +23,131 @@ PALETTE = np.array(
     dtype=np.float32,
 )  # fmt: skip
 
-
-MIN_PANEL_HEIGHT = 320
-
-
-def paste_roi_masks(
-    image: np.ndarray, rois: torch.Tensor, roi_classes: torch.Tensor, alpha: float = 0.5
-) -> Image.Image:
-    """image uint8 [H,W,3]; rois [K,4] xyxy; roi_classes [K,h,w] in {0,1,2} -> overlay with boxes."""
-    canvas = image.astype(np.float32)
-    height, width = canvas.shape[:2]
-    for k in range(rois.shape[0]):
-        x1, y1, x2, y2 = rois[k].tolist()
-        ix1, iy1 = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
-        ix2, iy2 = min(width, int(np.ceil(x2))), min(height, int(np.ceil(y2)))
-        if ix2 <= ix1 or iy2 <= iy1:
-            continue
-        resized = F.interpolate(
-            roi_classes[k][None, None].float(),
-            size=(round(y2 - y1) or 1, round(x2 - x1) or 1),
-            mode="nearest",
-        )[0, 0].numpy()
-        # Align the resized mask with the integer window of the box.
-        oy, ox = iy1 - int(np.floor(y1)), ix1 - int(np.floor(x1))
-        patch = resized[oy : oy + (iy2 - iy1), ox : ox + (ix2 - ix1)]
-        ph, pw = patch.shape
-        region = canvas[iy1 : iy1 + ph, ix1 : ix1 + pw]
-        colour = PALETTE[k % len(PALETTE)]
-        target = patch == 1
-        other = patch == 2
-        region[target] = (1 - alpha) * region[target] + alpha * colour
-        region[other] = 0.75 * region[other] + 0.25 * 128.0
-    out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    for k in range(rois.shape[0]):
-        colour = tuple(int(c) for c in PALETTE[k % len(PALETTE)])
-        draw.rectangle(rois[k].tolist(), outline=colour, width=1)
-    return out
+# Class colours (0 background, 1 the ROI's own person, 2 other people) and how strongly they tint.
+CLASS_COLOURS = {1: (46, 204, 64), 2: (255, 133, 27)}
+CLASS_NAMES = {0: "background", 1: "own person", 2: "other people"}
+BACKGROUND_DIM = 0.45
+TINT = 0.55
+TILE_HEIGHT = 144  # ROI tiles are enlarged to about this height
+MAX_ROWS = 6  # ROIs drawn per image
+OVERVIEW_HEIGHT = 256
 
 
-def comparison_panel(
-    image: torch.Tensor, rois: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor, title: str = ""
-) -> Image.Image:
-    """Side-by-side ground truth | prediction for one image (image uint8 or float [3,H,W])."""
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
     if image.dtype != torch.uint8:
-        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    array = image.permute(1, 2, 0).cpu().numpy()
-    left = paste_roi_masks(array, rois, gt)
-    right = paste_roi_masks(array, rois, pred)
-    if left.height < MIN_PANEL_HEIGHT:  # small training images: enlarge so masks are visible
-        factor = -(-MIN_PANEL_HEIGHT // left.height)
-        size = (left.width * factor, left.height * factor)
-        left, right = left.resize(size, Image.NEAREST), right.resize(size, Image.NEAREST)
-    header = 14
-    panel = Image.new("RGB", (left.width * 2 + 4, left.height + header), (255, 255, 255))
-    panel.paste(left, (0, header))
-    panel.paste(right, (left.width + 4, header))
+        image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return image
+
+
+def class_overlay(crop: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """crop uint8 [h,w,3] + classes [h,w] in {0,1,2} -> uint8 [h,w,3]: background dimmed, classes tinted."""
+    out = crop.astype(np.float32)
+    out[classes == 0] *= BACKGROUND_DIM
+    for cls, colour in CLASS_COLOURS.items():
+        sel = classes == cls
+        out[sel] = (1 - TINT) * out[sel] + TINT * np.asarray(colour, dtype=np.float32)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def roi_crops(image: torch.Tensor, windows: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [K,h,w,3]: each window ([K,4] xyxy) of `image` ([3,H,W]) sampled like the masks (RoIAlign)."""
+    if windows.shape[0] == 0:
+        return np.zeros((0, *size, 3), dtype=np.uint8)
+    img = _to_uint8(image).float()[None]
+    rois = torch.cat([torch.zeros((windows.shape[0], 1)), windows.float()], dim=1)
+    crops = roi_align(img, rois, size, 1.0, 2, aligned=True)
+    return crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _legend(draw: ImageDraw.ImageDraw, x: int, y: int) -> None:
+    font = _font(12)
+    for cls in (1, 2, 0):
+        colour = CLASS_COLOURS.get(cls, tuple(int(BACKGROUND_DIM * 160) for _ in range(3)))
+        draw.rectangle([x, y + 2, x + 12, y + 14], fill=colour, outline=(0, 0, 0))
+        draw.text((x + 16, y + 1), CLASS_NAMES[cls], fill=(0, 0, 0), font=font)
+        x += 22 + int(draw.textlength(CLASS_NAMES[cls], font=font))
+
+
+def image_panel(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    windows: torch.Tensor,
+    columns: list[tuple[str, torch.Tensor]],
+    title: str = "",
+) -> Image.Image:
+    """One image's picture. image [3,H,W]; boxes/windows [K,4] xyxy (the person box and the head's window,
+    equal without a context margin); columns: (label, classes [K,h,w]) drawn left to right."""
+    k = min(boxes.shape[0], MAX_ROWS)
+    mask_h, mask_w = columns[0][1].shape[-2:] if columns and k else (TILE_HEIGHT, TILE_HEIGHT)
+    scale = max(1, round(TILE_HEIGHT / mask_h))
+    tile_w, tile_h = mask_w * scale, mask_h * scale
+    font = _font(12)
+    # Overview: the whole image with numbered boxes.
+    array = _to_uint8(image).permute(1, 2, 0).cpu().numpy()
+    overview = Image.fromarray(array)
+    factor = max(1, -(-OVERVIEW_HEIGHT // overview.height))
+    overview = overview.resize((overview.width * factor, overview.height * factor), Image.NEAREST)
+    draw = ImageDraw.Draw(overview)
+    for i in range(boxes.shape[0]):
+        colour = tuple(int(c) for c in PALETTE[i % len(PALETTE)])
+        draw.rectangle((boxes[i] * factor).tolist(), outline=colour, width=2)
+        draw.text((float(boxes[i, 0]) * factor + 3, float(boxes[i, 1]) * factor + 2), str(i), fill=colour, font=font)
+    label_w, header, gap = 28, 40, 4
+    n_cols = 1 + len(columns)
+    width = max(overview.width, label_w + n_cols * (tile_w + gap))
+    height = header + overview.height + gap + 18 + k * (tile_h + gap)
+    panel = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
-    draw.text((2, 1), f"ground truth {title}", fill=(0, 0, 0))
-    draw.text((left.width + 6, 1), "prediction", fill=(0, 0, 0))
+    draw.text((4, 2), title, fill=(0, 0, 0), font=font)
+    _legend(draw, 4, 18)
+    panel.paste(overview, (0, header))
+    top = header + overview.height + gap
+    for c, label in enumerate(["ROI window", *(name for name, _ in columns)]):
+        draw.text((label_w + c * (tile_w + gap) + 2, top), label, fill=(0, 0, 0), font=font)
+    top += 18
+    crops = roi_crops(image, windows[:k], (mask_h, mask_w))
+    for i in range(k):
+        y = top + i * (tile_h + gap)
+        colour = tuple(int(c) for c in PALETTE[i % len(PALETTE)])
+        draw.text((4, y + tile_h // 2 - 6), str(i), fill=colour, font=_font(14))
+        tiles = [crops[i]] + [class_overlay(crops[i], classes[i].cpu().numpy()) for _, classes in columns]
+        for c, tile in enumerate(tiles):
+            x = label_w + c * (tile_w + gap)
+            panel.paste(Image.fromarray(tile).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+            if c == 0:  # the person's box inside its window (the whole tile without a context margin)
+                bx = _box_in_window(boxes[i], windows[i], tile_w, tile_h)
+                draw.rectangle([x + bx[0], y + bx[1], x + bx[2] - 1, y + bx[3] - 1], outline=colour, width=2)
     return panel
 
 
+def _box_in_window(box: torch.Tensor, window: torch.Tensor, tile_w: int, tile_h: int) -> list[float]:
+    wx1, wy1, wx2, wy2 = window.tolist()
+    sx, sy = tile_w / max(wx2 - wx1, 1e-6), tile_h / max(wy2 - wy1, 1e-6)
+    x1, y1, x2, y2 = box.tolist()
+    return [(x1 - wx1) * sx, (y1 - wy1) * sy, (x2 - wx1) * sx, (y2 - wy1) * sy]
+
+
 def save_visualizations(vis: dict[str, torch.Tensor], out_dir: Path) -> list[tuple[str, np.ndarray]]:
-    """Write one PNG per image of `vis` (images, rois [N,5], masks, preds); return (name, HWC array) pairs."""
+    """Write one PNG per image of `vis` (images, rois [N,5], windows [N,5] (optional), masks, preds and,
+    for a distilled run, teacher_preds); return (name, HWC array) pairs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     images, rois = vis["images"], vis["rois"]
+    windows = vis.get("windows", rois)
     for b in range(images.shape[0]):
         sel = rois[:, 0] == b
-        panel = comparison_panel(
-            images[b], rois[sel, 1:], vis["masks"][sel], vis["preds"][sel], f"(image {b})"
-        )
+        columns = [("ground truth", vis["masks"][sel]), ("prediction", vis["preds"][sel])]
+        if "teacher_preds" in vis:
+            columns[1] = ("student", vis["preds"][sel])
+            columns.append(("teacher", vis["teacher_preds"][sel]))
+        panel = image_panel(images[b], rois[sel, 1:], windows[sel, 1:], columns, f"validation image {b}")
         name = f"val_{b:02d}.png"
         panel.save(out_dir / name)
         written.append((name, np.asarray(panel)))

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdlab.data.loaders import raise_if_data_error
+from kdlab.data.roi_masks import expand_rois
 from kdlab.engine import distributed
 from kdlab.engine.batches import autocast_for, batch_to_device
 from kdlab.evaluate.metrics import SegmentationMetrics
@@ -26,6 +27,7 @@ class SegmentationEvaluator:
         channels_last: bool = False,
         num_vis_images: int = 0,
         show_progress: bool = True,
+        roi_margin: float = 0.0,
     ) -> None:
         self.loader = loader
         self.device = device
@@ -33,6 +35,7 @@ class SegmentationEvaluator:
         self.channels_last = channels_last
         self.num_vis_images = num_vis_images
         self.show_progress = show_progress
+        self.roi_margin = roi_margin  # the head's window is the box grown by this (pictures crop it)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast_for(self.device, self.autocast_dtype)
@@ -43,7 +46,7 @@ class SegmentationEvaluator:
         was_training = model.training
         model.eval()
         metrics = SegmentationMetrics()
-        vis: dict[str, list[torch.Tensor]] = {"images": [], "rois": [], "masks": [], "preds": []}
+        vis: dict[str, list[torch.Tensor]] = {"images": [], "rois": [], "windows": [], "masks": [], "preds": []}
         vis_count = 0
         images_seen = 0
         bar = tqdm(self.loader, desc=desc, leave=False, disable=not self.show_progress, unit="batch")
@@ -65,6 +68,7 @@ class SegmentationEvaluator:
                     rois[:, 0] += vis_count
                     vis["images"].append(raw["images"][:take])
                     vis["rois"].append(rois)
+                    vis["windows"].append(expand_rois(rois, self.roi_margin))
                     vis["masks"].append(raw["masks"][sel])
                     vis["preds"].append(logits.argmax(1)[sel.to(logits.device)].to(torch.uint8).cpu())
                     vis_count += take
