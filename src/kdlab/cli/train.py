@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         metrics = result.get("final_metrics", {})
-        best_name = result.get("best_metric_name", "target_iou")
+        best_name = result.get("best_metric_name", "miou")
         secondary = f", miou={metrics.get('miou')}" if "miou" in metrics else ""
         print(
             f"{cfg.name}: {result['status']}, best {best_name}={result.get('best_metric')} "

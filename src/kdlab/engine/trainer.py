@@ -45,7 +45,7 @@ from kdlab.errors import CheckpointError, NonFiniteLossError
 log = logging.getLogger(__name__)
 
 Evaluator = Callable[[nn.Module], tuple[dict[str, float], dict[str, torch.Tensor] | None]]
-BEST_METRIC = "target_iou"
+BEST_METRIC = "miou"  # segmentation: picks best_model.pth; target IoU alone favours checkpoints that never predict "other people"
 
 
 def resolve_device(name: str) -> torch.device:

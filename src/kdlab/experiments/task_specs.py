@@ -383,7 +383,7 @@ SEQUENCE_CACHE = CacheHooks(
 
 TASK_SPECS: dict[str, TaskSpec] = {
     "segmentation": TaskSpec(
-        "segmentation", "target_iou", _seg_check_inputs, _seg_datasets, _seg_loader, _seg_evaluator,
+        "segmentation", "miou", _seg_check_inputs, _seg_datasets, _seg_loader, _seg_evaluator,
         _seg_plain_task, _seg_kd_task, _seg_check_teacher, _seg_summary, _seg_describe, SEGMENTATION_CACHE,
     ),
     "classification": TaskSpec(
