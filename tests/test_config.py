@@ -95,16 +95,39 @@ def test_people_configs_use_seed_sizes(name: str, encoder: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("teacher", "student"),
-    [("people_b3_teacher", "people_b0_baseline"), ("quickstart_teacher", "quickstart_baseline")],
+    ("teacher", "student", "teacher_epochs_longer"),
+    [("people_b3_teacher", "people_b0_baseline", False), ("quickstart_teacher", "quickstart_baseline", True)],
 )
-def test_baselines_differ_from_their_teacher_only_in_the_encoder(teacher: str, student: str) -> None:
+def test_baselines_differ_from_their_teacher_only_in_the_encoder(
+    teacher: str, student: str, teacher_epochs_longer: bool
+) -> None:
+    """...and, in the quickstart, in the teacher's longer schedule (a teacher is trained once, used often)."""
     t, s = resolve_config(teacher), resolve_config(student)
-    assert t.training == s.training  # the same schedule, section by section
+    assert (t.training.epochs > s.training.epochs) == teacher_epochs_longer
+    s_same_epochs = s.model_copy(update={"training": s.training.model_copy(update={"epochs": t.training.epochs})})
+    assert t.training == s_same_epochs.training  # otherwise the same schedule, section by section
     assert t.model.encoder != s.model.encoder
-    assert _without(t, encoder=True) == _without(s, encoder=True)
+    assert _without(t, encoder=True) == _without(s_same_epochs, encoder=True)
     assert (t.name, s.name) == (teacher, student)
     assert t.description and s.description and t.description != s.description
+
+
+def test_quickstart_students_share_one_schedule() -> None:
+    baseline, distill = resolve_config("quickstart_baseline"), resolve_config("quickstart_distill")
+    assert baseline.training == distill.training and baseline.data == distill.data
+    assert baseline.model == distill.model and baseline.training.seed == distill.training.seed
+    assert distill.distillation.enabled and not baseline.distillation.enabled
+
+
+def test_quickstart_validation_set_has_at_least_300_rois(tmp_path: Path) -> None:
+    """Enough ROIs to resolve a 0.01 difference in target IoU (the generated val split, as configured)."""
+    from kdlab.data.coco import read_coco_people
+    from kdlab.data.loaders import resolve_data_paths
+
+    cfg = resolve_config("quickstart_baseline", [f"data.synthetic.root={tmp_path}"]).data
+    paths = resolve_data_paths(cfg)
+    records = read_coco_people(paths.val_annotations, cfg.person_category, cfg.min_box_size)
+    assert sum(len(r.people) for r in records) >= 300
 
 
 def test_quickstart_is_small_and_synthetic() -> None:
