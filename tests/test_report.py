@@ -265,6 +265,8 @@ def test_write_report_files(trio: list[RunRecord], tmp_path: Path) -> None:
     assert names == {
         "experiment_comparison.csv",
         "experiment_comparison.md",
+        "experiment_comparison.json",
+        "experiment_comparison_runs.csv",
         "experiment_comparison.png",
         "training_curves.png",
     }
