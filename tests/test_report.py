@@ -326,7 +326,11 @@ def three_seeds(tmp_path: Path) -> list[RunRecord]:
     for seed, base, dist in ((42, 0.5, 0.56), (1, 0.6, 0.68), (2, 0.7, 0.75)):
         b = fabricate_run(runs, f"base__seed-{seed}", B0, [base])
         d = fabricate_run(
-            runs, f"dist__seed-{seed}", B0, [dist], teacher_checkpoint=teacher / "checkpoints" / "best_model.pth"
+            runs,
+            f"dist__seed-{seed}",
+            B0,
+            [dist],
+            teacher_checkpoint=teacher / "checkpoints" / "best_model.pth",
         )
         records += [RunRecord(b.name, b, "completed"), RunRecord(d.name, d, "completed")]
     return records
@@ -391,7 +395,9 @@ def test_gap_closed_is_missing_when_the_teacher_is_within_the_baseline_interval(
     assert table["dist"]["gap_closed"] is None and table["dist"]["verdict"] == "gain"
 
 
-def test_a_failed_seed_is_listed_and_left_out_of_the_means(three_seeds: list[RunRecord], tmp_path: Path) -> None:
+def test_a_failed_seed_is_listed_and_left_out_of_the_means(
+    three_seeds: list[RunRecord], tmp_path: Path
+) -> None:
     failed = next(r for r in three_seeds if r.name == "dist__seed-2")
     failed.status = "failed"
     rows = collect_rows(three_seeds)
@@ -409,7 +415,10 @@ def test_a_failed_seed_is_listed_and_left_out_of_the_means(three_seeds: list[Run
     dist_line = next(line for line in md.splitlines() if line.startswith("| dist "))
     assert "seed 2 failed" in dist_line and "| 2 |" in dist_line.replace(" ", "").replace("|2|", "| 2 |")
     runs = list(csv.DictReader(paths["runs_csv"].open()))
-    assert {(r["experiment"], r["status"]) for r in runs} >= {("dist__seed-2", "failed"), ("dist__seed-1", "completed")}
+    assert {(r["experiment"], r["status"]) for r in runs} >= {
+        ("dist__seed-2", "failed"),
+        ("dist__seed-1", "completed"),
+    }
     assert [r["seed"] for r in runs if r["config"] == "dist"] == ["42", "1", "2"]
 
 

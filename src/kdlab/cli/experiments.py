@@ -20,8 +20,10 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument(
         "--configs",
         nargs="+",
-        required=True,
-        help="config names or suites (quickstart, people, digits, sequence)",
+        help="config names or suites (quickstart, people, digits, sequence); required unless --list_configs",
+    )
+    p.add_argument(
+        "--list_configs", action="store_true", help="list the named configs and the suites, and exit"
     )
     p.add_argument("--epochs", type=int, help="override training.epochs (only when given)")
     p.add_argument("--batch_size", type=int, help="override training.batch_size (only when given)")
@@ -68,6 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     from kdlab.errors import ConfigError
     from kdlab.experiments.orchestrate import orchestrate
+
+    if args.list_configs:
+        from kdlab.config.loader import list_named_configs
+        from kdlab.experiments.runner import SUITES
+
+        for name, doc in list_named_configs().items():
+            print(f"{name:28s} {doc}")
+        for name, members in SUITES.items():
+            print(f"{name:28s} suite: {' '.join(members)}")
+        return 0
+    if not args.configs:
+        raise ConfigError("--configs is required (config names or suites; see --list_configs)")
 
     if args.total_epochs is not None:
         if args.total_epochs <= 0:
