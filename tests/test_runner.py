@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -316,6 +317,8 @@ def test_total_epochs_and_resume_path_continue_seed_runs(digits_two_seeds):
         assert [line.split(",")[0] for line in rows[1:]] == ["1", "2"]
     run = out / "digits_student_baseline__seed-3"
     epoch1 = run / "checkpoints" / "checkpoint_epoch_0001.pth"
+    extended = out.parent / "extended_last.pth"
+    shutil.copy(run / "checkpoints" / "last.pth", extended)
     args = [
         "--configs",
         "digits_student_baseline",
@@ -334,6 +337,8 @@ def test_total_epochs_and_resume_path_continue_seed_runs(digits_two_seeds):
     assert f"resumed from {epoch1} at epoch 1" in log_text
     rows = (run / "logs" / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in rows[1:]] == ["1", "2"]
+    # Continuing from the epoch-1 checkpoint retrains epoch 2 exactly as continuing from last.pth did.
+    assert_same_weights(extended, run / "checkpoints" / "last.pth")
 
 
 @pytest.mark.parametrize(
