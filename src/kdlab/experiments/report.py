@@ -1,4 +1,7 @@
-"""Comparison report of several experiment runs: one table (CSV + Markdown) and two figures (PNG).
+"""Comparison report of several experiment runs: one table (pandas DataFrame -> CSV, Markdown, JSON) and two
+figures (PNG). When configs ran over several seeds (`--seeds`), the table has one row per config (mean ± std
+over seeds, the paired difference of a distilled config from its baseline with a Student-t interval and a
+verdict; see `aggregate_rows` and `seed_stats`), and the per-run rows go to experiment_comparison_runs.csv.
 
 Each run directory is read as the trainer leaves it (summary.json, config.json, logs/metrics.csv and,
 when exported, checkpoints/best_model.onnx.json). Metrics come from the best epoch's validation row;
@@ -558,9 +561,9 @@ def aggregate_rows(
         group, seed = record.group_and_seed() if record else split_seed(row["experiment"])
         groups.setdefault(group, []).append((seed, row, record))
 
-    teacher_dirs: dict[str, list[Path]] = {}  # group -> the run directories of its runs
+    group_dirs: dict[str, list[Path]] = {}  # group -> the run directories of its runs
     for group, members in groups.items():
-        teacher_dirs[group] = [rec.run_dir for _, _, rec in members if rec is not None and rec.run_dir]
+        group_dirs[group] = [rec.run_dir for _, _, rec in members if rec is not None and rec.run_dir]
     out: list[dict[str, Any]] = []
     values: dict[str, dict[int | None, float]] = {}  # group -> seed -> headline
     own_teacher: dict[str, str | None] = {}
@@ -598,7 +601,7 @@ def aggregate_rows(
                 own_teacher[group] = next(
                     (
                         g
-                        for g, dirs in teacher_dirs.items()
+                        for g, dirs in group_dirs.items()
                         if g != group and any(_is_inside(ckpt, d) for d in dirs)
                     ),
                     own_teacher[group],
@@ -752,7 +755,6 @@ def _signed(value: Any, fmt: str) -> str:
 
 def aggregated_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
     """The per-config table: metrics as mean ± std, n, the paired Δ with its 95% interval and the verdict."""
-    head = layout.headline
     cols: dict[str, list[str]] = {}
     numeric: list[bool] = []
     records = frame.to_dict(orient="records")
@@ -801,7 +803,6 @@ def aggregated_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
             add(label, [_md_cell(column, r[column]) for r in records], fmt is not None)
             if column == "status":
                 add("n", [_md_cell("n", r["n"]) for r in records], True)
-    del head
     return _markdown(pd.DataFrame(cols, columns=list(cols)), numeric)
 
 
