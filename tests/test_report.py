@@ -442,3 +442,14 @@ def test_a_single_seed_report_is_the_per_run_table(trio: list[RunRecord], tmp_pa
     paths = write_report(collect_rows(trio), tmp_path / "report", trio)
     assert paths["csv"].read_text().splitlines()[0] == ",".join(COLUMNS)
     assert "Student t" not in paths["markdown"].read_text()
+
+
+def test_a_first_seed_that_failed_before_writing_its_config_keeps_the_config_distilled(
+    three_seeds: list[RunRecord],
+) -> None:
+    index = next(i for i, r in enumerate(three_seeds) if r.name == "dist__seed-42")
+    three_seeds[index] = RunRecord("dist__seed-42", None, "failed", exit_code=2)
+    table = {r["experiment"]: r for r in report.aggregate_rows(collect_rows(three_seeds), three_seeds)}
+    dist = table["dist"]
+    assert dist["role"] == "distilled" and dist["n"] == 2 and "seed 42 failed" in dist["status"]
+    assert dist["delta_n"] == 2 and dist["delta_mean"] == pytest.approx((0.08 + 0.05) / 2)

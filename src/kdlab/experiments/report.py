@@ -568,8 +568,9 @@ def aggregate_rows(
     values: dict[str, dict[int | None, float]] = {}  # group -> seed -> headline
     own_teacher: dict[str, str | None] = {}
     for group, members in groups.items():
-        first = members[0][1]
         ok = [(seed, row) for seed, row, _ in members if _has_result(row, head)]
+        # A run that failed before writing its config has an inferred role; one with a result knows better.
+        first = ok[0][1] if ok else members[0][1]
         values[group] = {seed: row[head] for seed, row in ok}
         bad = [(seed, row["status"]) for seed, row, _ in members if not _has_result(row, head)]
         statuses = {row["status"] for _, row, _ in members}
