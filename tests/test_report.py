@@ -265,6 +265,8 @@ def test_write_report_files(trio: list[RunRecord], tmp_path: Path) -> None:
     assert names == {
         "experiment_comparison.csv",
         "experiment_comparison.md",
+        "experiment_comparison.json",
+        "experiment_comparison_runs.csv",
         "experiment_comparison.png",
         "training_curves.png",
     }
@@ -308,3 +310,146 @@ def test_gap_closed_is_none_when_the_teacher_is_worse_than_the_baseline(tmp_path
     )
     records = [RunRecord(n, d, "completed") for n, d in (("t", teacher), ("b", base), ("d", dist))]
     assert by_name(collect_rows(records))["d"]["gap_closed"] is None
+
+
+# ------------------------------------------------------------------------------------ seeds (aggregation)
+T_975_2, T_975_1 = 4.302653, 12.706205  # Student t quantiles t(0.975, df) for df = 2 and 1
+
+
+@pytest.fixture()
+def three_seeds(tmp_path: Path) -> list[RunRecord]:
+    """One teacher (0.9) and, over seeds 42/1/2, a baseline (0.5, 0.6, 0.7) and a distilled student
+    (0.56, 0.68, 0.75): paired differences 0.06, 0.08, 0.05."""
+    runs = tmp_path / "runs"
+    teacher = fabricate_run(runs, "teacher", B3, [0.9])
+    records = [RunRecord("teacher", teacher, "completed")]
+    for seed, base, dist in ((42, 0.5, 0.56), (1, 0.6, 0.68), (2, 0.7, 0.75)):
+        b = fabricate_run(runs, f"base__seed-{seed}", B0, [base])
+        d = fabricate_run(
+            runs,
+            f"dist__seed-{seed}",
+            B0,
+            [dist],
+            teacher_checkpoint=teacher / "checkpoints" / "best_model.pth",
+        )
+        records += [RunRecord(b.name, b, "completed"), RunRecord(d.name, d, "completed")]
+    return records
+
+
+def test_three_seeds_aggregate_to_mean_std_paired_interval_and_verdict(three_seeds: list[RunRecord]) -> None:
+    rows = collect_rows(three_seeds)
+    table = {r["experiment"]: r for r in report.aggregate_rows(rows, three_seeds)}
+    assert list(table) == ["teacher", "base", "dist"]
+    base, dist, teacher = table["base"], table["dist"], table["teacher"]
+    assert (teacher["n"], base["n"], dist["n"]) == (1, 3, 3)
+    assert base["target_iou_mean"] == pytest.approx(0.6)
+    assert base["target_iou_std"] == pytest.approx(0.1)  # ddof=1
+    assert dist["target_iou_mean"] == pytest.approx((0.56 + 0.68 + 0.75) / 3)
+    assert teacher["target_iou_std"] is None  # one run: no spread
+    diffs = [0.06, 0.08, 0.05]
+    mean = sum(diffs) / 3
+    sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    half = T_975_2 * sd / 3**0.5
+    assert dist["baseline"] == "base" and dist["delta_n"] == 3
+    assert dist["delta_mean"] == pytest.approx(mean)
+    assert dist["delta_std"] == pytest.approx(sd)
+    assert (dist["delta_low"], dist["delta_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert dist["verdict"] == "gain"  # mean - half = 0.0313 > 0
+    # gap closed from the means: (0.6633 - 0.6) / (0.9 - 0.6); the margin 0.3 beats the baseline's
+    # half-width 4.302653 * 0.1 / sqrt(3) = 0.2484
+    assert dist["gap_closed"] == pytest.approx((dist["target_iou_mean"] - 0.6) / 0.3)
+    assert dist["gap_closed_low"] == pytest.approx((mean - half) / 0.3)
+    assert dist["gap_closed_high"] == pytest.approx((mean + half) / 0.3)
+    assert base["verdict"] is None and base["gap_closed"] is None
+    assert dist["pct_of_teacher"] == pytest.approx(100 * dist["target_iou_mean"] / 0.9)
+
+
+def _retarget(record: RunRecord, value: float) -> None:
+    """Rewrite a fabricated run's single validation value."""
+    path = record.run_dir / "logs" / "metrics.csv"
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[1].split(",")
+    cells[header.index("val_target_iou")] = str(value)
+    path.write_text("\n".join([lines[0], ",".join(cells)]) + "\n")
+
+
+def test_verdicts_hurts_and_no_detectable_difference(three_seeds: list[RunRecord]) -> None:
+    named = {r.name: r for r in three_seeds}
+    for seed, value in ((42, 0.45), (1, 0.57), (2, 0.66)):  # diffs -0.05, -0.03, -0.04: CI below 0
+        _retarget(named[f"dist__seed-{seed}"], value)
+    table = {r["experiment"]: r for r in report.aggregate_rows(collect_rows(three_seeds), three_seeds)}
+    assert table["dist"]["delta_high"] < 0 and table["dist"]["verdict"] == "hurts"
+    for seed, value in ((42, 0.6), (1, 0.55), (2, 0.72)):  # diffs 0.1, -0.05, 0.02: CI spans 0
+        _retarget(named[f"dist__seed-{seed}"], value)
+    table = {r["experiment"]: r for r in report.aggregate_rows(collect_rows(three_seeds), three_seeds)}
+    assert table["dist"]["delta_low"] < 0 < table["dist"]["delta_high"]
+    assert table["dist"]["verdict"] == "no detectable difference"
+
+
+def test_gap_closed_is_missing_when_the_teacher_is_within_the_baseline_interval(
+    three_seeds: list[RunRecord],
+) -> None:
+    _retarget(three_seeds[0], 0.8)  # margin 0.2 < the baseline's half-width 0.2484
+    table = {r["experiment"]: r for r in report.aggregate_rows(collect_rows(three_seeds), three_seeds)}
+    assert table["dist"]["gap_closed"] is None and table["dist"]["verdict"] == "gain"
+
+
+def test_a_failed_seed_is_listed_and_left_out_of_the_means(
+    three_seeds: list[RunRecord], tmp_path: Path
+) -> None:
+    failed = next(r for r in three_seeds if r.name == "dist__seed-2")
+    failed.status = "failed"
+    rows = collect_rows(three_seeds)
+    table = {r["experiment"]: r for r in report.aggregate_rows(rows, three_seeds)}
+    dist = table["dist"]
+    assert dist["n"] == 2 and "seed 2 failed" in dist["status"]
+    assert dist["target_iou_mean"] == pytest.approx((0.56 + 0.68) / 2)
+    diffs = [0.06, 0.08]  # seed 2 has no pair
+    sd = abs(diffs[0] - diffs[1]) / 2**0.5
+    assert dist["delta_n"] == 2 and dist["delta_mean"] == pytest.approx(0.07)
+    assert dist["delta_low"] == pytest.approx(0.07 - T_975_1 * sd / 2**0.5)
+    assert dist["verdict"] == "no detectable difference"  # 0.07 ± 0.127
+    paths = write_report(rows, tmp_path / "report", three_seeds)
+    md = paths["markdown"].read_text()
+    dist_line = next(line for line in md.splitlines() if line.startswith("| dist "))
+    assert "seed 2 failed" in dist_line and "| 2 |" in dist_line.replace(" ", "").replace("|2|", "| 2 |")
+    runs = list(csv.DictReader(paths["runs_csv"].open()))
+    assert {(r["experiment"], r["status"]) for r in runs} >= {
+        ("dist__seed-2", "failed"),
+        ("dist__seed-1", "completed"),
+    }
+    assert [r["seed"] for r in runs if r["config"] == "dist"] == ["42", "1", "2"]
+
+
+def test_the_seed_report_files_hold_one_row_per_config(three_seeds: list[RunRecord], tmp_path: Path) -> None:
+    import pandas as pd
+
+    paths = write_report(collect_rows(three_seeds), tmp_path / "report", three_seeds)
+    frame = pd.read_json(paths["json"])
+    assert list(frame["experiment"]) == ["teacher", "base", "dist"]
+    assert frame.set_index("experiment").loc["base", "target_iou_std"] == pytest.approx(0.1)
+    table = pd.read_csv(paths["csv"])
+    assert list(table["n"]) == [1, 3, 3] and list(table["verdict"].fillna("")) == ["", "", "gain"]
+    md = paths["markdown"].read_text()
+    assert "0.6000 ± 0.1000" in md  # the baseline's target IoU, mean ± std
+    assert "Student t" in md and "gain" in md
+    assert "[+0.0" in md  # the paired interval, signed
+    assert len(pd.read_csv(paths["runs_csv"])) == 7
+
+
+def test_a_single_seed_report_is_the_per_run_table(trio: list[RunRecord], tmp_path: Path) -> None:
+    paths = write_report(collect_rows(trio), tmp_path / "report", trio)
+    assert paths["csv"].read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert "Student t" not in paths["markdown"].read_text()
+
+
+def test_a_first_seed_that_failed_before_writing_its_config_keeps_the_config_distilled(
+    three_seeds: list[RunRecord],
+) -> None:
+    index = next(i for i, r in enumerate(three_seeds) if r.name == "dist__seed-42")
+    three_seeds[index] = RunRecord("dist__seed-42", None, "failed", exit_code=2)
+    table = {r["experiment"]: r for r in report.aggregate_rows(collect_rows(three_seeds), three_seeds)}
+    dist = table["dist"]
+    assert dist["role"] == "distilled" and dist["n"] == 2 and "seed 42 failed" in dist["status"]
+    assert dist["delta_n"] == 2 and dist["delta_mean"] == pytest.approx((0.08 + 0.05) / 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from kdlab.cli.common import run_cli
 from kdlab.cli.experiments import main as experiments_main
 from kdlab.errors import ConfigError
 from kdlab.experiments.runner import expand_configs, parse_sweeps, plan_runs
+from tests.helpers import assert_same_weights, error_lines, tree_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,3 +218,236 @@ def test_report_keeps_earlier_runs_of_the_same_task_only():
     now = [result("quickstart_teacher", "segmentation")]
     assert [r.name for r in same_task_runs(earlier + now, now)] == ["old_people", "quickstart_teacher"]
     assert [r.name for r in same_task_runs(earlier + now, earlier[:1])] == ["digits_teacher"]
+
+
+# ------------------------------------------------------------------------------------------- seeds
+DIGITS_TINY = [
+    "data.classification.image_size=16", "data.classification.max_train_samples=64",
+    "data.classification.val_fraction=0.1", "training.log_every_steps=1",
+]  # fmt: skip
+
+
+def digits_args(out: Path, *extra: str) -> list[str]:
+    return ["--epochs", "1", "--batch_size", "32", "--device", "cpu", "--output_dir", str(out), "--no_export",
+            "--set", *DIGITS_TINY, *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits_two_seeds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seeds") / "runs"
+    code = run_cli(experiments_main, ["--configs", "digits", "--seeds", "3", "4", *digits_args(out)])
+    return code, out
+
+
+def test_seeds_run_each_student_per_seed_and_the_teacher_once(digits_two_seeds):
+    code, out = digits_two_seeds
+    assert code == 0
+    runs = json.loads((out / "experiment_runs.json").read_text())
+    assert [r["name"] for r in runs] == [
+        "digits_teacher",
+        "digits_student_baseline__seed-3", "digits_student_baseline__seed-4",
+        "digits_student_distill__seed-3", "digits_student_distill__seed-4",
+    ]  # fmt: skip
+    assert all(r["status"] == "completed" for r in runs)
+    assert [r["seed"] for r in runs] == [None, 3, 4, 3, 4]
+    teacher_best = str(out / "digits_teacher" / "checkpoints" / "best_model.pth")
+    for r in runs[3:]:
+        assert r["command"][r["command"].index("--teacher_checkpoint") + 1] == teacher_best
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("digits_teacher")) == ["digits_teacher"]
+    for r in runs[1:]:
+        config = json.loads((Path(r["run_dir"]) / "config.json").read_text())
+        assert config["training"]["seed"] == r["seed"] and config["name"] == r["name"]
+
+
+def test_paired_students_start_from_identical_weights_and_seeds_differ(digits_two_seeds):
+    _, out = digits_two_seeds
+
+    def untrained(name: str) -> Path:
+        return out / name / "checkpoints" / "untrained_model.pth"
+
+    for seed in (3, 4):
+        assert_same_weights(
+            untrained(f"digits_student_baseline__seed-{seed}"),
+            untrained(f"digits_student_distill__seed-{seed}"),
+        )
+    with pytest.raises(AssertionError):
+        assert_same_weights(
+            untrained("digits_student_baseline__seed-3"), untrained("digits_student_baseline__seed-4")
+        )
+
+
+def test_the_seed_report_has_one_row_per_config_with_the_paired_difference(digits_two_seeds):
+    import pandas as pd
+
+    _, out = digits_two_seeds
+    frame = pd.read_json(out / "experiment_comparison.json").set_index("experiment")
+    assert list(frame.index) == ["digits_teacher", "digits_student_baseline", "digits_student_distill"]
+    assert list(frame["n"]) == [1, 2, 2]
+    distill = frame.loc["digits_student_distill"]
+    assert distill["baseline"] == "digits_student_baseline" and distill["delta_n"] == 2
+    runs = pd.read_csv(out / "experiment_comparison_runs.csv").set_index("experiment")
+    paired = [runs.loc[f"digits_student_distill__seed-{s}", "top1"] - runs.loc[f"digits_student_baseline__seed-{s}",
+              "top1"] for s in (3, 4)]  # fmt: skip
+    assert distill["delta_mean"] == pytest.approx(sum(paired) / 2, abs=1e-5)
+    assert distill["verdict"] in ("gain", "no detectable difference", "hurts")
+    md = (out / "experiment_comparison.md").read_text()
+    assert " ± " in md and "Student t" in md and distill["verdict"] in md
+
+
+def test_skip_training_reports_every_seed_run_and_prints_where_the_files_are(digits_two_seeds, capsys):
+    _, out = digits_two_seeds
+    before = tree_hashes(out / "digits_student_distill__seed-3" / "checkpoints")
+    code = run_cli(experiments_main, ["--configs", "digits", "--seeds", "3", "4", "--skip_training",
+                                      *digits_args(out)])  # fmt: skip
+    assert code == 0
+    assert tree_hashes(out / "digits_student_distill__seed-3" / "checkpoints") == before
+    printed = capsys.readouterr().out
+    assert f"{out / 'experiment_runs.json'}" in printed and f"{out / 'experiment_comparison.csv'}" in printed
+    assert "| digits_student_distill " in printed
+
+
+def test_total_epochs_and_resume_path_continue_seed_runs(digits_two_seeds):
+    _, out = digits_two_seeds
+    args = ["--configs", "digits_student_baseline", "--seeds", "3", "4", "--total_epochs", "2"]
+    assert run_cli(experiments_main, [*args, *digits_args(out)[2:]]) == 0
+    for seed in (3, 4):
+        rows = (
+            (out / f"digits_student_baseline__seed-{seed}" / "logs" / "metrics.csv").read_text().splitlines()
+        )
+        assert [line.split(",")[0] for line in rows[1:]] == ["1", "2"]
+    run = out / "digits_student_baseline__seed-3"
+    epoch1 = run / "checkpoints" / "checkpoint_epoch_0001.pth"
+    extended = out.parent / "extended_last.pth"
+    shutil.copy(run / "checkpoints" / "last.pth", extended)
+    args = [
+        "--configs",
+        "digits_student_baseline",
+        "--seeds",
+        "3",
+        "--resume",
+        str(epoch1),
+        "--total_epochs",
+        "2",
+    ]
+    assert run_cli(experiments_main, [*args, *digits_args(out)[2:]]) == 0
+    runs = {r["name"]: r for r in json.loads((out / "experiment_runs.json").read_text())}
+    command = runs["digits_student_baseline__seed-3"]["command"]
+    assert command[command.index("--resume") + 1] == str(epoch1)
+    log_text = (run / "logs" / "stdout.txt").read_text()
+    assert f"resumed from {epoch1} at epoch 1" in log_text
+    rows = (run / "logs" / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in rows[1:]] == ["1", "2"]
+    # Continuing from the epoch-1 checkpoint retrains epoch 2 exactly as continuing from last.pth did.
+    assert_same_weights(extended, run / "checkpoints" / "last.pth")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seeds", "1", "2", "1"], "--seeds lists 1 more than once"),
+        (["--seeds", "1", "x"], "invalid int value: 'x'"),
+        (["--seeds", "1", "--seed", "3"], "either --seed or --seeds"),
+        (["--seed_teachers"], "--seed_teachers needs --seeds"),
+        (["--resume", "/no/such/checkpoint_epoch_0025.pth"], "3 runs are planned"),
+        (["--seeds", "1", "--resume", "/no/such/checkpoint_epoch_0025.pth"], "3 runs are planned"),
+    ],
+)
+def test_bad_seed_and_resume_flags_are_one_error_line_and_touch_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "runs"
+    code = run_cli(experiments_main, ["--configs", "digits", *extra, *digits_args(out)])
+    assert code == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and message in lines[0]
+    assert not out.exists()
+
+
+def test_resume_path_that_does_not_exist_is_bad_input(tmp_path, capsys):
+    out = tmp_path / "runs"
+    missing = tmp_path / "nope" / "checkpoints" / "checkpoint_epoch_0025.pth"
+    code = run_cli(
+        experiments_main, ["--configs", "digits_teacher", "--resume", str(missing), *digits_args(out)]
+    )
+    assert code == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and str(missing) in lines[0] and "does not exist" in lines[0]
+    assert not out.exists()
+
+
+def test_seed_teachers_pair_each_student_seed_with_its_teacher_seed():
+    planned = plan_runs(["digits"], [], {}, [], seeds=[1, 2], seed_teachers=True)
+    assert [p.run_name for p in planned] == [
+        "digits_teacher__seed-1", "digits_teacher__seed-2",
+        "digits_student_baseline__seed-1", "digits_student_baseline__seed-2",
+        "digits_student_distill__seed-1", "digits_student_distill__seed-2",
+    ]  # fmt: skip
+    assert [p.depends_on for p in planned[4:]] == ["digits_teacher__seed-1", "digits_teacher__seed-2"]
+    assert [p.config.distillation.teacher_experiment for p in planned[4:]] == [
+        p.depends_on for p in planned[4:]
+    ]
+    assert [p.config.training.seed for p in planned] == [1, 2] * 3
+
+
+def test_seeds_and_sweeps_give_one_run_per_value_and_seed():
+    planned = plan_runs(["digits"], [], {}, ["model.name=resnet10t,test_efficientnet"], seeds=[7, 8])
+    names = [p.run_name for p in planned]
+    assert names[0] == "digits_teacher" and len(names) == 9
+    assert "digits_student_distill__name-test_efficientnet__seed-8" in names
+    run = planned[names.index("digits_student_distill__name-test_efficientnet__seed-8")]
+    assert (run.config.model.name, run.config.training.seed, run.group) == (
+        "test_efficientnet",
+        8,
+        "digits_student_distill__name-test_efficientnet",
+    )
+
+
+def test_fail_fast_stops_at_the_first_failed_seed(failing_configs):
+    tmp = failing_configs
+    out = tmp / "runs"
+    code = run_cli(
+        experiments_main,
+        ["--configs", "broken_teacher", "quickstart_baseline", "--seeds", "1", "2", "--epochs", "1",
+         "--output_dir", str(out), "--no_export", "--fail_fast", "--set", *tiny_set(tmp)],
+    )  # fmt: skip
+    assert code == 1
+    runs = json.loads((out / "experiment_runs.json").read_text())
+    assert [(r["name"], r["status"]) for r in runs] == [("broken_teacher__seed-1", "failed")]
+
+
+# ------------------------------------------------------------------------------------------- aliases
+ALIASES = {
+    "baseline": "people_b0_baseline",
+    "rgb_hierarchical_unet_v2_distillation_b0_from_b3": "people_b0_from_b3",
+    "rgb_hierarchical_unet_v2_fullimage_pretrained_peopleseg_r80x60m160x120_disttrans_contdet_baware": (
+        "people_b3_teacher"
+    ),
+}
+
+
+@pytest.mark.parametrize(("alias", "target"), list(ALIASES.items()))
+def test_the_users_config_names_are_aliases_at_the_seed_sizes(alias, target):
+    from kdlab.config.loader import list_named_configs, resolve_config
+
+    assert alias in list_named_configs()
+    cfg, base = resolve_config(alias), resolve_config(target)
+    assert cfg.name == alias
+    assert (cfg.data.input_size, cfg.model.roi_size, cfg.model.mask_size) == (
+        (640, 640),
+        (80, 60),
+        (160, 120),
+    )
+
+    def comparable(c):
+        data = c.model_dump(mode="json")
+        data.pop("name"), data.pop("description")
+        data["distillation"].pop("teacher_experiment")
+        return data
+
+    assert comparable(cfg) == comparable(base)
+
+
+def test_the_aliases_plan_teacher_first_and_the_distilled_alias_learns_from_the_teacher_alias():
+    student, distilled, teacher = ALIASES
+    planned = plan_runs([distilled, student, teacher], [], {}, [])
+    assert [p.run_name for p in planned] == [student, teacher, distilled]
+    assert planned[2].depends_on == teacher
+    assert planned[0].config.model.encoder == planned[2].config.model.encoder  # the report's baseline pairing

@@ -20,8 +20,10 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument(
         "--configs",
         nargs="+",
-        required=True,
-        help="config names or suites (quickstart, people, digits, sequence)",
+        help="config names or suites (quickstart, people, digits, sequence); required unless --list_configs",
+    )
+    p.add_argument(
+        "--list_configs", action="store_true", help="list the named configs and the suites, and exit"
     )
     p.add_argument("--epochs", type=int, help="override training.epochs (only when given)")
     p.add_argument("--batch_size", type=int, help="override training.batch_size (only when given)")
@@ -38,7 +40,20 @@ def build_parser() -> OneLineArgumentParser:
         "--sweep", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
         help="one run per value (cartesian product of several sweeps), named <config>__<key>-<value>",
     )  # fmt: skip
-    p.add_argument("--resume", action="store_true", help="continue each run that has checkpoints/last.pth")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, metavar="SEED",
+        help="run every config once per seed (<config>__seed-<s>); the report gives mean ± std and paired "
+        "differences over seeds",
+    )  # fmt: skip
+    p.add_argument(
+        "--seed_teachers", action="store_true",
+        help="with --seeds: train the teachers once per seed too (default: one teacher serves every seed)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resume", nargs="?", const="auto", default=None, metavar="PATH",
+        help="continue each run that has checkpoints/last.pth; with PATH, continue the one planned run "
+        "from that checkpoint (e.g. checkpoints/checkpoint_epoch_0025.pth)",
+    )  # fmt: skip
     p.add_argument(
         "--total_epochs", type=int, help="extend finished runs to this many epochs (implies --resume)"
     )
@@ -56,13 +71,29 @@ def main(argv: list[str] | None = None) -> int:
     from kdlab.errors import ConfigError
     from kdlab.experiments.orchestrate import orchestrate
 
+    if args.list_configs:
+        from kdlab.config.loader import list_named_configs
+        from kdlab.experiments.runner import SUITES
+
+        for name, doc in list_named_configs().items():
+            print(f"{name:28s} {doc}")
+        for name, members in SUITES.items():
+            print(f"{name:28s} suite: {' '.join(members)}")
+        return 0
+    if not args.configs:
+        raise ConfigError("--configs is required (config names or suites; see --list_configs)")
+
     if args.total_epochs is not None:
         if args.total_epochs <= 0:
             raise ConfigError("--total_epochs must be > 0")
         if args.epochs is not None:
             raise ConfigError("give either --epochs or --total_epochs, not both")
         args.epochs = args.total_epochs
-        args.resume = True
+        args.resume = args.resume or "auto"
+    if args.seeds is not None and args.seed is not None:
+        raise ConfigError("give either --seed or --seeds, not both")
+    if args.seed_teachers and not args.seeds:
+        raise ConfigError("--seed_teachers needs --seeds")
     flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
     if args.teacher_checkpoint:
         flags["distillation.enabled"] = True
@@ -71,21 +102,28 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None:
             flags_argv += [f"--{flag}", str(value)]
-    status, report_md = orchestrate(
+    status, paths = orchestrate(
         configs=args.configs,
         set_items=args.set_items,
         flags=flags,
         flags_argv=flags_argv,
         sweeps=args.sweep,
+        seeds=args.seeds,
+        seed_teachers=args.seed_teachers,
         output_dir=Path(args.output_dir) if args.output_dir else None,
-        resume=args.resume,
+        resume=args.resume is not None,
+        resume_path=args.resume if args.resume not in (None, "auto") else None,
         fail_fast=args.fail_fast,
         skip_training=args.skip_training,
         export=(args.export_onnx or not args.skip_training) and not args.no_export,
         export_requested=args.export_onnx,
     )
+    report_md = paths.get("markdown")
     if report_md is not None and report_md.is_file():
         print(report_md.read_text())
+    for label, key in (("runs (one row per seed run)", "runs_json"), ("comparison table", "csv")):
+        if key in paths:
+            print(f"{label}: {paths[key]}")
     return status
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.errors import ConfigError
-from kdlab.experiments.runner import RunResult, plan_runs, run_all, write_runs_json
+from kdlab.experiments.runner import PlannedRun, RunResult, plan_runs, run_all, write_runs_json
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,19 @@ def orchestrate(
     skip_training: bool,
     export: bool,
     export_requested: bool = False,
-) -> tuple[int, Path | None]:
-    """Returns (exit status, path of experiment_comparison.md). `export_requested`: --export_onnx was given."""
+    seeds: list[int] | None = None,
+    seed_teachers: bool = False,
+    resume_path: str | None = None,
+) -> tuple[int, dict[str, Path]]:
+    """Returns (exit status, paths of the written files by kind: "runs_json", "csv", "markdown", ...).
+
+    `export_requested`: --export_onnx was given. `resume_path`: --resume PATH, valid for one planned run only.
+    """
     from kdlab.experiments.report import RunRecord, collect_rows, write_report
 
-    planned = plan_runs(configs, set_items, flags, sweeps)
+    planned = plan_runs(configs, set_items, flags, sweeps, seeds=seeds, seed_teachers=seed_teachers)
+    if resume_path is not None:
+        attach_resume_path(planned, resume_path)
     if export_requested:
         for p in planned:
             if p.config.task in NOT_EXPORTABLE_TASKS:
@@ -108,14 +116,30 @@ def orchestrate(
             status=r.status,
             exit_code=r.exit_code,
             duration_s=r.duration_s,
+            seed=r.seed,
+            group=r.group,
         )
         for r in same_task_runs(all_runs, results)
     ]
     paths = write_report(collect_rows(records), out, records)
+    paths["runs_json"] = out / "experiment_runs.json"
     ok_status = {"completed", "exists"}
     failed = [r.name for r in results if r.status not in ok_status]
     failed += [r.name for r in results if r.export is not None and not r.export.get("ok")]
     not_run = [p.run_name for p in planned if p.run_name not in {r.name for r in results}]
     if failed or not_run:
         log.error("not successful: %s", ", ".join(sorted(set(failed + not_run))))
-    return (1 if failed or not_run else 0), paths.get("markdown")
+    return (1 if failed or not_run else 0), paths
+
+
+def attach_resume_path(planned: list[PlannedRun], resume_path: str) -> None:
+    """--resume PATH continues exactly one run from that checkpoint; anything else is bad input."""
+    if len(planned) != 1:
+        names = ", ".join(p.run_name for p in planned)
+        raise ConfigError(
+            f"--resume {resume_path} names one run's checkpoint, but {len(planned)} runs are planned ({names}); "
+            "give one config (and no --seeds/--sweep), or the bare --resume to continue every run"
+        )
+    if not Path(resume_path).is_file():
+        raise ConfigError(f"--resume checkpoint {resume_path} does not exist")
+    planned[0].resume_from = resume_path

@@ -1,4 +1,7 @@
-"""Comparison report of several experiment runs: one table (CSV + Markdown) and two figures (PNG).
+"""Comparison report of several experiment runs: one table (pandas DataFrame -> CSV, Markdown, JSON) and two
+figures (PNG). When configs ran over several seeds (`--seeds`), the table has one row per config (mean ± std
+over seeds, the paired difference of a distilled config from its baseline with a Student-t interval and a
+verdict; see `aggregate_rows` and `seed_stats`), and the per-run rows go to experiment_comparison_runs.csv.
 
 Each run directory is read as the trainer leaves it (summary.json, config.json, logs/metrics.csv and,
 when exported, checkpoints/best_model.onnx.json). Metrics come from the best epoch's validation row;
@@ -12,7 +15,6 @@ names each GRU `gru-<hidden>x<layers>`, counts parameters in thousands and has n
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -32,6 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdlab.config.schema import ModelConfig
 from kdlab.evaluate.classification_metrics import CLASSIFICATION_METRICS
 from kdlab.evaluate.metrics import REPORTED_METRICS
+from kdlab.experiments.runner import SEED_SUFFIX
+from kdlab.experiments.seed_stats import t_interval, verdict
 from kdlab.models.builders import build_classifier, build_model
 
 log = logging.getLogger(__name__)
@@ -184,6 +189,20 @@ class RunRecord:
     role: str | None = None
     exit_code: int | None = None
     duration_s: float | None = None
+    seed: int | None = None  # the seed of a --seeds run (None: inferred from a `__seed-<s>` name suffix)
+    group: str | None = None  # the config (and sweep value) the run belongs to; None: the name without suffix
+
+    def group_and_seed(self) -> tuple[str, int | None]:
+        name_group, name_seed = split_seed(self.name)
+        return self.group or name_group, self.seed if self.seed is not None else name_seed
+
+
+def split_seed(name: str) -> tuple[str, int | None]:
+    """`digits_student__seed-42` -> ("digits_student", 42); a name without the seed suffix -> (name, None)."""
+    head, sep, tail = name.rpartition(SEED_SUFFIX)
+    if sep and tail.isdigit():
+        return head, int(tail)
+    return name, None
 
 
 @dataclass
@@ -421,7 +440,8 @@ def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
     distilled run of the list names a checkpoint inside this run's directory, else 'student'.
     pct_of_teacher: 100 * target_iou / the teacher's (a distilled run's own teacher when it is in the list,
     else the first teacher with a result). gap_closed (distilled rows): (distilled - baseline) /
-    (teacher - baseline) on target_iou, baseline = the first 'student' with a result and the same encoder.
+    (teacher - baseline) on target_iou, baseline = the first 'student' with a result and the same encoder,
+    preferring one of the same seed (the paired run of a --seeds invocation).
     Only completed (or skipped, i.e. earlier) runs serve as teacher or baseline; failed runs keep a row.
     """
     files = [_read_run(r.run_dir) for r in records]
@@ -461,16 +481,172 @@ def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
         if row["role"] != "distilled" or row[head] is None:
             continue
         baselines = [
-            r for r in rows if r["role"] == "student" and _has_result(r, head) and r[arch] == row[arch]
+            k
+            for k, r in enumerate(rows)
+            if r["role"] == "student" and _has_result(r, head) and r[arch] == row[arch]
         ]
         if not baselines:
             continue
+        seed = records[i].group_and_seed()[1]
+        baselines = [rows[k] for k in sorted(baselines, key=lambda k: records[k].group_and_seed()[1] != seed)]
         baseline_iou = baselines[0][head]
         # Only defined when the teacher beats the baseline: otherwise there is no gap to close, and the
         # ratio of two negative differences would read as success.
         if teacher_iou - baseline_iou > 1e-12:
             row["gap_closed"] = (row[head] - baseline_iou) / (teacher_iou - baseline_iou)
     return rows
+
+
+# --------------------------------------------------------------------------------------------- seeds
+# Columns that vary from seed to seed: mean ± std in the aggregated table. The others (architecture sizes)
+# are the same for every seed of a config and keep one value (their mean).
+_SPREAD_COLUMNS: tuple[str, ...] = ("best_epoch", "train_time_min", "onnx_latency_ms")
+_FIXED_COLUMNS: tuple[str, ...] = ("params_m", "params_k", "macs_g", "macs_m", "onnx_mb")
+DELTA_COLUMNS: tuple[str, ...] = (
+    "baseline",
+    "delta_mean",
+    "delta_std",
+    "delta_low",
+    "delta_high",
+    "delta_n",
+    "verdict",
+)
+
+
+def aggregated_columns(layout: ReportLayout) -> tuple[str, ...]:
+    """The columns of the per-config table: each metric as <m>_mean and <m>_std, n after status, the paired
+    difference from the baseline (delta_*) and its verdict before gap_closed, which gets its interval."""
+    out: list[str] = []
+    for column in layout.columns:
+        if column in layout.metric_columns or column in _SPREAD_COLUMNS:
+            out += [f"{column}_mean", f"{column}_std"]
+        elif column == "status":
+            out += ["status", "n", "seeds"]
+        elif column == "gap_closed":
+            out += [*DELTA_COLUMNS, "gap_closed", "gap_closed_low", "gap_closed_high"]
+        else:
+            out.append(column)
+    return tuple(out)
+
+
+def is_multi_seed(records: list[RunRecord]) -> bool:
+    """True when some config ran more than once (--seeds): the report then aggregates by config."""
+    groups = [r.group_and_seed()[0] for r in records]
+    return len(set(groups)) < len(groups)
+
+
+def _sweep_part(group: str) -> str:
+    return group.split("__", 1)[1] if "__" in group else ""
+
+
+def aggregate_rows(
+    rows: list[dict[str, Any]], records: list[RunRecord], layout: ReportLayout | None = None
+) -> list[dict[str, Any]]:
+    """One row per config (the runs of one group, i.e. config and sweep value, over seeds), in first-seen order.
+
+    Runs without a result (failed, skipped) are named in `status` and left out of every mean; n counts the
+    runs with a result. Distilled configs get the paired difference on the headline metric from their
+    baseline (the first student config of the same architecture, preferring the same sweep value):
+    distilled − baseline on each seed both have, its mean, std, 95% Student-t interval and verdict.
+    gap_closed = (mean distilled − mean baseline) / (mean teacher − mean baseline), its interval the paired
+    difference's interval over the same denominator; None when the teacher's margin over the baseline is not
+    beyond the baseline's own 95% half-width (or, with one baseline seed, not above 0).
+    """
+    layout = layout or layout_for_rows(rows)
+    head, arch = layout.headline, layout.arch_column
+    by_name = {r.name: r for r in records}
+    groups: dict[str, list[tuple[int | None, dict[str, Any], RunRecord | None]]] = {}
+    for row in rows:
+        record = by_name.get(row["experiment"])
+        group, seed = record.group_and_seed() if record else split_seed(row["experiment"])
+        groups.setdefault(group, []).append((seed, row, record))
+
+    group_dirs: dict[str, list[Path]] = {}  # group -> the run directories of its runs
+    for group, members in groups.items():
+        group_dirs[group] = [rec.run_dir for _, _, rec in members if rec is not None and rec.run_dir]
+    out: list[dict[str, Any]] = []
+    values: dict[str, dict[int | None, float]] = {}  # group -> seed -> headline
+    own_teacher: dict[str, str | None] = {}
+    for group, members in groups.items():
+        ok = [(seed, row) for seed, row, _ in members if _has_result(row, head)]
+        # A run that failed before writing its config has an inferred role; one with a result knows better.
+        first = ok[0][1] if ok else members[0][1]
+        values[group] = {seed: row[head] for seed, row in ok}
+        bad = [(seed, row["status"]) for seed, row, _ in members if not _has_result(row, head)]
+        statuses = {row["status"] for _, row, _ in members}
+        if not bad:
+            status = statuses.pop() if len(statuses) == 1 else "completed"
+        else:
+            status = f"{len(ok)}/{len(members)} with results; " + ", ".join(
+                f"{'seed ' + str(seed) if seed is not None else 'run'} {why}" for seed, why in bad
+            )
+        agg: dict[str, Any] = {
+            "experiment": group,
+            "status": status,
+            "n": len(ok),
+            "seeds": " ".join(str(seed) for seed, _ in ok if seed is not None) or None,
+            "role": first["role"],
+            arch: first.get(arch),
+        }
+        for column in layout.columns:
+            if column in layout.metric_columns or column in _SPREAD_COLUMNS:
+                stat = t_interval([row[column] for _, row in ok if row.get(column) is not None])
+                agg[f"{column}_mean"], agg[f"{column}_std"] = stat.mean, stat.std
+            elif column in _FIXED_COLUMNS:
+                agg[column] = t_interval([row[column] for _, row in ok if row.get(column) is not None]).mean
+        out.append(agg)
+        own_teacher[group] = None
+        for _, _, rec in members[:1]:
+            files = _read_run(rec.run_dir) if rec is not None else None
+            for ckpt in _teacher_checkpoints(files.config if files else None):
+                own_teacher[group] = next(
+                    (
+                        g
+                        for g, dirs in group_dirs.items()
+                        if g != group and any(_is_inside(ckpt, d) for d in dirs)
+                    ),
+                    own_teacher[group],
+                )
+
+    means = {row["experiment"]: row[f"{head}_mean"] for row in out}
+    teachers = [r["experiment"] for r in out if r["role"] == "teacher" and r[f"{head}_mean"] is not None]
+    for row in out:
+        group = row["experiment"]
+        for column in (*DELTA_COLUMNS, "pct_of_teacher", "gap_closed", "gap_closed_low", "gap_closed_high"):
+            row[column] = None
+        if row["role"] == "teacher" and group in teachers:
+            ref = group
+        elif own_teacher[group] in teachers:
+            ref = own_teacher[group]
+        else:
+            ref = teachers[0] if teachers else None
+        teacher_mean = means.get(ref) if ref else None
+        if row[f"{head}_mean"] is not None and teacher_mean:
+            row["pct_of_teacher"] = 100.0 * row[f"{head}_mean"] / teacher_mean
+        if row["role"] != "distilled" or row[f"{head}_mean"] is None:
+            continue
+        candidates = [
+            r for r in out if r["role"] == "student" and r["n"] > 0 and r.get(arch) == row.get(arch)
+        ]
+        candidates.sort(key=lambda r: _sweep_part(r["experiment"]) != _sweep_part(group))
+        if not candidates:
+            continue
+        baseline = candidates[0]["experiment"]
+        paired = [values[group][s] - values[baseline][s] for s in values[group] if s in values[baseline]]
+        diff = t_interval(paired)
+        row.update(baseline=baseline, delta_mean=diff.mean, delta_std=diff.std, delta_low=diff.low,
+                   delta_high=diff.high, delta_n=diff.n, verdict=verdict(diff))  # fmt: skip
+        if teacher_mean is None:
+            continue
+        base_stat = t_interval(list(values[baseline].values()))
+        margin = teacher_mean - base_stat.mean
+        # The gap is only defined when the teacher beats the baseline beyond the baseline's own noise:
+        # otherwise the ratio of two differences indistinguishable from 0 would read as a result.
+        if margin > max(base_stat.half_width or 0.0, 1e-12):
+            row["gap_closed"] = (row[f"{head}_mean"] - base_stat.mean) / margin
+            if diff.low is not None and diff.high is not None:
+                row["gap_closed_low"], row["gap_closed_high"] = diff.low / margin, diff.high / margin
+    return out
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -498,26 +674,22 @@ def _save_figure_atomic(fig: Figure, path: Path) -> None:
     _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
+def table_frame(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> pd.DataFrame:
+    """The rows as a DataFrame with exactly `columns` in that order (missing values NaN/None)."""
+    return pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], columns=list(columns))
 
 
-def rows_to_csv(rows: list[dict[str, Any]]) -> str:
-    """The table as CSV text, columns in the layout's order (COLUMNS for segmentation), missing values empty."""
-    columns = layout_for_rows(rows).columns
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
-    return buffer.getvalue()
+def frame_to_csv(frame: pd.DataFrame) -> str:
+    """CSV text: 6 significant digits, missing values empty."""
+    return frame.to_csv(index=False, float_format="%.6g", lineterminator="\n")
 
 
-# header, format of a number (None = text), right-aligned
+def frame_to_json(frame: pd.DataFrame) -> str:
+    """A JSON list of row objects (missing values null); `pandas.read_json` reads it back."""
+    return frame.to_json(orient="records", indent=2) + "\n"
+
+
+# header, format of a number (None = text)
 _MD_FORMAT: dict[str, tuple[str, str | None]] = {
     "experiment": ("experiment", None),
     "status": ("status", None),
@@ -543,11 +715,18 @@ _MD_FORMAT: dict[str, tuple[str, str | None]] = {
     "top1": ("top-1", "{:.4f}"),
     "top5": ("top-5", "{:.4f}"),
     "ece": ("ECE", "{:.4f}"),
+    "n": ("n", "{:.0f}"),
+    "baseline": ("baseline", None),
+    "verdict": ("verdict", None),
 }
 
 
+def _missing(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
 def _md_cell(column: str, value: Any) -> str:
-    if value is None or value == "":
+    if _missing(value):
         return MISSING
     fmt = _MD_FORMAT[column][1]
     if fmt is not None and isinstance(value, int | float):
@@ -555,61 +734,114 @@ def _md_cell(column: str, value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
-    """The table as GitHub Markdown with padded columns (readable as plain text too)."""
-    layout = layout_for_rows(rows)
-    columns = layout.columns
-    headers = [_MD_FORMAT[c][0] for c in columns]
-    cells = [[_md_cell(c, row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(h)] + [len(r[k]) for r in cells]) for k, h in enumerate(headers)]
-    numeric = [_MD_FORMAT[c][1] is not None for c in columns]
+def _markdown(cells: pd.DataFrame, numeric: list[bool]) -> str:
+    """Cells (strings) as a GitHub pipe table, numbers right-aligned, padded to be read as plain text."""
+    align = ["right" if num else "left" for num in numeric]
+    return cells.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True)
 
-    def line(values: list[str]) -> str:
-        padded = [
-            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
-        ]
-        return "| " + " | ".join(padded) + " |"
 
-    rule = (
-        "| "
-        + " | ".join(
-            ("-" * (w - 1) + ":") if num else "-" * w for w, num in zip(widths, numeric, strict=True)
-        )
-        + " |"
+def runs_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
+    """The per-run table: one row per run, today's columns."""
+    columns = list(layout.columns)
+    cells = pd.DataFrame(
+        {_MD_FORMAT[c][0]: [_md_cell(c, v) for v in frame[c]] for c in columns},
+        columns=[_MD_FORMAT[c][0] for c in columns],
     )
-    completed = sum(1 for r in rows if r.get("status") in RESULT_STATUSES)
+    return _markdown(cells, [_MD_FORMAT[c][1] is not None for c in columns])
+
+
+def _signed(value: Any, fmt: str) -> str:
+    return MISSING if _missing(value) else ("+" if value >= 0 else "−") + fmt.format(abs(value))
+
+
+def aggregated_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
+    """The per-config table: metrics as mean ± std, n, the paired Δ with its 95% interval and the verdict."""
+    cols: dict[str, list[str]] = {}
+    numeric: list[bool] = []
+    records = frame.to_dict(orient="records")
+
+    def add(header: str, cells: list[str], is_number: bool) -> None:
+        cols[header] = cells
+        numeric.append(is_number)
+
+    for column in layout.columns:
+        label, fmt = _MD_FORMAT[column]
+        if column in layout.metric_columns or column in _SPREAD_COLUMNS:
+
+            def spread(row: dict[str, Any], column: str = column, fmt: str | None = fmt) -> str:
+                mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+                if _missing(mean):
+                    return MISSING
+                text = (fmt or "{}").format(mean)
+                return text if _missing(std) else f"{text} ± {(fmt or '{}').format(std)}"
+
+            add(label, [spread(r) for r in records], True)
+        elif column == "gap_closed":
+            add("baseline", [_md_cell("baseline", r["baseline"]) for r in records], False)
+            add(
+                f"Δ {layout.headline_label} (paired)",
+                [_signed(r["delta_mean"], "{:.4f}") for r in records],
+                True,
+            )
+            add("95% CI of Δ", [
+                MISSING if _missing(r["delta_mean"]) else
+                (f"n={r['delta_n']:.0f}, no interval" if _missing(r["delta_low"]) else
+                 f"[{_signed(r['delta_low'], '{:.4f}')}, {_signed(r['delta_high'], '{:.4f}')}]")
+                for r in records
+            ], True)  # fmt: skip
+            add("verdict", [
+                MISSING if _missing(r["verdict"]) and _missing(r["delta_mean"]) else
+                (f"{MISSING} (n={r['delta_n']:.0f})" if _missing(r["verdict"]) else str(r["verdict"]))
+                for r in records
+            ], False)  # fmt: skip
+            add("gap closed", [
+                MISSING if _missing(r["gap_closed"]) else
+                f"{r['gap_closed']:.2f}" + ("" if _missing(r["gap_closed_low"]) else
+                                            f" [{r['gap_closed_low']:.2f}, {r['gap_closed_high']:.2f}]")
+                for r in records
+            ], True)  # fmt: skip
+        else:
+            add(label, [_md_cell(column, r[column]) for r in records], fmt is not None)
+            if column == "status":
+                add("n", [_md_cell("n", r["n"]) for r in records], True)
+    return _markdown(pd.DataFrame(cols, columns=list(cols)), numeric)
+
+
+def _intro(layout: ReportLayout, runs: int, completed: int) -> str:
+    label = layout.headline_label
     if layout is SEQUENCE_LAYOUT:
-        intro = [
-            "# Experiment comparison",
-            "",
-            f"{len(rows)} experiments ({completed} completed). GRU sequence classifiers (model = gru-<hidden>x<layers>); "
-            "metrics on the validation set at each run's best epoch (top-1 on the final logits, ECE over 15 "
-            "confidence bins). MMACs: one sequence, counted by hand. % of teacher and gap closed = (distilled − "
-            f"baseline) / (teacher − baseline) use top-1. {MISSING} = not available.",
-            "",
-        ]
-        return "\n".join([*intro, line(headers), rule, *(line(r) for r in cells)]) + "\n"
-    if layout is CLASSIFICATION_LAYOUT:
-        intro = [
-            "# Experiment comparison",
-            "",
-            f"{len(rows)} experiments ({completed} completed). Classifiers; metrics on the validation set at each "
-            "run's best epoch (top-1/top-5 accuracy, ECE = expected calibration error over 15 confidence bins). "
-            "MMACs: one image at the configured size. % of teacher and gap closed = (distilled − baseline) / "
-            f"(teacher − baseline) use top-1. {MISSING} = not available.",
-            "",
-        ]
-        return "\n".join([*intro, line(headers), rule, *(line(r) for r in cells)]) + "\n"
-    intro = [
-        "# Experiment comparison",
-        "",
-        f"{len(rows)} experiments ({completed} completed). Metrics on the validation set at each run's best epoch "
-        "(target IoU = per-ROI IoU of the ROI's own person). GMACs: one image, one ROI, configured input size. "
-        "% of teacher and gap closed = (distilled − baseline) / (teacher − baseline) use target IoU. "
-        f"{MISSING} = not available.",
-        "",
-    ]
-    return "\n".join([*intro, line(headers), rule, *(line(r) for r in cells)]) + "\n"
+        what = (
+            "GRU sequence classifiers (model = gru-<hidden>x<layers>); metrics on the validation set at each run's "
+            "best epoch (top-1 on the final logits, ECE over 15 confidence bins). MMACs: one sequence, counted by hand."
+        )
+    elif layout is CLASSIFICATION_LAYOUT:
+        what = (
+            "Classifiers; metrics on the validation set at each run's best epoch (top-1/top-5 accuracy, ECE = "
+            "expected calibration error over 15 confidence bins). MMACs: one image at the configured size."
+        )
+    else:
+        what = (
+            "Metrics on the validation set at each run's best epoch (target IoU = per-ROI IoU of the ROI's own "
+            "person). GMACs: one image, one ROI, configured input size."
+        )
+    return (
+        f"{runs} experiments ({completed} completed). {what} % of teacher and gap closed = (distilled − baseline) "
+        f"/ (teacher − baseline) use {label}. {MISSING} = not available."
+    )
+
+
+def _seed_method(layout: ReportLayout) -> str:
+    label = layout.headline_label
+    return (
+        "One row per config over its seeds: mean ± std (ddof=1) over the n runs with a result; failed or skipped "
+        f"seeds are named in status and left out. Δ {label} (paired) = distilled − baseline on the same seed "
+        "(same initial weights and data order), averaged over the seeds both have; 95% CI = mean ± "
+        "t(0.975, n−1)·sd/√n (Student t over seeds). Verdict: gain when the interval lies above 0, hurts when "
+        f"below, else no detectable difference; none with n < 2. Gap closed = (mean distilled − mean baseline) / "
+        "(mean teacher − mean baseline), its interval the Δ interval over the same denominator; "
+        f"{MISSING} when the teacher's margin over the baseline is within the baseline's own 95% interval. "
+        "Per-seed rows: experiment_comparison_runs.csv and experiment_runs.json."
+    )
 
 
 _ROLE_STYLE: dict[str, tuple[str, str]] = {  # marker, colour
@@ -623,30 +855,47 @@ def _style(role: str | None) -> tuple[str, str]:
     return _ROLE_STYLE.get(role or "", ("D", "tab:gray"))
 
 
-def _comparison_figure(rows: list[dict[str, Any]], layout: ReportLayout = SEGMENTATION_LAYOUT) -> Figure:
-    head, label = layout.headline, layout.headline_label
-    plotted = [r for r in rows if _has_result(r, head)]
+def _plot_points(rows: list[dict[str, Any]], layout: ReportLayout, aggregated: bool) -> list[dict[str, Any]]:
+    """What the comparison figure draws: per run, or per config with the std over seeds as error bar."""
+    head = layout.headline
+    if not aggregated:
+        return [
+            {"experiment": r["experiment"], "role": r.get("role"), "y": r[head], "yerr": None,
+             "onnx_latency_ms": r.get("onnx_latency_ms"), "params_m": r.get("params_m")}
+            for r in rows if _has_result(r, head)
+        ]  # fmt: skip
+    return [
+        {"experiment": f"{r['experiment']} (n={r['n']})", "role": r.get("role"), "y": r[f"{head}_mean"],
+         "yerr": r[f"{head}_std"], "onnx_latency_ms": r.get("onnx_latency_ms_mean"), "params_m": r.get("params_m")}
+        for r in rows if r["n"] > 0 and r[f"{head}_mean"] is not None
+    ]  # fmt: skip
+
+
+def _comparison_figure(points: list[dict[str, Any]], layout: ReportLayout = SEGMENTATION_LAYOUT) -> Figure:
+    label = layout.headline_label
     fig = _new_figure(12, 5)
     axes = fig.subplots(1, 2)
     panels = (("onnx_latency_ms", "ONNX latency (ms / image, median)"), ("params_m", "parameters (M)"))
+    with_bars = any(p["yerr"] is not None for p in points)
     for ax, (x_key, x_label) in zip(axes, panels, strict=True):
-        shown = [r for r in plotted if r.get(x_key) is not None]
-        skipped = [r["experiment"] for r in plotted if r.get(x_key) is None]
+        shown = [p for p in points if p.get(x_key) is not None]
+        skipped = [p["experiment"] for p in points if p.get(x_key) is None]
         seen_roles: set[str] = set()
-        for row in shown:
-            marker, colour = _style(row.get("role"))
-            role = row.get("role") or "other"
-            ax.scatter(
-                row[x_key], row[head], marker=marker, color=colour, s=80, zorder=3,
-                label=role if role not in seen_roles else None, edgecolors="black", linewidths=0.5,
+        for point in shown:
+            marker, colour = _style(point.get("role"))
+            role = point.get("role") or "other"
+            ax.errorbar(
+                point[x_key], point["y"], yerr=point["yerr"], fmt=marker, color=colour, markersize=9, capsize=4,
+                zorder=3, label=role if role not in seen_roles else None, markeredgecolor="black",
+                markeredgewidth=0.5,
             )  # fmt: skip
             seen_roles.add(role)
             ax.annotate(
-                row["experiment"], (row[x_key], row[head]), textcoords="offset points",
+                point["experiment"], (point[x_key], point["y"]), textcoords="offset points",
                 xytext=(6, 6), fontsize=8,
             )  # fmt: skip
         ax.set_xlabel(x_label)
-        ax.set_ylabel(f"{label} (val, best epoch)")
+        ax.set_ylabel(f"{label} (val, best epoch" + (", mean ± std over seeds)" if with_bars else ")"))
         ax.set_title(f"{label} vs {x_label.split(' (')[0]}")
         ax.grid(True, alpha=0.3)
         if shown:
@@ -659,7 +908,9 @@ def _comparison_figure(rows: list[dict[str, Any]], layout: ReportLayout = SEGMEN
                 0.01, 0.01, "not shown (no value): " + ", ".join(skipped), transform=ax.transAxes,
                 fontsize=7, va="bottom", ha="left", color="dimgray", wrap=True,
             )  # fmt: skip
-    fig.suptitle("Experiment comparison (runs with results)")
+    fig.suptitle(
+        "Experiment comparison (" + ("configs over seeds" if with_bars else "runs with results") + ")"
+    )
     fig.tight_layout()
     return fig
 
@@ -667,9 +918,12 @@ def _comparison_figure(rows: list[dict[str, Any]], layout: ReportLayout = SEGMEN
 def _curves_figure(
     curves_from: list[RunRecord], roles: dict[str, str | None], layout: ReportLayout = SEGMENTATION_LAYOUT
 ) -> Figure:
+    """Validation headline and train loss per epoch: one line per run, or, for a config run over several
+    seeds, its mean per epoch with the std over seeds as error bars."""
     fig = _new_figure(12, 4.5)
     ax_val, ax_loss = fig.subplots(1, 2)
-    drawn = 0
+    curves: dict[str, list[tuple[list[tuple[float, float]], list[tuple[float, float]]]]] = {}
+    markers: dict[str, str] = {}
     for record in curves_from:
         if record.run_dir is None:
             continue
@@ -680,11 +934,28 @@ def _curves_figure(
         loss = [(e, v) for e, v in loss if e is not None and v is not None]
         if not val and not loss:
             continue
-        drawn += 1
-        marker, _ = _style(record.role or roles.get(record.name))
-        for ax, points in ((ax_val, val), (ax_loss, loss)):
-            if points:
-                ax.plot(*zip(*points, strict=True), marker=marker, markersize=4, label=record.name)
+        group = record.group_and_seed()[0]
+        curves.setdefault(group, []).append((val, loss))  # type: ignore[arg-type]
+        markers.setdefault(group, _style(record.role or roles.get(record.name) or roles.get(group))[0])
+    drawn = sum(len(c) for c in curves.values())
+    for group, runs in curves.items():
+        for k, ax in enumerate((ax_val, ax_loss)):
+            series = [run[k] for run in runs if run[k]]
+            if not series:
+                continue
+            if len(series) == 1:
+                ax.plot(*zip(*series[0], strict=True), marker=markers[group], markersize=4, label=group)
+                continue
+            by_epoch: dict[float, list[float]] = {}
+            for points in series:
+                for epoch, value in points:
+                    by_epoch.setdefault(epoch, []).append(value)
+            epochs = sorted(by_epoch)
+            stats_ = [t_interval(by_epoch[e]) for e in epochs]
+            ax.errorbar(
+                epochs, [s.mean for s in stats_], yerr=[s.std or 0.0 for s in stats_], marker=markers[group],
+                markersize=4, capsize=2, label=f"{group} (mean ± std, n={len(series)})",
+            )  # fmt: skip
     for ax, title in ((ax_val, f"validation {layout.headline_label}"), (ax_loss, "train loss")):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -702,23 +973,53 @@ def _curves_figure(
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[RunRecord]) -> dict[str, Path]:
-    """Write experiment_comparison.{csv,md,png} and training_curves.png into `out_dir` (each atomically).
+    """Write experiment_comparison.{csv,md,json,png}, experiment_comparison_runs.csv and training_curves.png
+    into `out_dir` (each atomically) from the per-run `rows` of `collect_rows(curves_from)`.
 
-    Returns the paths by kind: "csv", "markdown", "comparison_png", "curves_png".
+    When some config ran over several seeds the table has one row per config (`aggregate_rows`) and the
+    per-run rows (with their seed) go to experiment_comparison_runs.csv; otherwise both hold the per-run rows.
+    Returns the paths by kind: "csv", "markdown", "json", "runs_csv", "comparison_png", "curves_png".
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "csv": out_dir / "experiment_comparison.csv",
         "markdown": out_dir / "experiment_comparison.md",
+        "json": out_dir / "experiment_comparison.json",
+        "runs_csv": out_dir / "experiment_comparison_runs.csv",
         "comparison_png": out_dir / "experiment_comparison.png",
         "curves_png": out_dir / "training_curves.png",
     }
-    _write_text_atomic(paths["csv"], rows_to_csv(rows))
-    _write_text_atomic(paths["markdown"], rows_to_markdown(rows))
     layout = layout_for_rows(rows)
-    _save_figure_atomic(_comparison_figure(rows, layout), paths["comparison_png"])
+    aggregated = is_multi_seed(curves_from)
+    by_name = {r.name: r for r in curves_from}
+    seeded = [
+        {**row, "config": g, "seed": s}
+        for row in rows
+        for g, s in [by_name[row["experiment"]].group_and_seed() if row["experiment"] in by_name
+                     else split_seed(row["experiment"])]
+    ]  # fmt: skip
+    runs_frame = table_frame(seeded, (*layout.columns[:1], "config", "seed", *layout.columns[1:]))
+    _write_text_atomic(paths["runs_csv"], frame_to_csv(runs_frame))
+    completed = sum(1 for r in rows if r.get("status") in RESULT_STATUSES)
+    intro = ["# Experiment comparison", "", _intro(layout, len(rows), completed)]
+    if aggregated:
+        table = aggregate_rows(rows, curves_from, layout)
+        frame = table_frame(table, aggregated_columns(layout))
+        intro += ["", _seed_method(layout)]
+        body = aggregated_markdown(frame, layout)
+    else:
+        table = rows
+        frame = table_frame(rows, layout.columns)
+        body = runs_markdown(frame, layout)
+    _write_text_atomic(paths["csv"], frame_to_csv(frame))
+    _write_text_atomic(paths["json"], frame_to_json(frame))
+    _write_text_atomic(paths["markdown"], "\n".join([*intro, "", body]) + "\n")
+    _save_figure_atomic(
+        _comparison_figure(_plot_points(table, layout, aggregated), layout), paths["comparison_png"]
+    )
     roles = {r["experiment"]: r.get("role") for r in rows}
+    roles.update({r["experiment"]: r.get("role") for r in table})
     _save_figure_atomic(_curves_figure(curves_from, roles, layout), paths["curves_png"])
     log.info("report: wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths

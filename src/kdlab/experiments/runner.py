@@ -5,6 +5,11 @@ streamed live and into `<run>/logs/stdout.txt`; its true exit status is recorded
 recorded with the tail of its log and the others still run (unless fail_fast). An experiment whose teacher
 is another experiment (`distillation.teacher_experiment`) runs after it and gets its best_model.pth; if
 that teacher failed, it is skipped.
+
+With several seeds every config runs once per seed (`<config>__seed-<s>`, `training.seed=<s>`); a teacher of a
+listed config runs once and serves every seed of its students unless `seed_teachers`, when student seed s
+learns from teacher seed s. A baseline and a distilled student of one seed share their initial weights and
+data order (both come from `training.seed`), so their difference is a paired comparison.
 """
 
 from __future__ import annotations
@@ -46,6 +51,17 @@ class PlannedRun:
     set_items: list[str]
     config: ExperimentConfig
     depends_on: str | None = None
+    seed: int | None = None  # set when the runner varies seeds (--seeds)
+    group: str = ""  # run_name without the seed suffix: the runs of one config (and sweep value)
+    resume_from: str | None = None  # an explicit checkpoint to continue (--resume PATH)
+
+    def run_dir(self) -> Path:
+        """Where the run lives: the run directory of an explicit resume checkpoint, else <output_dir>/<run>."""
+        if self.resume_from is not None:
+            path = Path(self.resume_from)
+            if path.parent.name == "checkpoints":
+                return path.parent.parent
+        return Path(self.config.output_dir) / self.run_name
 
 
 @dataclass
@@ -60,6 +76,8 @@ class RunResult:
     error_tail: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] | None = None
+    seed: int | None = None
+    group: str | None = None
 
 
 def expand_configs(names: list[str]) -> list[str]:
@@ -95,32 +113,73 @@ def _sweep_suffix(combo: list[tuple[str, str]]) -> str:
     return "__" + "__".join(parts) if parts else ""
 
 
+SEED_SUFFIX = "__seed-"
+
+
+def check_seeds(seeds: list[int] | None) -> list[int]:
+    """The seeds of --seeds, each a distinct integer >= 0 (a ConfigError otherwise)."""
+    seeds = list(seeds or [])
+    for seed in seeds:
+        if seed < 0:
+            raise ConfigError(f"--seeds must be integers >= 0, got {seed}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(
+            f"--seeds lists {', '.join(map(str, repeated))} more than once; give each seed once"
+        )
+    return seeds
+
+
 def plan_runs(
-    config_names: list[str], set_items: list[str], flags: dict[str, Any], sweeps: list[str]
+    config_names: list[str],
+    set_items: list[str],
+    flags: dict[str, Any],
+    sweeps: list[str],
+    seeds: list[int] | None = None,
+    seed_teachers: bool = False,
 ) -> list[PlannedRun]:
     """Resolve every config (failing early on bad input) and order teachers before their students.
 
     Sweeps vary the students: a config that another listed config names as its
     `distillation.teacher_experiment` runs once, unswept, so `--configs digits --sweep model.name=a,b`
-    compares several students against one teacher in one table.
+    compares several students against one teacher in one table. Seeds multiply every run (one per
+    (sweep value, seed)) except such teachers, which run once unless `seed_teachers`.
     """
     planned: list[PlannedRun] = []
     names = expand_configs(config_names)
+    seeds = check_seeds(seeds)
     bases = {name: resolve_config(name, set_items, flags) for name in names}
     teachers = {
         b.distillation.teacher_experiment for b in bases.values() if b.distillation.teacher_experiment
     }
+    listed = {b.name for b in bases.values()}
     combos_all = parse_sweeps(sweeps)
     for name in names:
         base = bases[name]
-        combos = [[]] if sweeps and base.name in teachers else combos_all
-        if sweeps and base.name in teachers:
+        is_teacher = base.name in teachers
+        combos = [[]] if sweeps and is_teacher else combos_all
+        if sweeps and is_teacher:
             log.info("%s is the teacher of a listed config: it runs once, not swept", base.name)
+        run_seeds: list[int | None] = list(seeds) if seeds else [None]
+        if seeds and is_teacher and not seed_teachers:
+            log.info("%s is the teacher of a listed config: it runs once for all seeds", base.name)
+            run_seeds = [None]
+        teacher = base.distillation.teacher_experiment
         for combo in combos:
-            run_name = base.name + _sweep_suffix(combo)
-            items = list(set_items) + [f"{k}={v}" for k, v in combo] + ([f"name={run_name}"] if combo else [])
-            cfg = resolve_config(name, items, flags)
-            planned.append(PlannedRun(name, run_name, items, cfg, cfg.distillation.teacher_experiment))
+            group = base.name + _sweep_suffix(combo)
+            for seed in run_seeds:
+                run_name = group + (f"{SEED_SUFFIX}{seed}" if seed is not None else "")
+                items = list(set_items) + [f"{k}={v}" for k, v in combo]
+                if seed is not None:
+                    items.append(f"training.seed={seed}")
+                depends_on = teacher
+                if seed is not None and seed_teachers and teacher in listed:
+                    depends_on = f"{teacher}{SEED_SUFFIX}{seed}"
+                    items.append(f"distillation.teacher_experiment={depends_on}")
+                if run_name != base.name:
+                    items.append(f"name={run_name}")
+                cfg = resolve_config(name, items, flags)
+                planned.append(PlannedRun(name, run_name, items, cfg, depends_on, seed, group))
     run_names = {p.run_name for p in planned}
     ordered: list[PlannedRun] = []
     pending = list(planned)
@@ -168,8 +227,9 @@ def stream_process(command: list[str], log_path: Path, env: dict[str, str] | Non
 
 
 def child_command(
-    run: PlannedRun, flags_argv: list[str], teacher_ckpt: Path | None, resume: bool
+    run: PlannedRun, flags_argv: list[str], teacher_ckpt: Path | None, resume: str | None
 ) -> list[str]:
+    """The train_advanced.py argument list of one run; `resume` is "auto" or a checkpoint path."""
     command = [sys.executable, str(TRAIN_SCRIPT), "--config", run.config_name, "--no_progress"]
     if run.set_items:
         command += ["--set", *run.set_items]
@@ -177,7 +237,7 @@ def child_command(
     if teacher_ckpt is not None:
         command += ["--teacher_checkpoint", str(teacher_ckpt)]
     if resume:
-        command += ["--resume", "auto"]
+        command += ["--resume", resume]
     return command
 
 
@@ -195,13 +255,14 @@ def run_all(
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for i, run in enumerate(planned):
-        run_dir = Path(run.config.output_dir) / run.run_name
+        run_dir = run.run_dir()
         config_dump = run.config.model_dump(mode="json")
+        ids = {"seed": run.seed, "group": run.group or run.run_name}
         if skip_training:
             exists = (run_dir / "checkpoints" / "best_model.pth").is_file()
             results[run.run_name] = RunResult(
                 run.run_name, run.config_name, str(run_dir), "exists" if exists else "missing", None, 0.0, [],
-                "" if exists else f"no {run_dir / 'checkpoints' / 'best_model.pth'}", config_dump,
+                "" if exists else f"no {run_dir / 'checkpoints' / 'best_model.pth'}", config_dump, **ids,
             )  # fmt: skip
             continue
         teacher_ckpt = None
@@ -211,12 +272,13 @@ def run_all(
                 log.error("skipping %s: its teacher %s %s", run.run_name, run.depends_on, teacher.status)
                 results[run.run_name] = RunResult(
                     run.run_name, run.config_name, str(run_dir), "skipped", None, 0.0, [],
-                    f"teacher experiment {run.depends_on} {teacher.status}", config_dump,
+                    f"teacher experiment {run.depends_on} {teacher.status}", config_dump, **ids,
                 )  # fmt: skip
                 continue
             teacher_ckpt = Path(teacher.run_dir) / "checkpoints" / "best_model.pth"
         has_last = (run_dir / "checkpoints" / "last.pth").is_file()
-        command = child_command(run, flags_argv, teacher_ckpt, resume and has_last)
+        resume_arg = run.resume_from or ("auto" if resume and has_last else None)
+        command = child_command(run, flags_argv, teacher_ckpt, resume_arg)
         log.info("[%d/%d] %s: %s", i + 1, len(planned), run.run_name, " ".join(command))
         staging = output_dir / ".runner" / f"{run.run_name}.stdout.txt"
         started = time.perf_counter()
@@ -225,7 +287,7 @@ def run_all(
         final_log = run_dir / "logs" / "stdout.txt"
         if run_dir.is_dir():
             final_log.parent.mkdir(parents=True, exist_ok=True)
-            if final_log.exists() and resume:
+            if final_log.exists() and resume_arg:
                 with final_log.open("a") as out, staging.open() as inp:
                     shutil.copyfileobj(inp, out)
                 staging.unlink()
@@ -236,7 +298,7 @@ def run_all(
         status = {0: "completed", 130: "interrupted", 143: "interrupted"}.get(code, "failed")
         results[run.run_name] = RunResult(
             run.run_name, run.config_name, str(run_dir), status, code, duration, command,
-            _tail(final_log) if status != "completed" else "", config_dump,
+            _tail(final_log) if status != "completed" else "", config_dump, **ids,
         )  # fmt: skip
         log.info("%s: %s (exit %d) in %.1f s", run.run_name, status, code, duration)
         if status == "interrupted":
