@@ -821,8 +821,10 @@ def _intro(layout: ReportLayout, runs: int, completed: int) -> str:
         )
     else:
         what = (
-            "Metrics on the validation set at each run's best epoch (target IoU = per-ROI IoU of the ROI's own "
-            "person). GMACs: one image, one ROI, configured input size."
+            "Metrics on the validation set at each run's best epoch, the one with the best mIoU (target IoU = "
+            "per-ROI IoU of the ROI's own person; IoU other = 'other people' inside the ROIs). A teacher may train "
+            "on a longer schedule than its students: it is trained once and used many times. GMACs: one image, "
+            "one ROI, configured input size."
         )
     return (
         f"{runs} experiments ({completed} completed). {what} % of teacher and gap closed = (distilled − baseline) "
