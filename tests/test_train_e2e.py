@@ -51,6 +51,8 @@ def test_summary_and_metrics_csv(trained_run):
     assert 0.0 <= summary["final_metrics"]["target_iou"] <= 1.0
     assert summary["best_epoch"] in (1, 2)
     assert summary["params"]["unet"] > 6_000_000
+    params = summary["params"]
+    assert 0 < params["roi_head"] < 1_000_000 and params["unet"] + params["roi_head"] == params["total"]
     rows = list(csv.DictReader((run / "logs" / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     for column in (

@@ -649,6 +649,7 @@ class Trainer:
             "params": {
                 "total": count_parameters(model),
                 "unet": count_parameters(model.unet) if hasattr(model, "unet") else None,
+                "roi_head": count_parameters(model.head) if hasattr(model, "unet") else None,
             },
             "timings": {
                 "train_seconds": self.state.train_seconds,
