@@ -36,11 +36,11 @@ from kdlab.distill.kd_task import HEADS, KDTask
 from kdlab.distill.losses import kd_kl_loss, teacher_probs
 from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher
 from kdlab.engine.batches import batch_to_device
-from kdlab.engine.tasks import SegmentationTask, loss_weights
+from kdlab.engine.tasks import SegmentationTask
 from kdlab.engine.trainer import Trainer
 from kdlab.experiments.single_run import build_kd_task
 from kdlab.models.builders import build_model
-from kdlab.models.losses import segmentation_loss
+from kdlab.models.losses import SegmentationLossWeights, segmentation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ class NaiveLoop:
         tcfg = cfg.model.model_copy(update={"encoder": s.teacher_encoder})
         self.teacher = build_model(tcfg).to(self.device).eval()  # parameters still require grad
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.training.lr)
-        self.weights = loss_weights(cfg.training.loss)
+        self.weights = SegmentationLossWeights.from_config(cfg.training.loss)
         self.d = cfg.distillation
         self.raw = raw
         self.losses: list[float] = []
