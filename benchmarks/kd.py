@@ -5,7 +5,7 @@ and the KD step from cached teacher outputs (d, offline distillation: no teacher
 `SegmentationTask` and `KDTask` (built by `build_kd_task`, gradient-share measurement off); (b) is the frozen
 teacher's forward exactly as KDTask calls it (same autocast, input already on the device). The naive loop is
 the obvious way to write online distillation: fp32, no channels_last, teacher with autograd on, and the full
-model run once per ROI; it computes the same losses. (d) is `KDTask(cached=True)` on a batch that carries
+model run once per ROI; it computes the same losses. (d) is `SegmentationKDTask(cached=True)` on a batch that carries
 the teacher's three heads as float16 ROI rows, as a `CachedPeopleDataset` batch does (the HDF5 read happens
 in loader workers and is not part of the step).
 """
@@ -32,13 +32,13 @@ from benchmarks.common import (
     synthetic_batch,
 )
 from kdlab.config.schema import ExperimentConfig
-from kdlab.distill.kd_task import HEADS, KDTask
+from kdlab.distill.kd_segmentation import HEADS, SegmentationKDTask
 from kdlab.distill.losses import kd_kl_loss, teacher_probs
 from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher
 from kdlab.engine.batches import batch_to_device
-from kdlab.engine.tasks import SegmentationTask
+from kdlab.tasks.segmentation import SegmentationTask
 from kdlab.engine.trainer import Trainer
-from kdlab.experiments.single_run import build_kd_task
+from kdlab.experiments.kd_setup import build_kd_task
 from kdlab.models.builders import build_model
 from kdlab.models.losses import SegmentationLossWeights, segmentation_loss
 
@@ -83,7 +83,7 @@ class ProjectSteps:
         )  # fmt: skip
         self.on_device = batch_to_device(self.raw, self.device, self.cfg.training.channels_last)
         torch.manual_seed(0)
-        cached_task = KDTask(self.cfg.distillation, self.cfg.training.loss, [], None, cached=True)
+        cached_task = SegmentationKDTask(self.cfg.distillation, self.cfg.training.loss, [], None, cached=True)
         self.cached_trainer = Trainer(
             self.cfg, build_model(self.cfg.model), cached_task, steps, _no_eval, run_dir, self.device,
             show_progress=False,

@@ -22,15 +22,16 @@ from kdlab.data.classification import (
     stratified_split,
 )
 from kdlab.distill.losses import kd_ce_loss, teacher_probs
-from kdlab.distill.teacher import LoadedTeacher, load_teacher
-from kdlab.engine.checkpoint import save_checkpoint_atomic
+from kdlab.distill.teacher import LoadedTeacher
+from kdlab.tasks import load_teacher
+from kdlab.checkpoints import save_checkpoint_atomic
 from kdlab.errors import CheckpointError, ConfigError, DataError
 from kdlab.evaluate.classification_metrics import (
     ClassificationMetrics,
     expected_calibration_error,
     topk_correct,
 )
-from kdlab.experiments.task_specs import check_teacher_task
+from kdlab.tasks import check_teacher_fits
 from kdlab.models.classifier import TimmClassifier
 
 E = math.e
@@ -249,13 +250,13 @@ def test_a_teacher_of_another_task_is_refused() -> None:
     with pytest.raises(
         CheckpointError, match="seg.pth is a segmentation model but this experiment's task is classification"
     ):
-        check_teacher_task(student, seg_teacher)
+        check_teacher_fits(student, seg_teacher)
     old_seg = LoadedTeacher(teacher=None, path="old.pth", sha256="", config={"model": {}})  # type: ignore[arg-type]
     with pytest.raises(CheckpointError, match="segmentation model"):
-        check_teacher_task(student, old_seg)
+        check_teacher_fits(student, old_seg)
     wrong_classes = LoadedTeacher(None, "c.pth", "", {"task": "classification", "model": {"num_classes": 3}})  # type: ignore[arg-type]
     with pytest.raises(CheckpointError, match="3 classes"):
-        check_teacher_task(student, wrong_classes)
+        check_teacher_fits(student, wrong_classes)
 
 
 # --------------------------------------------------------------------------------------------- features

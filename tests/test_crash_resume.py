@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.engine.checkpoint import FAULT_ENV
+from kdlab.checkpoints import FAULT_ENV
 from tests.helpers import assert_same_weights, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]

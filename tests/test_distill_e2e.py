@@ -13,9 +13,10 @@ import torch
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
 from kdlab.config.loader import resolve_config
-from kdlab.distill.kd_task import KDTask
-from kdlab.distill.teacher import FrozenTeacher, load_teacher
-from kdlab.engine.tasks import SegmentationTask
+from kdlab.distill.kd_segmentation import SegmentationKDTask
+from kdlab.distill.teacher import FrozenTeacher
+from kdlab.tasks import load_teacher
+from kdlab.tasks.segmentation import SegmentationTask
 from kdlab.models.builders import build_model
 from tests.helpers import assert_same_weights, error_lines, tiny_args, tree_hashes
 
@@ -168,7 +169,7 @@ def test_teacher_stays_frozen_in_eval_with_unchanged_bn_statistics():
     student, cfg = _student_and_cfg()
     teacher = FrozenTeacher(build_model(cfg.model))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    task = KDTask(cfg.distillation, cfg.training.loss, [(teacher, 1.0)])
+    task = SegmentationKDTask(cfg.distillation, cfg.training.loss, [(teacher, 1.0)])
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     student.train()
     teacher.train()  # a trainer calling .train() on everything must not flip the teacher
@@ -195,7 +196,7 @@ def test_alpha_zero_gives_exactly_the_base_loss_gradient():
         task(student, batch)["loss"].backward()
         return [p.grad.clone() for p in student.parameters() if p.grad is not None]
 
-    kd = grads(KDTask(cfg.distillation, cfg.training.loss, [(teacher, 1.0)]))
+    kd = grads(SegmentationKDTask(cfg.distillation, cfg.training.loss, [(teacher, 1.0)]))
     base = grads(SegmentationTask(cfg.training.loss))
     assert len(kd) == len(base)
     for a, b in zip(kd, base, strict=True):
@@ -207,7 +208,7 @@ def test_distillation_equals_zero_when_student_is_the_teacher(teacher_ckpt):
     student = loaded.teacher.model  # the same weights on the student side
     cfg = resolve_config("quickstart_distill", ["distillation.teacher_checkpoint=unused.pth"])
     cfg.distillation.grad_share_every = 0
-    task = KDTask(cfg.distillation, cfg.training.loss, [(loaded.teacher, 1.0)])
+    task = SegmentationKDTask(cfg.distillation, cfg.training.loss, [(loaded.teacher, 1.0)])
     batch = _tiny_batch()
     batch["masks"] = torch.randint(0, 3, (3, 32, 24))  # the tiny teacher's mask size
     with torch.no_grad():
@@ -276,7 +277,7 @@ def test_multi_teacher_target_is_the_weighted_probability_mixture():
     student, cfg = _student_and_cfg()
     torch.manual_seed(5)
     t1, t2 = FrozenTeacher(build_model(cfg.model)), FrozenTeacher(build_model(cfg.model))
-    task = KDTask(cfg.distillation, cfg.training.loss, [(t1, 1.0), (t2, 3.0)])
+    task = SegmentationKDTask(cfg.distillation, cfg.training.loss, [(t1, 1.0), (t2, 3.0)])
     batch = _tiny_batch()
     student.eval()
     with torch.no_grad():
@@ -288,6 +289,8 @@ def test_multi_teacher_target_is_the_weighted_probability_mixture():
             [1.0, 3.0],
         )
         expected = kd_kl_loss(out_s["logits"], mixed, temperature)
-        single = KDTask(cfg.distillation, cfg.training.loss, [(t1, 1.0)])(student, batch)["distill_final"]
+        single = SegmentationKDTask(cfg.distillation, cfg.training.loss, [(t1, 1.0)])(
+            student, batch
+        )["distill_final"]
     torch.testing.assert_close(losses["distill_final"], expected)
     assert not torch.allclose(losses["distill_final"], single)

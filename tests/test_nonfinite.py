@@ -10,7 +10,7 @@ import torch
 
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
-from kdlab.engine.tasks import SegmentationTask
+from kdlab.tasks.segmentation import SegmentationTask
 from tests.helpers import error_lines, tiny_args
 
 

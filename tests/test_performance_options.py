@@ -11,9 +11,9 @@ import torch
 from benchmarks.common import BenchSettings, experiment_config
 from benchmarks.kd import random_teacher
 from kdlab.engine.compile import compile_forward, is_compiled
-from kdlab.engine.tasks import SegmentationTask
+from kdlab.tasks.segmentation import SegmentationTask
 from kdlab.engine.trainer import Trainer
-from kdlab.experiments.single_run import build_kd_task
+from kdlab.experiments.kd_setup import build_kd_task
 from kdlab.models.builders import build_model
 
 TINY = BenchSettings(size=(64, 64), batch_size=1, teacher_encoder="timm-efficientnet-b0")

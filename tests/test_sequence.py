@@ -32,10 +32,10 @@ from kdlab.distill.kd_sequence import SequenceKDTask
 from kdlab.distill.losses import trajectory_kd_loss, trajectory_mse_loss
 from kdlab.distill.teacher import FrozenTeacher
 from kdlab.engine.batches import batch_to_device
-from kdlab.engine.tasks import SequenceTask
+from kdlab.tasks.sequence import SequenceTask
 from kdlab.errors import CheckpointError, ConfigError, DataError
 from kdlab.experiments.report import compute_gru_macs
-from kdlab.experiments.task_specs import TASK_SPECS
+from kdlab.tasks import get_task
 from kdlab.models.sequence import GRUSequenceModel
 from tests.helpers import error_lines
 
@@ -268,7 +268,7 @@ def test_sequence_config_rules_are_one_line_naming_the_key(change, needle):
 
 def test_teacher_must_match_classes_and_input_dim():
     cfg = validate_config({"task": "sequence", "model": {"name": "gru", "num_classes": 8}})
-    check = TASK_SPECS["sequence"].check_teacher
+    check = get_task("sequence").check_teacher
     good = {"model": {"num_classes": 8}, "data": {"sequence": {"input_dim": 8}}}
     check(cfg, SimpleNamespace(path="t.pth", config=good))
     bad = {"model": {"num_classes": 8}, "data": {"sequence": {"input_dim": 5}}}
@@ -338,7 +338,7 @@ def check_cached_trajectories(cache: Path, teacher_ckpt: Path) -> None:
     """The cache layout for sequences: data [n,T,D_in], labels = the teacher's [n,T+1,D_out] trajectory."""
     import h5py
 
-    from kdlab.distill.teacher import model_from_checkpoint
+    from kdlab.tasks import model_from_checkpoint
 
     teacher, _, _ = model_from_checkpoint(teacher_ckpt, "teacher")
     with h5py.File(cache, "r") as fh:

@@ -1,4 +1,4 @@
-"""`python -m kdlab.distill.cache`: generate a teacher-output cache, or export a teacher to ONNX for one.
+"""`kdlab-cache` (also `python -m kdlab.distill.cache`): generate a teacher-output cache, or export a teacher to ONNX for one.
 
 generate --teacher CKPT_OR_ONNX --config NAME --out FILE.hdf5 [--subset_fraction F] [--max_samples N]
          [--batch_size B] [--seed S] [--set key=value ...]
@@ -46,7 +46,9 @@ def build_parser() -> Any:
 def main(argv: list[str] | None = None) -> int:
     from kdlab.config.loader import resolve_config
     from kdlab.distill.cache import generate_cache, request_from_config
-    from kdlab.engine.trainer import resolve_device
+    from kdlab.engine.device import resolve_device
+    from kdlab.errors import ConfigError
+    from kdlab.tasks import task_of, teacher_loader
 
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -62,11 +64,21 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(
             f"--out {args.out} already exists; pass --overwrite to replace it or choose another path"
         )
+    hooks = task_of(cfg).cache
+    if hooks is None:
+        raise ConfigError(f"a teacher cache for task={cfg.task} is not implemented (segmentation and sequence are)")
     request = request_from_config(cfg, args.teacher, args.out, args)
-    info = generate_cache(cfg, request, resolve_device(cfg.training.device), progress=not args.no_progress)
+    device = resolve_device(cfg.training.device)
+    info = generate_cache(
+        cfg, request, hooks.writer, teacher_loader(cfg), device, progress=not args.no_progress
+    )
     print(f"wrote {args.out}: {info.describe()}, {info.megabytes_per_1000()}")
     return 0
 
 
 def entrypoint() -> None:
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -477,44 +477,7 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _model_fits_the_task(self) -> ExperimentConfig:
-        name = self.model.name
-        if self.task == "segmentation":
-            if name != SEGMENTATION_MODEL:
-                needs = "sequence" if name == SEQUENCE_MODEL else "classification"
-                raise ValueError(
-                    f"model.name='{name}' needs task={needs}; task=segmentation uses "
-                    f"model.name='{SEGMENTATION_MODEL}'"
-                )
-            loss = self.training.loss
-            if (loss.distance > 0 or loss.contour > 0) and not self.model.instance_cues:
-                raise ValueError(
-                    "training.loss.distance / training.loss.contour > 0 need the head's instance-cue outputs; "
-                    "set model.instance_cues=true (with model.head='context')"
-                )
-            if self.model.instance_cues and self.model.head != "context":
-                raise ValueError("model.instance_cues=true needs model.head='context'")
-        elif self.task == "sequence":
-            if name != SEQUENCE_MODEL:
-                raise ValueError(
-                    f"model.name='{name}' does not fit task=sequence; use model.name='{SEQUENCE_MODEL}'"
-                )
-            for key, value in (("distillation.features", self.distillation.features),
-                               ("distillation.cwd_weight", self.distillation.cwd_weight > 0),
-                               ("export.onnx", self.export.onnx)):  # fmt: skip
-                if value:
-                    raise ValueError(f"{key} is not implemented for task=sequence; unset it")
-        else:
-            if name == SEQUENCE_MODEL:
-                raise ValueError(f"model.name='{SEQUENCE_MODEL}' needs task=sequence")
-            if name not in timm_model_names():
-                close = difflib.get_close_matches(name, sorted(timm_model_names()), n=3)
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ValueError(f"model.name='{name}' is not a timm model{hint}")
-            if self.distillation.cwd_weight > 0:
-                raise ValueError(
-                    "distillation.cwd_weight > 0 needs spatial logits (task=segmentation); classifiers use "
-                    "the KL+CE loss and distillation.features"
-                )
+        TASK_CONFIG_RULES[self.task](self)
         return self
 
     @field_validator("name")
@@ -523,3 +486,56 @@ class ExperimentConfig(_Section):
         if "/" in v or "\\" in v or v in {".", ".."}:
             raise ValueError("name must be a plain directory name (no slashes)")
         return v
+
+
+# ---------------------------------------------------------------------------------- per-task config rules
+# The config layer is validated before any task code loads, so each task's rules on its own sections live
+# here, one function per task (see `kdlab.tasks` for everything else a task owns).
+def _segmentation_rules(cfg: ExperimentConfig) -> None:
+    name = cfg.model.name
+    if name != SEGMENTATION_MODEL:
+        needs = "sequence" if name == SEQUENCE_MODEL else "classification"
+        raise ValueError(
+            f"model.name='{name}' needs task={needs}; task=segmentation uses model.name='{SEGMENTATION_MODEL}'"
+        )
+    loss = cfg.training.loss
+    if (loss.distance > 0 or loss.contour > 0) and not cfg.model.instance_cues:
+        raise ValueError(
+            "training.loss.distance / training.loss.contour > 0 need the head's instance-cue outputs; "
+            "set model.instance_cues=true (with model.head='context')"
+        )
+    if cfg.model.instance_cues and cfg.model.head != "context":
+        raise ValueError("model.instance_cues=true needs model.head='context'")
+
+
+def _classification_rules(cfg: ExperimentConfig) -> None:
+    name = cfg.model.name
+    if name == SEQUENCE_MODEL:
+        raise ValueError(f"model.name='{SEQUENCE_MODEL}' needs task=sequence")
+    if name not in timm_model_names():
+        close = difflib.get_close_matches(name, sorted(timm_model_names()), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"model.name='{name}' is not a timm model{hint}")
+    if cfg.distillation.cwd_weight > 0:
+        raise ValueError(
+            "distillation.cwd_weight > 0 needs spatial logits (task=segmentation); classifiers use "
+            "the KL+CE loss and distillation.features"
+        )
+
+
+def _sequence_rules(cfg: ExperimentConfig) -> None:
+    name = cfg.model.name
+    if name != SEQUENCE_MODEL:
+        raise ValueError(f"model.name='{name}' does not fit task=sequence; use model.name='{SEQUENCE_MODEL}'")
+    for key, value in (("distillation.features", cfg.distillation.features),
+                       ("distillation.cwd_weight", cfg.distillation.cwd_weight > 0),
+                       ("export.onnx", cfg.export.onnx)):  # fmt: skip
+        if value:
+            raise ValueError(f"{key} is not implemented for task=sequence; unset it")
+
+
+TASK_CONFIG_RULES = {
+    "segmentation": _segmentation_rules,
+    "classification": _classification_rules,
+    "sequence": _sequence_rules,
+}

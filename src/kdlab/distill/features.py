@@ -197,6 +197,7 @@ class FeatureDistiller(nn.Module):
         self.student_tap = FeatureTap(student, _unique(s for s, _, _ in self.pairs))
         self.teacher_tap = FeatureTap(teacher, _unique(t for _, t, _ in self.pairs), detach=True)
         self.adapters = nn.ModuleList()
+        self._adapted: list[torch.Tensor] | None = None
 
     @property
     def ready(self) -> bool:
@@ -257,25 +258,45 @@ class FeatureDistiller(nn.Module):
             )
         return tap.features[path]
 
+    def _pair_features(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s_path, t_path, _ = self.pairs[i]
+        student = self._feature(self.student_tap, s_path, "student")
+        teacher = self._feature(self.teacher_tap, t_path, "teacher").detach()
+        if teacher.is_inference():
+            teacher = teacher.clone()  # outside inference mode this gives a normal tensor
+        return student, teacher
+
+    def adapt(self) -> None:
+        """Apply the adapters to the student features just recorded (the teacher's ran first and fix the
+        sizes). Called inside the trained module's forward (`StudentWithAdapters`), so under DDP the adapters
+        are part of the wrapped module; `loss()` then compares. Skipped when no teacher feature is recorded
+        (a forward pass outside a distillation step)."""
+        if not self.ready or any(t not in self.teacher_tap.features for _, t, _ in self.pairs):
+            return
+        adapted = []
+        for i, adapter in enumerate(self.adapters):
+            student, teacher = self._pair_features(i)
+            adapted.append(adapter(student, teacher.shape[-2:]))
+        self._adapted = adapted
+
     def loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of feature MSE terms and the terms by name; consumes (clears) the stored features.
 
+        Uses the features `adapt()` produced in this step's forward, or adapts now when it was not called.
         Clearing makes a skipped teacher forward (e.g. cached teacher outputs) an error instead of a silent
         comparison against stale features.
         """
         if not self.ready:
             raise RuntimeError("FeatureDistiller.infer_channels must be called once before loss()")
+        adapted_now = self._adapted
         try:
             total: torch.Tensor | None = None
             parts: dict[str, torch.Tensor] = {}
             for i, ((s_path, t_path, weight), adapter) in enumerate(
                 zip(self.pairs, self.adapters, strict=True)
             ):
-                student = self._feature(self.student_tap, s_path, "student")
-                teacher = self._feature(self.teacher_tap, t_path, "teacher").detach()
-                if teacher.is_inference():
-                    teacher = teacher.clone()  # outside inference mode this gives a normal tensor
-                adapted = adapter(student, teacher.shape[-2:])
+                student, teacher = self._pair_features(i)
+                adapted = adapted_now[i] if adapted_now is not None else adapter(student, teacher.shape[-2:])
                 if adapted.shape != teacher.shape:
                     raise RuntimeError(
                         f"feature pair {i} ('{s_path}' -> '{t_path}'): adapted student shape "
@@ -290,7 +311,8 @@ class FeatureDistiller(nn.Module):
         return total, parts
 
     def clear(self) -> None:
-        """Drop features stored by both taps."""
+        """Drop features stored by both taps (and their adapted versions)."""
+        self._adapted: list[torch.Tensor] | None = None
         self.student_tap.clear()
         self.teacher_tap.clear()
 

@@ -12,7 +12,6 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,102 +19,30 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdlab.atomic_io import write_json_atomic
+from kdlab.checkpoints import remove_stale_temp_files, save_checkpoint_atomic
 from kdlab.config.schema import ExperimentConfig
-from kdlab.data.coco import sample_seed
 from kdlab.data.loaders import raise_if_data_error
-from kdlab.distill.ema import ModelEMA
+from kdlab.data.coco import sample_seed  # moves to kdlab.data.seeds
 from kdlab.engine import distributed
 from kdlab.engine.batches import autocast_for, batch_size_of, batch_to_device
-from kdlab.engine.checkpoint import (
-    capture_rng_state,
-    load_checkpoint,
-    remove_stale_temp_files,
-    restore_rng_state,
-    save_checkpoint_atomic,
-)
 from kdlab.engine.compile import compile_forward
-from kdlab.engine.optim import build_optimizer, build_scheduler, extended_schedule, warmup_cosine_factor
+from kdlab.engine.device import resolve_amp_dtype
+from kdlab.engine.ema import ModelEMA
+from kdlab.engine.optim import build_optimizer, build_scheduler
 from kdlab.engine.run_logger import RunLogger
+from kdlab.engine.state import EpochProgress, TrainerCheckpoints, TrainState
 from kdlab.engine.stop_signals import StopSignals, TrainingInterrupted
 from kdlab.engine.tasks import Task
-from kdlab.engine.visuals import save_visualizations
-from kdlab.errors import CheckpointError, NonFiniteLossError
+from kdlab.errors import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
 Evaluator = Callable[[nn.Module], tuple[dict[str, float], dict[str, torch.Tensor] | None]]
-BEST_METRIC = "miou"  # segmentation: picks best_model.pth; target IoU alone favours checkpoints that never predict "other people"
+# Draws the evaluator's picture data into a directory; returns (file name, RGB array) per picture.
+PictureWriter = Callable[[dict[str, Any], Path], list[tuple[str, Any]]]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from kdlab.errors import ConfigError
-
-        raise ConfigError(
-            "--device cuda was asked for but no CUDA device is available (use --device cpu or auto)"
-        )
-    return torch.device(name)
-
-
-def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA when supported (fp16 otherwise); off on CPU unless asked for explicitly."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # completed epochs
-    global_step: int = 0
-    best_metric: float = -math.inf
-    best_epoch: int = 0
-    last_metrics: dict[str, float] = field(default_factory=dict)
-    train_seconds: float = 0.0
-    images_seen: int = 0
-    batches_done: int = 0  # batches of the current, unfinished epoch already trained (mid-epoch last.pth)
-    nonfinite_steps: int = 0  # optimizer steps skipped because the loss or gradients were NaN/inf
-
-
-@dataclass
-class EpochProgress:
-    """Running sums of the epoch in progress; saved in a mid-epoch last.pth so a resumed epoch's row
-    (metrics.csv) matches an uninterrupted one."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    images: int = 0
-    seconds: float = 0.0
-    skipped: int = 0
-
-    def add(self, losses: dict[str, torch.Tensor]) -> None:
-        for key, value in losses.items():
-            v = value.detach().float()
-            self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def to_payload(self) -> dict[str, Any]:
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": dict(self.counts),
-                "images": self.images, "seconds": self.seconds, "skipped": self.skipped}  # fmt: skip
-
-    @classmethod
-    def from_payload(cls, data: dict[str, Any] | None, device: torch.device) -> EpochProgress:
-        if not data:
-            return cls()
-        return cls({k: v.to(device) for k, v in data["sums"].items()}, dict(data["counts"]),
-                   int(data["images"]), float(data["seconds"]), int(data.get("skipped", 0)))  # fmt: skip
-
-
-class Trainer:
+class Trainer(TrainerCheckpoints):
     """Trains `model` with `task` on `train_loader`; `evaluator(model)` gives validation metrics."""
 
     def __init__(
@@ -132,12 +59,12 @@ class Trainer:
         teacher_eval_model: nn.Module | None = None,
         teacher_records: list[dict[str, Any]] | None = None,
         ema: ModelEMA | None = None,
-        best_metric: str = BEST_METRIC,
+        best_metric: str = "loss",
+        write_pictures: PictureWriter | None = None,
     ) -> None:
         self.cfg = cfg
-        self.best_metric_name = (
-            best_metric  # the validation metric that picks best_model.pth (higher is better)
-        )
+        self.best_metric_name = best_metric  # the validation metric that picks best_model.pth (higher is better)
+        self.write_pictures = write_pictures
         self.tcfg = cfg.training
         self.device = device
         self.model = model.to(device)
@@ -174,18 +101,20 @@ class Trainer:
         self.progress = EpochProgress()
         self.logger: RunLogger | None = None
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self._task_params = [p for p in self.task_modules.parameters() if p.requires_grad]
         self._consecutive_nonfinite = 0
         self._stop: StopSignals | None = None
         self._stop_agreed = False
         self.dist = distributed.current()
-        # The module the task calls: the student wrapped in DDP under torchrun (never the teacher).
-        self.train_model: nn.Module = self.model
+        # The module the task calls: the student, with whatever trains beside it (feature adapters) inside the
+        # same module, wrapped in DDP under torchrun so one all-reduce covers every trained weight (never the
+        # teacher's).
+        wrap = getattr(task, "training_module", None)
+        self.train_model: nn.Module = wrap(self.model) if wrap is not None else self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -193,105 +122,6 @@ class Trainer:
         if self.ema is not None and self.tcfg.ema.evaluate:
             return self.ema.module
         return self.model
-
-    # ----------------------------------------------------------------- checkpoints
-    def _base_payload(self) -> dict[str, Any]:
-        return {
-            "format": "kdlab-checkpoint-v1",
-            "model_state_dict": self.eval_model.state_dict(),
-            "config": self.cfg.model_dump(mode="json"),
-            "epoch": self.state.epoch,
-            "metrics": dict(self.state.last_metrics),
-        }
-
-    def _full_payload(self) -> dict[str, Any]:
-        payload = self._base_payload()
-        payload["model_state_dict"] = self.model.state_dict()  # the trained weights, EMA or not
-        payload.update(
-            {
-                "task_state_dict": self.task_modules.state_dict(),
-                "ema_state_dict": self.ema.state_dict() if self.ema is not None else None,
-                "teachers": self.teacher_records,
-                "teacher_metrics": self.teacher_metrics,
-                "optimizer_state_dict": self.optimizer.state_dict(),
-                "scheduler_state_dict": self.scheduler.state_dict(),
-                "scaler_state_dict": self.scaler.state_dict(),
-                "global_step": self.state.global_step,
-                "best_metric": self.state.best_metric,
-                "best_epoch": self.state.best_epoch,
-                "train_seconds": self.state.train_seconds,
-                "nonfinite_steps_skipped": self.state.nonfinite_steps,
-                "images_seen": self.state.images_seen,
-                "batches_done": self.state.batches_done,
-                "nonfinite_steps": self.state.nonfinite_steps,
-                "epoch_progress": self.progress.to_payload() if self.state.batches_done else None,
-                "rng_state": capture_rng_state(),
-            }
-        )
-        return payload
-
-    def resume_from(self, path: str | Path, payload: dict[str, Any] | None = None) -> None:
-        """Restore model, optimizer, scheduler, scaler, counters and RNG states from a full checkpoint
-        (`payload` is the already-loaded file, when the caller has it)."""
-        payload = payload if payload is not None else load_checkpoint(path)
-        if "optimizer_state_dict" not in payload:
-            raise CheckpointError(
-                f"checkpoint {path} holds only model weights (e.g. best_model.pth); resume from checkpoints/last.pth"
-            )
-        try:
-            self.model.load_state_dict(payload["model_state_dict"])
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"checkpoint {path} does not match the configured model: {str(exc).splitlines()[0]}"
-            ) from exc
-        if payload.get("task_state_dict"):
-            self.task_modules.load_state_dict(payload["task_state_dict"])
-        if self.ema is not None:
-            if payload.get("ema_state_dict"):
-                self.ema.load_state_dict(payload["ema_state_dict"])
-            else:
-                log.warning("checkpoint %s has no EMA state; the EMA restarts from the current weights", path)
-                self.ema = ModelEMA(self.model, self.tcfg.ema.decay)
-        self.teacher_metrics = payload.get("teacher_metrics")
-        self.optimizer.load_state_dict(payload["optimizer_state_dict"])
-        self.scheduler.load_state_dict(payload["scheduler_state_dict"])
-        old_epochs = int(payload.get("config", {}).get("training", {}).get("epochs", self.tcfg.epochs))
-        if old_epochs != self.tcfg.epochs:
-            self._extend_schedule(payload, old_epochs)
-        self.scaler.load_state_dict(payload["scaler_state_dict"])
-        self.state.epoch = int(payload["epoch"])
-        self.state.global_step = int(payload["global_step"])
-        self.state.best_metric = float(payload["best_metric"])
-        self.state.best_epoch = int(payload["best_epoch"])
-        self.state.train_seconds = float(payload.get("train_seconds", 0.0))
-        self.state.images_seen = int(payload.get("images_seen", 0))
-        self.state.batches_done = int(payload.get("batches_done", 0))
-        self.state.nonfinite_steps = int(payload.get("nonfinite_steps", 0))
-        self.progress = EpochProgress.from_payload(payload.get("epoch_progress"), self.device)
-        self.state.last_metrics = dict(payload.get("metrics", {}))
-        restore_rng_state(payload["rng_state"])
-        where = f"epoch {self.state.epoch}" + (
-            f" + {self.state.batches_done} batches of epoch {self.state.epoch + 1}"
-            if self.state.batches_done
-            else ""
-        )
-        log.info("resumed from %s at %s (step %d)", path, where, self.state.global_step)
-
-    def _extend_schedule(self, payload: dict[str, Any], old_epochs: int) -> None:
-        """A run resumed with a new epoch total: continue the LR from where it was, cosine to the new end."""
-        old_total = max(1, old_epochs * self.steps_per_epoch)
-        old_warmup = min(old_total - 1, round(self.tcfg.warmup_epochs * self.steps_per_epoch))
-        step = int(payload["global_step"])
-        at_resume = warmup_cosine_factor(step, old_total, old_warmup, self.tcfg.min_lr_ratio)
-        fn = extended_schedule(step, at_resume, self.total_steps, self.tcfg.min_lr_ratio)
-        self.scheduler.lr_lambdas = [fn for _ in self.optimizer.param_groups]
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-            group["lr"] = base * fn(step)
-        log.info(
-            "extending from %d to %d epochs: LR continues at %.3g and decays to %.3g",
-            old_epochs, self.tcfg.epochs, self.scheduler.base_lrs[0] * at_resume,
-            self.scheduler.base_lrs[0] * self.tcfg.min_lr_ratio,
-        )  # fmt: skip
 
     # ----------------------------------------------------------------- loop
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -371,11 +201,6 @@ class Trainer:
         With `losses` (the accumulation window's loss dicts) a non-finite loss or gradient skips the step
         (no weight, optimizer, EMA or LR change) and returns None. That check reads one flag back to the
         host per optimizer step; the fp16 grad scaler already does the same."""
-        if self.dist.enabled and self._task_params:
-            # Feature adapters train with the student but live outside the DDP-wrapped module.
-            for p in self._task_params:
-                if p.grad is not None:
-                    distributed.all_reduce_sum_(p.grad).div_(self.dist.world_size)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.tcfg.grad_clip_norm if self.tcfg.grad_clip_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
@@ -583,11 +408,11 @@ class Trainer:
             row.update({f"val_{k}": v for k, v in metrics.items()})
             self.state.last_metrics = metrics
             self._log_scalars(metrics, epoch + 1, prefix="val/")
-            if vis is not None and self.logger is not None:
+            if vis is not None and self.logger is not None and self.write_pictures is not None:
                 if self.teacher_vis_preds is not None and len(self.teacher_vis_preds) == len(vis["preds"]):
                     vis["teacher_preds"] = self.teacher_vis_preds
                 vis_dir = self.run_dir / "visualizations" / f"epoch_{epoch + 1:04d}"
-                for name, array in save_visualizations(vis, vis_dir):
+                for name, array in self.write_pictures(vis, vis_dir):
                     self.logger.image(f"val/{name.removesuffix('.png')}", array, epoch + 1)
             value = metrics.get(self.best_metric_name, float("nan"))
             if math.isfinite(value) and value > self.state.best_metric:
@@ -629,51 +454,3 @@ class Trainer:
                 save_checkpoint_atomic(full, self.ckpt_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth")
             save_checkpoint_atomic(full, self.ckpt_dir / "last.pth")
             self.write_summary("running")
-
-    # ----------------------------------------------------------------- summary
-    def write_summary(self, status: str) -> dict[str, Any]:
-        """The run's summary; rank 0 writes it to summary.json."""
-        from kdlab.models.roi_unet import count_parameters
-
-        model = self.model
-        summary = {
-            "experiment": self.cfg.name,
-            "status": status,
-            "epochs_completed": self.state.epoch,
-            "epochs": self.tcfg.epochs,
-            "global_step": self.state.global_step,
-            "best_metric_name": self.best_metric_name,
-            "best_metric": self.state.best_metric if math.isfinite(self.state.best_metric) else None,
-            "best_epoch": self.state.best_epoch,
-            "final_metrics": {k: _json_number(v) for k, v in self.state.last_metrics.items()},
-            "params": {
-                "total": count_parameters(model),
-                "unet": count_parameters(model.unet) if hasattr(model, "unet") else None,
-                "roi_head": count_parameters(model.head) if hasattr(model, "unet") else None,
-            },
-            "timings": {
-                "train_seconds": self.state.train_seconds,
-                "nonfinite_steps_skipped": self.state.nonfinite_steps,
-                "images_seen": self.state.images_seen,
-                "train_images_per_sec": self.state.images_seen / self.state.train_seconds
-                if self.state.train_seconds > 0
-                else None,
-            },
-            "device": str(self.device),
-            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
-            "task": getattr(self.task, "name", type(self.task).__name__),
-            "teacher_metrics": self.teacher_metrics,
-            "teachers": self.teacher_records,
-            **self.extra_summary,
-        }
-        if self.dist.world_size > 1:
-            summary["world_size"] = self.dist.world_size
-        if self.dist.is_main:
-            write_json_atomic(self.run_dir / "summary.json", summary)
-        return summary
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
