@@ -61,7 +61,10 @@ def fabricate(
     (run / "checkpoints").mkdir()
     cfg = {**base, "name": name}
     if teacher is not None:
-        cfg["distillation"] = {"enabled": True, "teacher_checkpoint": str(teacher / "checkpoints" / "best_model.pth")}
+        cfg["distillation"] = {
+            "enabled": True,
+            "teacher_checkpoint": str(teacher / "checkpoints" / "best_model.pth"),
+        }
         if cfg.get("task") == "sequence":
             cfg["distillation"]["alpha"] = 0.7
     config = ExperimentConfig.model_validate(cfg).model_dump(mode="json")
@@ -124,7 +127,9 @@ def cases(root: Path) -> dict[str, list[RunRecord]]:
     }
     legacy = root / "segmentation_no_task_key"
     t = fabricate(legacy, "t", seg_config("timm-efficientnet-b3"), [0.7], SEG_METRICS, drop_task_key=True)
-    s = fabricate(legacy, "s", seg_config("timm-efficientnet-b0"), [0.5], SEG_METRICS, teacher=t, drop_task_key=True)
+    s = fabricate(
+        legacy, "s", seg_config("timm-efficientnet-b0"), [0.5], SEG_METRICS, teacher=t, drop_task_key=True
+    )
     out["segmentation_no_task_key"] = [RunRecord("t", t, "completed"), RunRecord("s", s, "completed")]
     mixed = root / "mixed_tasks"
     a = fabricate(mixed, "seg", seg_config("timm-efficientnet-b0"), [0.5], SEG_METRICS)
