@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 from kdlab.config.schema import ExperimentConfig, ModelConfig
+from kdlab.evaluate import macs
+from kdlab.evaluate.macs import compute_macs
 from kdlab.experiments import report
-from kdlab.experiments.report import COLUMNS, RunRecord, collect_rows, compute_macs, write_report
+from kdlab.experiments.report import COLUMNS, RunRecord, collect_rows, write_report
 
 B0 = "timm-efficientnet-b0"
 B3 = "timm-efficientnet-b3"
@@ -216,11 +218,11 @@ def test_compute_macs_grows_with_encoder_and_input() -> None:
 
 def test_compute_macs_meta_count_equals_a_cpu_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast shape-only (meta device) count is the count of a real CPU forward; the fallback works."""
-    report.clear_macs_cache()
+    macs.clear_macs_cache()
     cfg = ModelConfig(encoder=B0, **TINY_MODEL)
     meta = compute_macs(cfg, (64, 32), rois_per_image=2)
-    report.clear_macs_cache()
-    real_count = report._count_flops
+    macs.clear_macs_cache()
+    real_count = macs._count_flops
     devices: list[str] = []
 
     def meta_fails(model: Any, h: int, w: int, n: int, device: torch.device) -> int:
@@ -229,21 +231,21 @@ def test_compute_macs_meta_count_equals_a_cpu_forward(monkeypatch: pytest.Monkey
             raise NotImplementedError("no meta kernel")
         return real_count(model, h, w, n, device)
 
-    monkeypatch.setattr(report, "_count_flops", meta_fails)
+    monkeypatch.setattr(macs, "_count_flops", meta_fails)
     assert compute_macs(cfg, (64, 32), rois_per_image=2) == meta
     assert devices == ["meta", "cpu"]
 
 
 def test_compute_macs_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    report.clear_macs_cache()
+    macs.clear_macs_cache()
     builds: list[str] = []
-    real_build = report.build_model
+    real_build = macs.build_model
 
     def counting_build(cfg: ModelConfig) -> Any:
         builds.append(cfg.encoder)
         return real_build(cfg)
 
-    monkeypatch.setattr(report, "build_model", counting_build)
+    monkeypatch.setattr(macs, "build_model", counting_build)
     cfg = ModelConfig(encoder=B0, **TINY_MODEL)
     first = compute_macs(cfg, (64, 96))
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from kdlab.distill.teacher import FrozenTeacher
 from kdlab.engine.batches import batch_to_device
 from kdlab.engine.tasks import SequenceTask
 from kdlab.errors import CheckpointError, ConfigError, DataError
-from kdlab.experiments.report import compute_gru_macs
+from kdlab.evaluate.macs import compute_gru_macs
 from kdlab.experiments.task_specs import TASK_SPECS
 from kdlab.models.sequence import GRUSequenceModel
 from tests.helpers import error_lines
