@@ -455,3 +455,33 @@ def test_a_first_seed_that_failed_before_writing_its_config_keeps_the_config_dis
     dist = table["dist"]
     assert dist["role"] == "distilled" and dist["n"] == 2 and "seed 42 failed" in dist["status"]
     assert dist["delta_n"] == 2 and dist["delta_mean"] == pytest.approx((0.08 + 0.05) / 2)
+
+
+# ------------------------------------------------------------------------------------ layouts (per task)
+def test_each_layout_is_recognised_from_its_rows_and_can_be_rendered() -> None:
+    from kdlab.evaluate.report_layout import report_layouts
+    from kdlab.experiments.report.collect import row_columns
+    from kdlab.experiments.report.tables import _MD_FORMAT
+
+    layouts = report_layouts()
+    assert len({lay.columns for lay in layouts}) == len(layouts) == 3
+    for layout in layouts:
+        keys = row_columns(layout)
+        assert report.layout_for_rows([dict.fromkeys(keys)]) is layout
+        assert set(layout.columns) <= set(keys) and {"params_m", "onnx_latency_ms"} <= set(keys)  # figures
+        assert layout.headline in layout.metric_columns and layout.arch_column in layout.columns
+        assert all(c in _MD_FORMAT for c in layout.columns), layout.columns
+    assert report.layout_for_rows([]).columns == COLUMNS
+
+
+def test_a_run_without_a_task_is_segmentation_and_an_unknown_task_is_named() -> None:
+    from kdlab.evaluate.report_layout import layout_for_task
+    from kdlab.experiments.report.collect import run_task
+
+    assert run_task(None) == run_task({"model": {}}) == "segmentation"
+    assert run_task({"task": "sequence"}) == "sequence"
+    assert report.layout_for_configs([None, {"model": {}}]).columns == COLUMNS
+    assert report.layout_for_configs([{"task": "sequence"}, None]) is layout_for_task("sequence")
+    assert report.layout_for_configs([{"task": "sequence"}, {"task": "classification"}]).columns == COLUMNS
+    with pytest.raises(KeyError, match="'regression'"):
+        layout_for_task("regression")
