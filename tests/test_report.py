@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 from kdlab.config.schema import ExperimentConfig, ModelConfig
+from kdlab.evaluate import macs
+from kdlab.evaluate.macs import compute_macs
 from kdlab.experiments import report
-from kdlab.experiments.report import COLUMNS, RunRecord, collect_rows, compute_macs, write_report
+from kdlab.experiments.report import COLUMNS, RunRecord, collect_rows, write_report
 
 B0 = "timm-efficientnet-b0"
 B3 = "timm-efficientnet-b3"
@@ -216,11 +218,11 @@ def test_compute_macs_grows_with_encoder_and_input() -> None:
 
 def test_compute_macs_meta_count_equals_a_cpu_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast shape-only (meta device) count is the count of a real CPU forward; the fallback works."""
-    report.clear_macs_cache()
+    macs.clear_macs_cache()
     cfg = ModelConfig(encoder=B0, **TINY_MODEL)
     meta = compute_macs(cfg, (64, 32), rois_per_image=2)
-    report.clear_macs_cache()
-    real_count = report._count_flops
+    macs.clear_macs_cache()
+    real_count = macs._count_flops
     devices: list[str] = []
 
     def meta_fails(model: Any, h: int, w: int, n: int, device: torch.device) -> int:
@@ -229,21 +231,21 @@ def test_compute_macs_meta_count_equals_a_cpu_forward(monkeypatch: pytest.Monkey
             raise NotImplementedError("no meta kernel")
         return real_count(model, h, w, n, device)
 
-    monkeypatch.setattr(report, "_count_flops", meta_fails)
+    monkeypatch.setattr(macs, "_count_flops", meta_fails)
     assert compute_macs(cfg, (64, 32), rois_per_image=2) == meta
     assert devices == ["meta", "cpu"]
 
 
 def test_compute_macs_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    report.clear_macs_cache()
+    macs.clear_macs_cache()
     builds: list[str] = []
-    real_build = report.build_model
+    real_build = macs.build_model
 
     def counting_build(cfg: ModelConfig) -> Any:
         builds.append(cfg.encoder)
         return real_build(cfg)
 
-    monkeypatch.setattr(report, "build_model", counting_build)
+    monkeypatch.setattr(macs, "build_model", counting_build)
     cfg = ModelConfig(encoder=B0, **TINY_MODEL)
     first = compute_macs(cfg, (64, 96))
     t0 = time.perf_counter()
@@ -453,3 +455,33 @@ def test_a_first_seed_that_failed_before_writing_its_config_keeps_the_config_dis
     dist = table["dist"]
     assert dist["role"] == "distilled" and dist["n"] == 2 and "seed 42 failed" in dist["status"]
     assert dist["delta_n"] == 2 and dist["delta_mean"] == pytest.approx((0.08 + 0.05) / 2)
+
+
+# ------------------------------------------------------------------------------------ layouts (per task)
+def test_each_layout_is_recognised_from_its_rows_and_can_be_rendered() -> None:
+    from kdlab.evaluate.report_layout import report_layouts
+    from kdlab.experiments.report.collect import row_columns
+    from kdlab.experiments.report.tables import _MD_FORMAT
+
+    layouts = report_layouts()
+    assert len({lay.columns for lay in layouts}) == len(layouts) == 3
+    for layout in layouts:
+        keys = row_columns(layout)
+        assert report.layout_for_rows([dict.fromkeys(keys)]) is layout
+        assert set(layout.columns) <= set(keys) and {"params_m", "onnx_latency_ms"} <= set(keys)  # figures
+        assert layout.headline in layout.metric_columns and layout.arch_column in layout.columns
+        assert all(c in _MD_FORMAT for c in layout.columns), layout.columns
+    assert report.layout_for_rows([]).columns == COLUMNS
+
+
+def test_a_run_without_a_task_is_segmentation_and_an_unknown_task_is_named() -> None:
+    from kdlab.evaluate.report_layout import layout_for_task
+    from kdlab.experiments.report.collect import run_task
+
+    assert run_task(None) == run_task({"model": {}}) == "segmentation"
+    assert run_task({"task": "sequence"}) == "sequence"
+    assert report.layout_for_configs([None, {"model": {}}]).columns == COLUMNS
+    assert report.layout_for_configs([{"task": "sequence"}, None]) is layout_for_task("sequence")
+    assert report.layout_for_configs([{"task": "sequence"}, {"task": "classification"}]).columns == COLUMNS
+    with pytest.raises(KeyError, match="'regression'"):
+        layout_for_task("regression")

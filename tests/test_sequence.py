@@ -34,7 +34,7 @@ from kdlab.distill.teacher import FrozenTeacher
 from kdlab.engine.batches import batch_to_device
 from kdlab.tasks.sequence import SequenceTask
 from kdlab.errors import CheckpointError, ConfigError, DataError
-from kdlab.experiments.report import compute_gru_macs
+from kdlab.evaluate.macs import compute_gru_macs
 from kdlab.tasks import get_task
 from kdlab.models.sequence import GRUSequenceModel
 from tests.helpers import error_lines

@@ -1,0 +1,171 @@
+"""Aggregation over seeds: when configs ran over several seeds (`--seeds`), one row per config with mean ± std
+over its seeds and, for a distilled config, the paired difference from its baseline (same seed) with a
+Student-t interval and a verdict (see `seed_stats`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdlab.evaluate.report_layout import ReportLayout
+from kdlab.experiments.report.collect import (
+    RunRecord,
+    has_result,
+    is_inside,
+    layout_for_rows,
+    read_run,
+    split_seed,
+    teacher_checkpoints,
+)
+from kdlab.experiments.seed_stats import t_interval, verdict
+
+# Columns that vary from seed to seed: mean ± std in the aggregated table. The others (architecture sizes)
+# are the same for every seed of a config and keep one value (their mean).
+SPREAD_COLUMNS: tuple[str, ...] = ("best_epoch", "train_time_min", "onnx_latency_ms")
+_FIXED_COLUMNS: tuple[str, ...] = ("params_m", "params_k", "macs_g", "macs_m", "onnx_mb")
+DELTA_COLUMNS: tuple[str, ...] = (
+    "baseline",
+    "delta_mean",
+    "delta_std",
+    "delta_low",
+    "delta_high",
+    "delta_n",
+    "verdict",
+)
+
+
+def aggregated_columns(layout: ReportLayout) -> tuple[str, ...]:
+    """The columns of the per-config table: each metric as <m>_mean and <m>_std, n after status, the paired
+    difference from the baseline (delta_*) and its verdict before gap_closed, which gets its interval."""
+    out: list[str] = []
+    for column in layout.columns:
+        if column in layout.metric_columns or column in SPREAD_COLUMNS:
+            out += [f"{column}_mean", f"{column}_std"]
+        elif column == "status":
+            out += ["status", "n", "seeds"]
+        elif column == "gap_closed":
+            out += [*DELTA_COLUMNS, "gap_closed", "gap_closed_low", "gap_closed_high"]
+        else:
+            out.append(column)
+    return tuple(out)
+
+
+def is_multi_seed(records: list[RunRecord]) -> bool:
+    """True when some config ran more than once (--seeds): the report then aggregates by config."""
+    groups = [r.group_and_seed()[0] for r in records]
+    return len(set(groups)) < len(groups)
+
+
+def _sweep_part(group: str) -> str:
+    return group.split("__", 1)[1] if "__" in group else ""
+
+
+def aggregate_rows(
+    rows: list[dict[str, Any]], records: list[RunRecord], layout: ReportLayout | None = None
+) -> list[dict[str, Any]]:
+    """One row per config (the runs of one group, i.e. config and sweep value, over seeds), in first-seen order.
+
+    Runs without a result (failed, skipped) are named in `status` and left out of every mean; n counts the
+    runs with a result. Distilled configs get the paired difference on the headline metric from their
+    baseline (the first student config of the same architecture, preferring the same sweep value):
+    distilled − baseline on each seed both have, its mean, std, 95% Student-t interval and verdict.
+    gap_closed = (mean distilled − mean baseline) / (mean teacher − mean baseline), its interval the paired
+    difference's interval over the same denominator; None when the teacher's margin over the baseline is not
+    beyond the baseline's own 95% half-width (or, with one baseline seed, not above 0).
+    """
+    layout = layout or layout_for_rows(rows)
+    head, arch = layout.headline, layout.arch_column
+    by_name = {r.name: r for r in records}
+    groups: dict[str, list[tuple[int | None, dict[str, Any], RunRecord | None]]] = {}
+    for row in rows:
+        record = by_name.get(row["experiment"])
+        group, seed = record.group_and_seed() if record else split_seed(row["experiment"])
+        groups.setdefault(group, []).append((seed, row, record))
+
+    group_dirs: dict[str, list[Path]] = {}  # group -> the run directories of its runs
+    for group, members in groups.items():
+        group_dirs[group] = [rec.run_dir for _, _, rec in members if rec is not None and rec.run_dir]
+    out: list[dict[str, Any]] = []
+    values: dict[str, dict[int | None, float]] = {}  # group -> seed -> headline
+    own_teacher: dict[str, str | None] = {}
+    for group, members in groups.items():
+        ok = [(seed, row) for seed, row, _ in members if has_result(row, head)]
+        # A run that failed before writing its config has an inferred role; one with a result knows better.
+        first = ok[0][1] if ok else members[0][1]
+        values[group] = {seed: row[head] for seed, row in ok}
+        bad = [(seed, row["status"]) for seed, row, _ in members if not has_result(row, head)]
+        statuses = {row["status"] for _, row, _ in members}
+        if not bad:
+            status = statuses.pop() if len(statuses) == 1 else "completed"
+        else:
+            status = f"{len(ok)}/{len(members)} with results; " + ", ".join(
+                f"{'seed ' + str(seed) if seed is not None else 'run'} {why}" for seed, why in bad
+            )
+        agg: dict[str, Any] = {
+            "experiment": group,
+            "status": status,
+            "n": len(ok),
+            "seeds": " ".join(str(seed) for seed, _ in ok if seed is not None) or None,
+            "role": first["role"],
+            arch: first.get(arch),
+        }
+        for column in layout.columns:
+            if column in layout.metric_columns or column in SPREAD_COLUMNS:
+                stat = t_interval([row[column] for _, row in ok if row.get(column) is not None])
+                agg[f"{column}_mean"], agg[f"{column}_std"] = stat.mean, stat.std
+            elif column in _FIXED_COLUMNS:
+                agg[column] = t_interval([row[column] for _, row in ok if row.get(column) is not None]).mean
+        out.append(agg)
+        own_teacher[group] = None
+        for _, _, rec in members[:1]:
+            files = read_run(rec.run_dir) if rec is not None else None
+            for ckpt in teacher_checkpoints(files.config if files else None):
+                own_teacher[group] = next(
+                    (
+                        g
+                        for g, dirs in group_dirs.items()
+                        if g != group and any(is_inside(ckpt, d) for d in dirs)
+                    ),
+                    own_teacher[group],
+                )
+
+    means = {row["experiment"]: row[f"{head}_mean"] for row in out}
+    teachers = [r["experiment"] for r in out if r["role"] == "teacher" and r[f"{head}_mean"] is not None]
+    for row in out:
+        group = row["experiment"]
+        for column in (*DELTA_COLUMNS, "pct_of_teacher", "gap_closed", "gap_closed_low", "gap_closed_high"):
+            row[column] = None
+        if row["role"] == "teacher" and group in teachers:
+            ref = group
+        elif own_teacher[group] in teachers:
+            ref = own_teacher[group]
+        else:
+            ref = teachers[0] if teachers else None
+        teacher_mean = means.get(ref) if ref else None
+        if row[f"{head}_mean"] is not None and teacher_mean:
+            row["pct_of_teacher"] = 100.0 * row[f"{head}_mean"] / teacher_mean
+        if row["role"] != "distilled" or row[f"{head}_mean"] is None:
+            continue
+        candidates = [
+            r for r in out if r["role"] == "student" and r["n"] > 0 and r.get(arch) == row.get(arch)
+        ]
+        candidates.sort(key=lambda r: _sweep_part(r["experiment"]) != _sweep_part(group))
+        if not candidates:
+            continue
+        baseline = candidates[0]["experiment"]
+        paired = [values[group][s] - values[baseline][s] for s in values[group] if s in values[baseline]]
+        diff = t_interval(paired)
+        row.update(baseline=baseline, delta_mean=diff.mean, delta_std=diff.std, delta_low=diff.low,
+                   delta_high=diff.high, delta_n=diff.n, verdict=verdict(diff))  # fmt: skip
+        if teacher_mean is None:
+            continue
+        base_stat = t_interval(list(values[baseline].values()))
+        margin = teacher_mean - base_stat.mean
+        # The gap is only defined when the teacher beats the baseline beyond the baseline's own noise:
+        # otherwise the ratio of two differences indistinguishable from 0 would read as a result.
+        if margin > max(base_stat.half_width or 0.0, 1e-12):
+            row["gap_closed"] = (row[f"{head}_mean"] - base_stat.mean) / margin
+            if diff.low is not None and diff.high is not None:
+                row["gap_closed_low"], row["gap_closed_high"] = diff.low / margin, diff.high / margin
+    return out

@@ -1,0 +1,320 @@
+"""Reading run directories into report rows: one row per run, with its role (teacher / student / distilled),
+"% of teacher" and "gap closed".
+
+Each run directory is read as the trainer leaves it (summary.json, config.json, logs/metrics.csv and, when
+exported, checkpoints/best_model.onnx.json). Metrics come from the best epoch's validation row. What differs
+per task (columns, headline metric, architecture name, MAC count) comes from the task's `ReportLayout` and
+MAC counter, looked up by the run's task.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdlab.config.schema import ExperimentConfig
+from kdlab.evaluate.report_layout import ReportLayout, layout_for_task, macs_counter_for_task, report_layouts
+from kdlab.experiments.runner import SEED_SUFFIX
+
+log = logging.getLogger(__name__)
+
+ROLES: tuple[str, ...] = ("teacher", "student", "distilled")
+# Runs whose numbers count: trained now ("completed") or found finished on disk by an export-only pass
+# ("exists"). A "skipped" run (its teacher failed) was not trained, so numbers on disk may be stale.
+RESULT_STATUSES: frozenset[str] = frozenset({"completed", "exists"})
+# A config.json without a task key was written before there were other tasks.
+_DEFAULT_TASK: str = ExperimentConfig.model_fields["task"].default
+
+
+@dataclass
+class RunRecord:
+    """One experiment as the runner knows it; `role` None means "infer it from the configs"."""
+
+    name: str
+    run_dir: Path | None
+    status: str  # "completed" | "failed" | "skipped" | ...
+    role: str | None = None
+    exit_code: int | None = None
+    duration_s: float | None = None
+    seed: int | None = None  # the seed of a --seeds run (None: inferred from a `__seed-<s>` name suffix)
+    group: str | None = None  # the config (and sweep value) the run belongs to; None: the name without suffix
+
+    def group_and_seed(self) -> tuple[str, int | None]:
+        name_group, name_seed = split_seed(self.name)
+        return self.group or name_group, self.seed if self.seed is not None else name_seed
+
+
+def split_seed(name: str) -> tuple[str, int | None]:
+    """`digits_student__seed-42` -> ("digits_student", 42); a name without the seed suffix -> (name, None)."""
+    head, sep, tail = name.rpartition(SEED_SUFFIX)
+    if sep and tail.isdigit():
+        return head, int(tail)
+    return name, None
+
+
+# --------------------------------------------------------------------------------------------- files
+@dataclass
+class RunFiles:
+    summary: dict[str, Any] | None
+    config: dict[str, Any] | None
+    onnx_meta: dict[str, Any] | None
+    metrics_rows: list[dict[str, str]]
+    onnx_path: Path | None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("report: cannot read %s (%s); its values are left out", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a run's logs/metrics.csv ([] when absent or unreadable)."""
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, csv.Error) as exc:
+        log.warning("report: cannot read %s (%s); its values are left out", path, exc)
+        return []
+
+
+def read_run(run_dir: Path | None) -> RunFiles:
+    if run_dir is None:
+        return RunFiles(None, None, None, [], None)
+    ckpt = run_dir / "checkpoints"
+    onnx_path = ckpt / "best_model.onnx"
+    return RunFiles(
+        summary=_read_json(run_dir / "summary.json"),
+        config=_read_json(run_dir / "config.json"),
+        onnx_meta=_read_json(ckpt / "best_model.onnx.json"),
+        metrics_rows=read_metrics_csv(run_dir / "logs" / "metrics.csv"),
+        onnx_path=onnx_path if onnx_path.is_file() else None,
+    )
+
+
+def number(value: Any) -> float | None:
+    """A finite float from a JSON/CSV value, else None ('' / 'nan' / None / text)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def _get(data: dict[str, Any] | None, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _section(data: Any) -> dict[str, Any]:
+    return data if isinstance(data, dict) else {}
+
+
+def _find_key(data: Any, key: str) -> Any:
+    """The first value stored under `key` anywhere in nested dicts (metadata layouts may nest)."""
+    if isinstance(data, dict):
+        if key in data:
+            return data[key]
+        for value in data.values():
+            found = _find_key(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _best_epoch_row(
+    rows: list[dict[str, str]], best_epoch: int | None, headline: str
+) -> dict[str, str] | None:
+    """The validation row of `best_epoch`, or (without one) the row with the highest val_<headline>."""
+    key = f"val_{headline}"
+    validated = [r for r in rows if number(r.get(key)) is not None]
+    if best_epoch is not None and best_epoch > 0:
+        for row in validated:
+            if number(row.get("epoch")) == best_epoch:
+                return row
+    if not validated:
+        return None
+    return max(validated, key=lambda r: number(r[key]) or -math.inf)
+
+
+def teacher_checkpoints(config: dict[str, Any] | None) -> list[Path]:
+    """Every teacher checkpoint a (distillation-enabled) config names, resolved against the cwd."""
+    distill = _get(config, "distillation")
+    if not isinstance(distill, dict) or not distill.get("enabled"):
+        return []
+    paths = [distill.get("teacher_checkpoint")]
+    paths += [t.get("checkpoint") for t in distill.get("teachers") or [] if isinstance(t, dict)]
+    return [Path(p).resolve() for p in paths if isinstance(p, str) and p]
+
+
+def is_inside(path: Path, run_dir: Path | None) -> bool:
+    return run_dir is not None and path.is_relative_to(run_dir.resolve())
+
+
+# --------------------------------------------------------------------------------------------- layout
+def run_task(config: dict[str, Any] | None) -> str:
+    """The task of a run's config.json; a run without a config or without a task key is segmentation."""
+    return _get(config, "task") or _DEFAULT_TASK
+
+
+def layout_for_configs(configs: list[dict[str, Any] | None]) -> ReportLayout:
+    """The layout of the runs' task when every run with a known config has the same task, else the default
+    task's (segmentation)."""
+    tasks = {run_task(c) for c in configs if isinstance(c, dict)}
+    return layout_for_task(tasks.pop() if len(tasks) == 1 else run_task(None))
+
+
+def row_columns(layout: ReportLayout) -> tuple[str, ...]:
+    """The keys of a collected row, in order: more than the table shows (every row has params_m, macs_g
+    and the ONNX columns, which the figures use)."""
+    return (
+        "experiment", "status", "role", layout.arch_column, *(c for c, _ in layout.params_columns),
+        *(c for c, _ in layout.macs_columns), *layout.metric_columns, "best_epoch", "train_time_min",
+        "onnx_latency_ms", "onnx_mb", "pct_of_teacher", "gap_closed",
+    )  # fmt: skip
+
+
+def layout_for_rows(rows: list[dict[str, Any]]) -> ReportLayout:
+    """The layout that collected `rows` (recognised by their keys); the default task's without rows."""
+    keys = tuple(rows[0]) if rows else ()
+    return next(
+        (lay for lay in report_layouts() if row_columns(lay) == keys), layout_for_task(run_task(None))
+    )
+
+
+# --------------------------------------------------------------------------------------------- rows
+def has_result(row: dict[str, Any], headline: str) -> bool:
+    return row["status"] in RESULT_STATUSES and row.get(headline) is not None
+
+
+def _macs_g(config: dict[str, Any] | None, name: str) -> float | None:
+    """GMACs of one forward pass, counted by the run's own task; None when not countable."""
+    if not isinstance(config, dict):
+        return None
+    try:
+        macs = macs_counter_for_task(run_task(config))(config)
+    except Exception as exc:  # a report must not die on one odd config
+        log.warning("report: cannot count MACs of %s (%s)", name, exc)
+        return None
+    return macs / 1e9 if macs is not None else None
+
+
+def _base_row(record: RunRecord, files: RunFiles, layout: ReportLayout) -> dict[str, Any]:
+    summary, config = files.summary, files.config
+    best_epoch_value = number(_get(summary, "best_epoch"))
+    best_epoch = int(best_epoch_value) if best_epoch_value else None
+    best_row = _best_epoch_row(files.metrics_rows, best_epoch, layout.headline)
+    if best_row is not None:
+        metrics = {k: number(best_row.get(f"val_{k}")) for k in layout.metric_columns}
+        best_epoch = int(number(best_row.get("epoch")) or 0) or best_epoch
+    else:
+        final = _get(summary, "final_metrics")
+        metrics = {k: number(_get(final, k)) for k in layout.metric_columns}
+    total_params = number(_get(summary, "params", "total"))
+    train_seconds = number(_get(summary, "timings", "train_seconds"))
+    onnx_mb = number(_find_key(files.onnx_meta, "onnx_mb"))
+    if onnx_mb is None and files.onnx_path is not None:
+        onnx_mb = files.onnx_path.stat().st_size / 1e6
+    macs_g = _macs_g(config, record.name)
+    arch = layout.arch_name(_section(_get(config, "model")), _section(summary))
+    return {
+        "experiment": record.name,
+        "status": record.status,
+        "role": record.role,
+        layout.arch_column: arch if isinstance(arch, str) else None,
+        **{c: total_params / per if total_params is not None else None for c, per in layout.params_columns},
+        **{c: macs_g * scale if macs_g is not None else None for c, scale in layout.macs_columns},
+        **metrics,
+        "best_epoch": best_epoch,
+        "train_time_min": train_seconds / 60 if train_seconds is not None else None,
+        "onnx_latency_ms": number(_find_key(files.onnx_meta, "onnx_ms_per_image_median")),
+        "onnx_mb": onnx_mb,
+        "pct_of_teacher": None,
+        "gap_closed": None,
+    }
+
+
+def _infer_roles(rows: list[dict[str, Any]], files: list[RunFiles], teacher_of: dict[int, list[int]]) -> None:
+    """'distilled' when the config enables distillation, 'teacher' when a distilled run of the list names a
+    checkpoint inside this run's directory, else 'student'; a role the runner gave is kept."""
+    for i, row in enumerate(rows):
+        if row["role"] is not None:
+            continue
+        if _get(files[i].config, "distillation", "enabled"):
+            row["role"] = "distilled"
+        elif any(i in teachers for teachers in teacher_of.values()):
+            row["role"] = "teacher"
+        else:
+            row["role"] = "student"
+
+
+def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
+    """One row per experiment (keys = `row_columns` of the layout, missing numbers None), in record order.
+
+    role: RunRecord.role, else inferred (`_infer_roles`).
+    pct_of_teacher: 100 * headline / the teacher's (a distilled run's own teacher when it is in the list,
+    else the first teacher with a result). gap_closed (distilled rows): (distilled - baseline) /
+    (teacher - baseline) on the headline, baseline = the first 'student' with a result and the same
+    architecture, preferring one of the same seed (the paired run of a --seeds invocation).
+    Only completed (or skipped, i.e. earlier) runs serve as teacher or baseline; failed runs keep a row.
+    """
+    files = [read_run(r.run_dir) for r in records]
+    layout = layout_for_configs([f.config for f in files])
+    head, arch = layout.headline, layout.arch_column
+    rows = [_base_row(r, f, layout) for r, f in zip(records, files, strict=True)]
+    teacher_of: dict[int, list[int]] = {}  # distilled row index -> indices of its teacher rows
+    for i, f in enumerate(files):
+        ckpts = teacher_checkpoints(f.config)
+        teacher_of[i] = [
+            j for c in ckpts for j, rec in enumerate(records) if j != i and is_inside(c, rec.run_dir)
+        ]
+    _infer_roles(rows, files, teacher_of)
+
+    usable_teachers = [j for j, r in enumerate(rows) if r["role"] == "teacher" and has_result(r, head)]
+    for i, row in enumerate(rows):
+        own = [j for j in teacher_of[i] if j in usable_teachers]
+        if row["role"] == "teacher" and i in usable_teachers:
+            ref = i
+        elif own:
+            ref = own[0]
+        elif usable_teachers:
+            ref = usable_teachers[0]
+        else:
+            continue
+        teacher_value = rows[ref][head]
+        if row[head] is not None and teacher_value:
+            row["pct_of_teacher"] = 100.0 * row[head] / teacher_value
+        if row["role"] != "distilled" or row[head] is None:
+            continue
+        baselines = [
+            k
+            for k, r in enumerate(rows)
+            if r["role"] == "student" and has_result(r, head) and r[arch] == row[arch]
+        ]
+        if not baselines:
+            continue
+        seed = records[i].group_and_seed()[1]
+        baselines = [rows[k] for k in sorted(baselines, key=lambda k: records[k].group_and_seed()[1] != seed)]
+        baseline_value = baselines[0][head]
+        # Only defined when the teacher beats the baseline: otherwise there is no gap to close, and the
+        # ratio of two negative differences would read as success.
+        if teacher_value - baseline_value > 1e-12:
+            row["gap_closed"] = (row[head] - baseline_value) / (teacher_value - baseline_value)
+    return rows

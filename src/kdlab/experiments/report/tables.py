@@ -1,0 +1,172 @@
+"""Rendering report tables: rows as pandas DataFrames, written as CSV, JSON and a padded Markdown pipe table
+(per run, or per config over seeds with mean ± std, the paired Δ, its interval and the verdict), and the
+report's intro and method text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from kdlab.evaluate.report_layout import ReportLayout
+from kdlab.experiments.report.aggregate import SPREAD_COLUMNS
+
+MISSING = "—"
+
+
+def table_frame(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> pd.DataFrame:
+    """The rows as a DataFrame with exactly `columns` in that order (missing values NaN/None)."""
+    return pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], columns=list(columns))
+
+
+def frame_to_csv(frame: pd.DataFrame) -> str:
+    """CSV text: 6 significant digits, missing values empty."""
+    return frame.to_csv(index=False, float_format="%.6g", lineterminator="\n")
+
+
+def frame_to_json(frame: pd.DataFrame) -> str:
+    """A JSON list of row objects (missing values null); `pandas.read_json` reads it back."""
+    return frame.to_json(orient="records", indent=2) + "\n"
+
+
+# header, format of a number (None = text)
+_MD_FORMAT: dict[str, tuple[str, str | None]] = {
+    "experiment": ("experiment", None),
+    "status": ("status", None),
+    "role": ("role", None),
+    "encoder": ("encoder", None),
+    "params_m": ("params M", "{:.2f}"),
+    "macs_g": ("GMACs", "{:.2f}"),
+    "target_iou": ("target IoU", "{:.4f}"),
+    "miou": ("mIoU", "{:.4f}"),
+    "iou_background": ("IoU bg", "{:.4f}"),
+    "iou_target": ("IoU target", "{:.4f}"),
+    "iou_other": ("IoU other", "{:.4f}"),
+    "boundary_f1": ("boundary F1", "{:.4f}"),
+    "best_epoch": ("best ep", "{:.0f}"),
+    "train_time_min": ("train min", "{:.1f}"),
+    "onnx_latency_ms": ("ONNX ms", "{:.2f}"),
+    "onnx_mb": ("ONNX MB", "{:.1f}"),
+    "pct_of_teacher": ("% of teacher", "{:.1f}"),
+    "gap_closed": ("gap closed", "{:.2f}"),
+    "model": ("model", None),
+    "macs_m": ("MMACs", "{:.1f}"),
+    "params_k": ("params k", "{:.1f}"),
+    "top1": ("top-1", "{:.4f}"),
+    "top5": ("top-5", "{:.4f}"),
+    "ece": ("ECE", "{:.4f}"),
+    "n": ("n", "{:.0f}"),
+    "baseline": ("baseline", None),
+    "verdict": ("verdict", None),
+}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def _md_cell(column: str, value: Any) -> str:
+    if _missing(value):
+        return MISSING
+    fmt = _MD_FORMAT[column][1]
+    if fmt is not None and isinstance(value, int | float):
+        return fmt.format(value)
+    return str(value).replace("|", "\\|")
+
+
+def _markdown(cells: pd.DataFrame, numeric: list[bool]) -> str:
+    """Cells (strings) as a GitHub pipe table, numbers right-aligned, padded to be read as plain text."""
+    align = ["right" if num else "left" for num in numeric]
+    return cells.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True)
+
+
+def runs_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
+    """The per-run table: one row per run, today's columns."""
+    columns = list(layout.columns)
+    cells = pd.DataFrame(
+        {_MD_FORMAT[c][0]: [_md_cell(c, v) for v in frame[c]] for c in columns},
+        columns=[_MD_FORMAT[c][0] for c in columns],
+    )
+    return _markdown(cells, [_MD_FORMAT[c][1] is not None for c in columns])
+
+
+def _signed(value: Any, fmt: str) -> str:
+    return MISSING if _missing(value) else ("+" if value >= 0 else "−") + fmt.format(abs(value))
+
+
+def aggregated_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
+    """The per-config table: metrics as mean ± std, n, the paired Δ with its 95% interval and the verdict."""
+    cols: dict[str, list[str]] = {}
+    numeric: list[bool] = []
+    records = frame.to_dict(orient="records")
+
+    def add(header: str, cells: list[str], is_number: bool) -> None:
+        cols[header] = cells
+        numeric.append(is_number)
+
+    for column in layout.columns:
+        label, fmt = _MD_FORMAT[column]
+        if column in layout.metric_columns or column in SPREAD_COLUMNS:
+
+            def spread(row: dict[str, Any], column: str = column, fmt: str | None = fmt) -> str:
+                mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+                if _missing(mean):
+                    return MISSING
+                text = (fmt or "{}").format(mean)
+                return text if _missing(std) else f"{text} ± {(fmt or '{}').format(std)}"
+
+            add(label, [spread(r) for r in records], True)
+        elif column == "gap_closed":
+            add("baseline", [_md_cell("baseline", r["baseline"]) for r in records], False)
+            add(
+                f"Δ {layout.headline_label} (paired)",
+                [_signed(r["delta_mean"], "{:.4f}") for r in records],
+                True,
+            )
+            add("95% CI of Δ", [
+                MISSING if _missing(r["delta_mean"]) else
+                (f"n={r['delta_n']:.0f}, no interval" if _missing(r["delta_low"]) else
+                 f"[{_signed(r['delta_low'], '{:.4f}')}, {_signed(r['delta_high'], '{:.4f}')}]")
+                for r in records
+            ], True)  # fmt: skip
+            add("verdict", [
+                MISSING if _missing(r["verdict"]) and _missing(r["delta_mean"]) else
+                (f"{MISSING} (n={r['delta_n']:.0f})" if _missing(r["verdict"]) else str(r["verdict"]))
+                for r in records
+            ], False)  # fmt: skip
+            add("gap closed", [
+                MISSING if _missing(r["gap_closed"]) else
+                f"{r['gap_closed']:.2f}" + ("" if _missing(r["gap_closed_low"]) else
+                                            f" [{r['gap_closed_low']:.2f}, {r['gap_closed_high']:.2f}]")
+                for r in records
+            ], True)  # fmt: skip
+        else:
+            add(label, [_md_cell(column, r[column]) for r in records], fmt is not None)
+            if column == "status":
+                add("n", [_md_cell("n", r["n"]) for r in records], True)
+    return _markdown(pd.DataFrame(cols, columns=list(cols)), numeric)
+
+
+def intro(layout: ReportLayout, runs: int, completed: int) -> str:
+    """The intro paragraph: how many runs, what they are (the layout's sentence), what the ratios use."""
+    return (
+        f"{runs} experiments ({completed} completed). {layout.intro} % of teacher and gap closed = (distilled − "
+        f"baseline) / (teacher − baseline) use {layout.headline_label}. {MISSING} = not available."
+    )
+
+
+def seed_method(layout: ReportLayout) -> str:
+    """How the per-config table over seeds is computed."""
+    label = layout.headline_label
+    return (
+        "One row per config over its seeds: mean ± std (ddof=1) over the n runs with a result; failed or skipped "
+        f"seeds are named in status and left out. Δ {label} (paired) = distilled − baseline on the same seed "
+        "(same initial weights and data order), averaged over the seeds both have; 95% CI = mean ± "
+        "t(0.975, n−1)·sd/√n (Student t over seeds). Verdict: gain when the interval lies above 0, hurts when "
+        f"below, else no detectable difference; none with n < 2. Gap closed = (mean distilled − mean baseline) / "
+        "(mean teacher − mean baseline), its interval the Δ interval over the same denominator; "
+        f"{MISSING} when the teacher's margin over the baseline is within the baseline's own 95% interval. "
+        "Per-seed rows: experiment_comparison_runs.csv and experiment_runs.json."
+    )

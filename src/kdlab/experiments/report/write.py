@@ -1,0 +1,77 @@
+"""The report's files: experiment_comparison.{csv,md,json,png}, experiment_comparison_runs.csv and
+training_curves.png, each written atomically."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdlab.atomic_io import write_text_atomic
+from kdlab.experiments.report.aggregate import aggregate_rows, aggregated_columns, is_multi_seed
+from kdlab.experiments.report.collect import RESULT_STATUSES, RunRecord, layout_for_rows, split_seed
+from kdlab.experiments.report.figures import comparison_figure, curves_figure, plot_points, save_figure_atomic
+from kdlab.experiments.report.tables import (
+    aggregated_markdown,
+    frame_to_csv,
+    frame_to_json,
+    intro,
+    runs_markdown,
+    seed_method,
+    table_frame,
+)
+
+log = logging.getLogger(__name__)
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[RunRecord]) -> dict[str, Path]:
+    """Write experiment_comparison.{csv,md,json,png}, experiment_comparison_runs.csv and training_curves.png
+    into `out_dir` (each atomically) from the per-run `rows` of `collect_rows(curves_from)`.
+
+    When some config ran over several seeds the table has one row per config (`aggregate_rows`) and the
+    per-run rows (with their seed) go to experiment_comparison_runs.csv; otherwise both hold the per-run rows.
+    Returns the paths by kind: "csv", "markdown", "json", "runs_csv", "comparison_png", "curves_png".
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "csv": out_dir / "experiment_comparison.csv",
+        "markdown": out_dir / "experiment_comparison.md",
+        "json": out_dir / "experiment_comparison.json",
+        "runs_csv": out_dir / "experiment_comparison_runs.csv",
+        "comparison_png": out_dir / "experiment_comparison.png",
+        "curves_png": out_dir / "training_curves.png",
+    }
+    layout = layout_for_rows(rows)
+    aggregated = is_multi_seed(curves_from)
+    by_name = {r.name: r for r in curves_from}
+    seeded = [
+        {**row, "config": g, "seed": s}
+        for row in rows
+        for g, s in [by_name[row["experiment"]].group_and_seed() if row["experiment"] in by_name
+                     else split_seed(row["experiment"])]
+    ]  # fmt: skip
+    runs_frame = table_frame(seeded, (*layout.columns[:1], "config", "seed", *layout.columns[1:]))
+    write_text_atomic(paths["runs_csv"], frame_to_csv(runs_frame))
+    completed = sum(1 for r in rows if r.get("status") in RESULT_STATUSES)
+    text = ["# Experiment comparison", "", intro(layout, len(rows), completed)]
+    if aggregated:
+        table = aggregate_rows(rows, curves_from, layout)
+        frame = table_frame(table, aggregated_columns(layout))
+        text += ["", seed_method(layout)]
+        body = aggregated_markdown(frame, layout)
+    else:
+        table = rows
+        frame = table_frame(rows, layout.columns)
+        body = runs_markdown(frame, layout)
+    write_text_atomic(paths["csv"], frame_to_csv(frame))
+    write_text_atomic(paths["json"], frame_to_json(frame))
+    write_text_atomic(paths["markdown"], "\n".join([*text, "", body]) + "\n")
+    save_figure_atomic(
+        comparison_figure(plot_points(table, layout, aggregated), layout), paths["comparison_png"]
+    )
+    roles = {r["experiment"]: r.get("role") for r in rows}
+    roles.update({r["experiment"]: r.get("role") for r in table})
+    save_figure_atomic(curves_figure(curves_from, roles, layout), paths["curves_png"])
+    log.info("report: wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths
