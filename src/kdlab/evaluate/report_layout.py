@@ -1,5 +1,5 @@
-"""What a comparison table of one task's runs looks like (`ReportLayout`), and, until the task objects own
-them, the three tasks' layouts and MAC counters behind one lookup by task name (`layout_for_task`).
+"""What a comparison table of one task's runs looks like (`ReportLayout`), and the three tasks' layouts
+(each task object names its own: `kdlab.tasks.<task>.report_layout`).
 
 A layout is plain data (plus one function naming a run's architecture), so a task can build its own; the
 report (kdlab.experiments.report) reads it and never asks which task it is rendering.
@@ -12,12 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdlab.evaluate.classification_metrics import CLASSIFICATION_METRICS
-from kdlab.evaluate.macs import (
-    MacsCounter,
-    classifier_config_macs,
-    segmentation_config_macs,
-    sequence_config_macs,
-)
 from kdlab.evaluate.metrics import REPORTED_METRICS
 
 ArchName = Callable[[dict[str, Any], dict[str, Any]], Any]
@@ -112,32 +106,3 @@ SEQUENCE_LAYOUT = ReportLayout(
         "best epoch (top-1 on the final logits, ECE over 15 confidence bins). MMACs: one sequence, counted by hand."
     ),
 )
-
-# Temporary: moves into the task objects (task.report_layout, task.count_macs).
-_BY_TASK: dict[str, tuple[ReportLayout, MacsCounter]] = {
-    "segmentation": (SEGMENTATION_LAYOUT, segmentation_config_macs),
-    "classification": (CLASSIFICATION_LAYOUT, classifier_config_macs),
-    "sequence": (SEQUENCE_LAYOUT, sequence_config_macs),
-}
-
-
-def _entry(task_name: str) -> tuple[ReportLayout, MacsCounter]:
-    try:
-        return _BY_TASK[task_name]
-    except KeyError:
-        raise KeyError(f"no report layout for task {task_name!r}; known: {', '.join(_BY_TASK)}") from None
-
-
-def layout_for_task(task_name: str) -> ReportLayout:
-    """The report layout of a task."""
-    return _entry(task_name)[0]
-
-
-def macs_counter_for_task(task_name: str) -> MacsCounter:
-    """The MAC counter of a task: config.json (dict) -> MACs of one forward pass, or None."""
-    return _entry(task_name)[1]
-
-
-def report_layouts() -> tuple[ReportLayout, ...]:
-    """Every task's layout (the report recognises which one collected rows follow)."""
-    return tuple(layout for layout, _ in _BY_TASK.values())

@@ -13,6 +13,8 @@ from kdlab.config.schema import ExperimentConfig
 from kdlab.distill.kd_classification import ClassificationKDTask
 from kdlab.distill.teacher import LoadedTeacher
 from kdlab.errors import CheckpointError, ConfigError, DataError
+from kdlab.evaluate.macs import classifier_config_macs
+from kdlab.evaluate.report_layout import CLASSIFICATION_LAYOUT
 from kdlab.tasks.base import TaskDefinition, register_task
 
 
@@ -38,6 +40,7 @@ def parameter_count(model: nn.Module) -> int:
 class Classification(TaskDefinition):
     name = "classification"
     best_metric = "top1"
+    report_layout = CLASSIFICATION_LAYOUT
     kd_task_class = ClassificationKDTask
 
     def check_inputs(self, cfg: ExperimentConfig) -> None:
@@ -95,3 +98,6 @@ class Classification(TaskDefinition):
 
     def describe_model(self, cfg: ExperimentConfig, model: nn.Module) -> str:
         return f"timm {cfg.model.name}, {parameter_count(model) / 1e6:.2f}M params, {cfg.model.num_classes} classes"
+
+    def count_macs(self, config: dict[str, Any]) -> float | None:
+        return classifier_config_macs(config)

@@ -20,6 +20,8 @@ from kdlab.distill.cache_segmentation import SegmentationCacheWriter, segmentati
 from kdlab.distill.kd_segmentation import SegmentationKDTask, required_cache_heads
 from kdlab.distill.teacher import LoadedTeacher
 from kdlab.errors import CheckpointError
+from kdlab.evaluate.macs import segmentation_config_macs
+from kdlab.evaluate.report_layout import SEGMENTATION_LAYOUT
 from kdlab.models.losses import SegmentationLossWeights, segmentation_loss
 from kdlab.tasks.base import CacheHooks, TaskDefinition, register_task
 
@@ -62,6 +64,7 @@ def count_parameters(module: nn.Module) -> int:
 class Segmentation(TaskDefinition):
     name = "segmentation"
     best_metric = "miou"
+    report_layout = SEGMENTATION_LAYOUT
     kd_task_class = SegmentationKDTask
     cache = CacheHooks(
         SegmentationCacheWriter(), segmentation_fingerprints, _cached_train_set,
@@ -142,3 +145,6 @@ class Segmentation(TaskDefinition):
             f"(UNet {count_parameters(model.unet) / 1e6:.2f}M, {cfg.model.head} head "
             f"{count_parameters(model.head) / 1e6:.3f}M)"
         )
+
+    def count_macs(self, config: dict[str, Any]) -> float | None:
+        return segmentation_config_macs(config)

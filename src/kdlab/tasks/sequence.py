@@ -14,6 +14,8 @@ from kdlab.distill.cache_sequence import SequenceCacheWriter, sequence_fingerpri
 from kdlab.distill.kd_sequence import SequenceKDTask
 from kdlab.distill.teacher import LoadedTeacher
 from kdlab.errors import CheckpointError
+from kdlab.evaluate.macs import sequence_config_macs
+from kdlab.evaluate.report_layout import SEQUENCE_LAYOUT
 from kdlab.tasks.base import CacheHooks, TaskDefinition, register_task
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ def parameter_count(model: nn.Module) -> int:
 class Sequence(TaskDefinition):
     name = "sequence"
     best_metric = "top1"
+    report_layout = SEQUENCE_LAYOUT
     kd_task_class = SequenceKDTask
     cache = CacheHooks(SequenceCacheWriter(), _fingerprints, _cached_train_set, lambda cfg: ["trajectory"])
 
@@ -123,3 +126,6 @@ class Sequence(TaskDefinition):
             f"{parameter_count(model) / 1e3:.1f}k params, {cfg.data.sequence.input_dim} inputs, "
             f"{cfg.model.num_classes} classes"
         )
+
+    def count_macs(self, config: dict[str, Any]) -> float | None:
+        return sequence_config_macs(config)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdlab.config.schema import ExperimentConfig
-from kdlab.evaluate.report_layout import ReportLayout, layout_for_task, macs_counter_for_task, report_layouts
+from kdlab.evaluate.report_layout import ReportLayout
 from kdlab.experiments.runner import SEED_SUFFIX
+from kdlab.tasks import get_task, task_names, task_of
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,6 @@ ROLES: tuple[str, ...] = ("teacher", "student", "distilled")
 # Runs whose numbers count: trained now ("completed") or found finished on disk by an export-only pass
 # ("exists"). A "skipped" run (its teacher failed) was not trained, so numbers on disk may be stale.
 RESULT_STATUSES: frozenset[str] = frozenset({"completed", "exists"})
-# A config.json without a task key was written before there were other tasks.
-_DEFAULT_TASK: str = ExperimentConfig.model_fields["task"].default
 
 
 @dataclass
@@ -170,8 +168,17 @@ def is_inside(path: Path, run_dir: Path | None) -> bool:
 
 # --------------------------------------------------------------------------------------------- layout
 def run_task(config: dict[str, Any] | None) -> str:
-    """The task of a run's config.json; a run without a config or without a task key is segmentation."""
-    return _get(config, "task") or _DEFAULT_TASK
+    """The task of a run's config.json (`kdlab.tasks.task_of`: none recorded is the default task)."""
+    return task_of(config if isinstance(config, dict) else None).name
+
+
+def layout_for_task(name: str) -> ReportLayout:
+    return get_task(name).report_layout
+
+
+def report_layouts() -> tuple[ReportLayout, ...]:
+    """Every task's layout (the report recognises which one collected rows follow)."""
+    return tuple(get_task(name).report_layout for name in task_names())
 
 
 def layout_for_configs(configs: list[dict[str, Any] | None]) -> ReportLayout:
@@ -209,7 +216,7 @@ def _macs_g(config: dict[str, Any] | None, name: str) -> float | None:
     if not isinstance(config, dict):
         return None
     try:
-        macs = macs_counter_for_task(run_task(config))(config)
+        macs = get_task(run_task(config)).count_macs(config)
     except Exception as exc:  # a report must not die on one odd config
         log.warning("report: cannot count MACs of %s (%s)", name, exc)
         return None
