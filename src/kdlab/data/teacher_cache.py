@@ -34,8 +34,9 @@ import torch
 from torch.utils.data import Dataset
 
 from kdlab.config.schema import AugmentConfig, ExperimentConfig
-from kdlab.data.coco import CocoPeopleDataset, index_seed
+from kdlab.data.coco import CocoPeopleDataset
 from kdlab.data.roi_masks import build_roi_masks
+from kdlab.data.seeds import mixed_index_seed
 from kdlab.data.transforms import EvalTransform, Sample, color_jitter, horizontal_flip
 from kdlab.errors import DataError
 
@@ -288,7 +289,7 @@ class CachedPeopleDataset(Dataset):
         return outputs, torch.from_numpy(labels["boxes"][start:stop])
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        position, seed = item if isinstance(item, tuple) else (item, index_seed(item))
+        position, seed = item if isinstance(item, tuple) else (item, mixed_index_seed(item))
         index = int(self.indices[position])
         sample = self.geometry(self.base.load_raw(index))
         outputs, cached_boxes = self._teacher_rows(position)
@@ -311,7 +312,11 @@ class CachedPeopleDataset(Dataset):
         image = color_jitter(sample.image, self.augment, gen) if self.augment is not None else sample.image
         sample = Sample(image, sample.boxes, sample.masks)
         roi_masks = build_roi_masks(
-            sample.masks, sample.boxes, self.base.mask_size, self.base.roi_sampling_ratio, self.base.roi_margin
+            sample.masks,
+            sample.boxes,
+            self.base.mask_size,
+            self.base.roi_sampling_ratio,
+            self.base.roi_margin,
         )
         out: dict[str, Any] = {
             "image": sample.image.contiguous(),
