@@ -17,9 +17,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
+
+from kdlab.atomic_io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -547,14 +547,8 @@ def generate_synthetic_people(
         "annotations": annotations,
         "categories": [dict(PERSON_CATEGORY)],
     }
-    fd, tmp_name = tempfile.mkstemp(prefix=".annotations.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dataset, f, separators=(",", ":"))
-        os.replace(tmp_name, ann_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(ann_path, fsync=False) as tmp, tmp.open("w", encoding="utf-8") as f:
+        json.dump(dataset, f, separators=(",", ":"))
     logger.info(
         "Generated %d synthetic images with %d people (%d polygon, %d RLE, %d hidden dropped) in %s in %.1fs",
         num_images, len(annotations), polygon_count, rle_count, hidden, out, time.perf_counter() - start,
