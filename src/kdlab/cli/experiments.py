@@ -9,8 +9,6 @@ from kdlab.cli.common import CONFIG_FLAG_KEYS, OneLineArgumentParser, run_cli, s
 
 log = logging.getLogger("kdlab.cli.experiments")
 
-FLAG_KEYS = CONFIG_FLAG_KEYS
-
 
 def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(
@@ -94,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("give either --seed or --seeds, not both")
     if args.seed_teachers and not args.seeds:
         raise ConfigError("--seed_teachers needs --seeds")
-    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    flags = {key: getattr(args, flag) for flag, key in CONFIG_FLAG_KEYS.items()}
     if args.teacher_checkpoint:
         flags["distillation.enabled"] = True
     flags_argv: list[str] = []
-    for flag in FLAG_KEYS:
+    for flag in CONFIG_FLAG_KEYS:
         value = getattr(args, flag)
         if value is not None:
             flags_argv += [f"--{flag}", str(value)]

@@ -7,8 +7,6 @@ import os
 
 from kdlab.cli.common import CONFIG_FLAG_KEYS, OneLineArgumentParser, run_cli, setup_logging
 
-FLAG_KEYS = CONFIG_FLAG_KEYS
-
 
 def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(
@@ -56,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, doc in list_named_configs().items():
             print(f"{name:28s} {doc}")
         return 0
-    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    flags = {key: getattr(args, flag) for flag, key in CONFIG_FLAG_KEYS.items()}
     if args.teacher_checkpoint:
         flags["distillation.enabled"] = True
     if args.config:
