@@ -39,6 +39,8 @@ from kdlab.data.roi_masks import build_roi_masks
 from kdlab.data.seeds import mixed_index_seed
 from kdlab.data.transforms import EvalTransform, Sample, color_jitter, horizontal_flip
 from kdlab.errors import DataError
+from kdlab.file_hash import file_sha256
+from kdlab.file_hash import file_sha256 as sha256_of_file  # noqa: F401 - only until distill/cache.py imports kdlab.file_hash
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +85,9 @@ def draw_subset(
 
 
 # ------------------------------------------------------------------------------------------ fingerprints
-def sha256_of_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def coco_split_fingerprint(dataset: CocoPeopleDataset, annotations: str | Path) -> str:
     """Identifies a COCO split: the annotation file's bytes and the image records the config selects."""
-    digest = hashlib.sha256(sha256_of_file(annotations).encode())
+    digest = hashlib.sha256(file_sha256(annotations).encode())
     for rec in dataset.records:
         digest.update(f"\n{rec.file_name}|{rec.height}|{rec.width}|{len(rec.people)}".encode())
     return digest.hexdigest()
