@@ -1,4 +1,4 @@
-"""`train_advanced.py`: train or evaluate one experiment."""
+"""`train_advanced.py` / `python -m kdlab.cli.train` / `kdlab-train`: train or evaluate one experiment."""
 
 from __future__ import annotations
 
@@ -108,3 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entrypoint() -> None:
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entrypoint()
