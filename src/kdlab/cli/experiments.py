@@ -1,4 +1,5 @@
-"""`run_experiments.py`: train several experiments in series, export them to ONNX and compare them."""
+"""`run_experiments.py` / `python -m kdlab.cli.experiments` / `kdlab-experiments`: train several experiments
+in series, export them to ONNX and compare them."""
 
 from __future__ import annotations
 
@@ -127,3 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entrypoint() -> None:
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entrypoint()
