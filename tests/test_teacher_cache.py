@@ -15,7 +15,7 @@ from kdlab.cli.cache import main as cache_main
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
 from kdlab.config.loader import resolve_config
-from kdlab.data.teacher_cache import CachedPeopleDataset, CacheInfo, draw_subset, sha256_of_file, subset_size
+from kdlab.data.teacher_cache import CachedPeopleDataset, CacheInfo, draw_subset, subset_size
 from kdlab.distill.cache import (
     CacheRequest,
     load_cache_teacher,
@@ -23,6 +23,7 @@ from kdlab.distill.cache import (
     teacher_roi_outputs,
 )
 from kdlab.errors import ConfigError, DataError
+from kdlab.file_hash import file_sha256
 from tests.helpers import error_lines, tiny_args, tree_hashes
 
 
@@ -162,7 +163,7 @@ def test_generated_layout_and_attributes(teacher, cache_file):
     tmp, ckpt = teacher
     with h5py.File(cache_file, "r") as f:
         assert set(f) == {"train", "val"}
-        assert f.attrs["teacher_sha256"] == sha256_of_file(ckpt)
+        assert f.attrs["teacher_sha256"] == file_sha256(ckpt)
         assert json.loads(f.attrs["teacher_config"])["model"]["encoder"] == "timm-efficientnet-b3"
         assert json.loads(f.attrs["preprocessing"])["input_size"] == [64, 64]
         assert (

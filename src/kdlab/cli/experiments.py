@@ -1,4 +1,5 @@
-"""`run_experiments.py`: train several experiments in series, export them to ONNX and compare them."""
+"""`run_experiments.py` / `python -m kdlab.cli.experiments` / `kdlab-experiments`: train several experiments
+in series, export them to ONNX and compare them."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from pathlib import Path
 from kdlab.cli.common import CONFIG_FLAG_KEYS, OneLineArgumentParser, run_cli, setup_logging
 
 log = logging.getLogger("kdlab.cli.experiments")
-
-FLAG_KEYS = CONFIG_FLAG_KEYS
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -94,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("give either --seed or --seeds, not both")
     if args.seed_teachers and not args.seeds:
         raise ConfigError("--seed_teachers needs --seeds")
-    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    flags = {key: getattr(args, flag) for flag, key in CONFIG_FLAG_KEYS.items()}
     if args.teacher_checkpoint:
         flags["distillation.enabled"] = True
     flags_argv: list[str] = []
-    for flag in FLAG_KEYS:
+    for flag in CONFIG_FLAG_KEYS:
         value = getattr(args, flag)
         if value is not None:
             flags_argv += [f"--{flag}", str(value)]
@@ -129,3 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entrypoint() -> None:
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,4 +1,4 @@
-"""`train_advanced.py`: train or evaluate one experiment."""
+"""`train_advanced.py` / `python -m kdlab.cli.train` / `kdlab-train`: train or evaluate one experiment."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import json
 import os
 
 from kdlab.cli.common import CONFIG_FLAG_KEYS, OneLineArgumentParser, run_cli, setup_logging
-
-FLAG_KEYS = CONFIG_FLAG_KEYS
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -56,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, doc in list_named_configs().items():
             print(f"{name:28s} {doc}")
         return 0
-    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    flags = {key: getattr(args, flag) for flag, key in CONFIG_FLAG_KEYS.items()}
     if args.teacher_checkpoint:
         flags["distillation.enabled"] = True
     if args.config:
@@ -110,3 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entrypoint() -> None:
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -25,14 +25,31 @@ CONFIGS_ENV = "KDLAB_CONFIGS_DIR"
 
 
 def configs_dir() -> Path:
-    """The directory of named configs: $KDLAB_CONFIGS_DIR, else the repository's `configs/`."""
+    """The directory of named configs: the first of, in this order,
+
+    1. `$KDLAB_CONFIGS_DIR` when it is set (used as given, even if it does not exist);
+    2. `./configs` in the current directory when it is a directory (a project using an installed kdlab, or
+       a checkout run from its root);
+    3. the `configs/` of the source checkout this package is imported from: the nearest directory above the
+       package that holds both `configs/` and `pyproject.toml` (there is none for an installed wheel);
+    4. otherwise `./configs`, so "no named config" names the place a user would put one.
+    """
     env = os.environ.get(CONFIGS_ENV)
     if env:
         return Path(env)
-    repo_configs = Path(__file__).resolve().parents[3] / "configs"
-    if repo_configs.is_dir():
-        return repo_configs
-    return Path.cwd() / "configs"
+    cwd_configs = Path.cwd() / "configs"
+    if cwd_configs.is_dir():
+        return cwd_configs
+    checkout = _source_checkout_configs()
+    return checkout if checkout is not None else cwd_configs
+
+
+def _source_checkout_configs() -> Path | None:
+    """`configs/` of the nearest directory above this package that also holds a `pyproject.toml`."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "configs").is_dir() and (parent / "pyproject.toml").is_file():
+            return parent / "configs"
+    return None
 
 
 def list_named_configs() -> dict[str, str]:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdlab.config.schema import ClassificationDataConfig, ExperimentConfig
 from kdlab.data.loaders import ERROR_KEY, build_loader
+from kdlab.data.seeds import knuth_index_seed
 from kdlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -178,17 +179,13 @@ class ClassificationDataset(Dataset):
         return int(self.labels.shape[0])
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = item if isinstance(item, tuple) else (item, index_seed(item))
+        index, seed = item if isinstance(item, tuple) else (item, knuth_index_seed(item))
         image = self.images[index]
         if self.augment:
             image = augment_image(
                 image, torch.Generator().manual_seed(seed), self.random_shift, self.brightness
             )
         return {"image": image, "label": int(self.labels[index]), "index": int(index)}
-
-
-def index_seed(index: int) -> int:
-    return int(index) * 2654435761 % (2**31)
 
 
 def augment_image(image: torch.Tensor, gen: torch.Generator, shift: int, brightness: float) -> torch.Tensor:

@@ -22,6 +22,8 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from kdlab.data.roi_masks import build_roi_masks
+from kdlab.data.seeds import draw_seed as sample_seed  # noqa: F401 - old name, for engine/trainer.py
+from kdlab.data.seeds import mixed_index_seed
 from kdlab.data.transforms import EvalTransform, Sample, TrainTransform
 from kdlab.errors import DataError
 
@@ -184,13 +186,6 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def sample_seed(base_seed: int, epoch: int, position: int) -> int:
-    """A 63-bit seed for one sample draw; independent of workers, stable across resumes."""
-    return int(
-        np.random.SeedSequence([base_seed & 0xFFFFFFFF, epoch, position]).generate_state(2, np.uint64)[0] >> 1
-    )
-
-
 class CocoPeopleDataset(Dataset):
     """Per image: uint8 image at the input size, person boxes (the ROIs) and their 3-class masks.
 
@@ -246,7 +241,7 @@ class CocoPeopleDataset(Dataset):
         return Sample(image, boxes, masks)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
-        index, seed = item if isinstance(item, tuple) else (item, index_seed(item))
+        index, seed = item if isinstance(item, tuple) else (item, mixed_index_seed(item))
         try:
             raw = self.load_raw(index)
         except DataError as exc:
@@ -267,7 +262,3 @@ class CocoPeopleDataset(Dataset):
             "image_id": self.records[index].image_id,
             "index": index,
         }
-
-
-def index_seed(index: int) -> int:
-    return sample_seed(0, 0, index)

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdlab.config.schema import DataConfig, ExperimentConfig
-from kdlab.data.coco import CocoPeopleDataset, read_coco_people, sample_seed
+from kdlab.data.coco import CocoPeopleDataset, read_coco_people
+from kdlab.data.seeds import draw_seed
 from kdlab.data.teacher_cache import collate_teacher_outputs
 from kdlab.data.transforms import EvalTransform, TrainTransform
 from kdlab.errors import ConfigError, DataError
@@ -79,7 +80,7 @@ def collate_people(samples: list[dict[str, Any] | None]) -> dict[str, Any] | Non
 
 
 class EpochSeededSampler(Sampler):
-    """Yields `(index, sample_seed)`; order and augmentation seeds depend only on (seed, epoch).
+    """Yields `(index, draw_seed)`; order and augmentation seeds depend only on (seed, epoch).
 
     That keeps data order and augmentation identical after a resume and independent of worker count.
     Under DDP (`world_size` > 1) each global batch of `world_size * batch_size` positions is cut into
@@ -138,13 +139,13 @@ class EpochSeededSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
-            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 & 0xFFFFFFFF))
+            gen = torch.Generator().manual_seed(draw_seed(self.seed, self.epoch, -1 & 0xFFFFFFFF))
             order = torch.randperm(self.length, generator=gen).tolist()
         else:
             order = list(range(self.length))
         for position in self._rank_positions()[self.skip_batches * self.batch_size :]:
             # Padding positions (>= length) repeat the epoch's start with their own augmentation seed.
-            yield order[position % self.length], sample_seed(self.seed, self.epoch, position)
+            yield order[position % self.length], draw_seed(self.seed, self.epoch, position)
 
 
 @dataclass

@@ -17,9 +17,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
+
+from kdlab.atomic_io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -547,14 +547,8 @@ def generate_synthetic_people(
         "annotations": annotations,
         "categories": [dict(PERSON_CATEGORY)],
     }
-    fd, tmp_name = tempfile.mkstemp(prefix=".annotations.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dataset, f, separators=(",", ":"))
-        os.replace(tmp_name, ann_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(ann_path, fsync=False) as tmp, tmp.open("w", encoding="utf-8") as f:
+        json.dump(dataset, f, separators=(",", ":"))
     logger.info(
         "Generated %d synthetic images with %d people (%d polygon, %d RLE, %d hidden dropped) in %s in %.1fs",
         num_images, len(annotations), polygon_count, rle_count, hidden, out, time.perf_counter() - start,
@@ -608,6 +602,27 @@ def ensure_synthetic_dataset(
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+# The flags live here so that `python -m kdlab.data.synthetic` (below) and the `kdlab-synthetic` CLI
+# (kdlab.cli.synthetic) share one definition without the data layer importing the CLI layer.
+
+
+def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generator's command-line flags (--out, --images, --seed, --height, --width, --min/max_people)."""
+    parser.add_argument("--out", required=True, help="output directory (images/ and annotations.json)")
+    parser.add_argument("--images", type=int, required=True, help="number of images")
+    parser.add_argument("--seed", type=int, required=True, help="dataset seed")
+    parser.add_argument("--height", type=int, default=256, help="image height in pixels")
+    parser.add_argument("--width", type=int, default=256, help="image width in pixels")
+    parser.add_argument("--min_people", type=int, default=1, help="fewest figures per image")
+    parser.add_argument("--max_people", type=int, default=5, help="most figures per image")
+
+
+def generate_from_args(args: argparse.Namespace) -> Path:
+    """Generate the dataset the parsed flags describe (with a progress bar); return the annotations path."""
+    return generate_synthetic_people(
+        args.out, args.images, args.seed, (args.height, args.width), args.min_people, args.max_people,
+        show_progress=True,
+    )  # fmt: skip
 
 
 class _ArgumentError(Exception):
@@ -622,24 +637,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Generate a synthetic people dataset from the command line and print the annotations path."""
+    """Generate a synthetic people dataset from the command line and print the annotations path.
+
+    `python -m kdlab.data.synthetic`; the same flags as the `kdlab-synthetic` script (kdlab.cli.synthetic).
+    """
     parser = _Parser(
         prog="python -m kdlab.data.synthetic", description="Generate a synthetic COCO people dataset."
     )
-    parser.add_argument("--out", required=True, help="output directory (images/ and annotations.json)")
-    parser.add_argument("--images", type=int, required=True, help="number of images")
-    parser.add_argument("--seed", type=int, required=True, help="dataset seed")
-    parser.add_argument("--height", type=int, default=256, help="image height in pixels")
-    parser.add_argument("--width", type=int, default=256, help="image width in pixels")
-    parser.add_argument("--min_people", type=int, default=1, help="fewest figures per image")
-    parser.add_argument("--max_people", type=int, default=5, help="most figures per image")
+    add_generator_arguments(parser)
     try:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        path = generate_synthetic_people(
-            args.out, args.images, args.seed, (args.height, args.width), args.min_people, args.max_people,
-            show_progress=True,
-        )  # fmt: skip
+        path = generate_from_args(args)
     except (_ArgumentError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

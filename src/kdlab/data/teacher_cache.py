@@ -34,10 +34,13 @@ import torch
 from torch.utils.data import Dataset
 
 from kdlab.config.schema import AugmentConfig, ExperimentConfig
-from kdlab.data.coco import CocoPeopleDataset, index_seed
+from kdlab.data.coco import CocoPeopleDataset
 from kdlab.data.roi_masks import build_roi_masks
+from kdlab.data.seeds import mixed_index_seed
 from kdlab.data.transforms import EvalTransform, Sample, color_jitter, horizontal_flip
 from kdlab.errors import DataError
+from kdlab.file_hash import file_sha256
+from kdlab.file_hash import file_sha256 as sha256_of_file  # noqa: F401 - old name, for distill/cache.py
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +85,9 @@ def draw_subset(
 
 
 # ------------------------------------------------------------------------------------------ fingerprints
-def sha256_of_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def coco_split_fingerprint(dataset: CocoPeopleDataset, annotations: str | Path) -> str:
     """Identifies a COCO split: the annotation file's bytes and the image records the config selects."""
-    digest = hashlib.sha256(sha256_of_file(annotations).encode())
+    digest = hashlib.sha256(file_sha256(annotations).encode())
     for rec in dataset.records:
         digest.update(f"\n{rec.file_name}|{rec.height}|{rec.width}|{len(rec.people)}".encode())
     return digest.hexdigest()
@@ -288,7 +283,7 @@ class CachedPeopleDataset(Dataset):
         return outputs, torch.from_numpy(labels["boxes"][start:stop])
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        position, seed = item if isinstance(item, tuple) else (item, index_seed(item))
+        position, seed = item if isinstance(item, tuple) else (item, mixed_index_seed(item))
         index = int(self.indices[position])
         sample = self.geometry(self.base.load_raw(index))
         outputs, cached_boxes = self._teacher_rows(position)
@@ -311,7 +306,11 @@ class CachedPeopleDataset(Dataset):
         image = color_jitter(sample.image, self.augment, gen) if self.augment is not None else sample.image
         sample = Sample(image, sample.boxes, sample.masks)
         roi_masks = build_roi_masks(
-            sample.masks, sample.boxes, self.base.mask_size, self.base.roi_sampling_ratio, self.base.roi_margin
+            sample.masks,
+            sample.boxes,
+            self.base.mask_size,
+            self.base.roi_sampling_ratio,
+            self.base.roi_margin,
         )
         out: dict[str, Any] = {
             "image": sample.image.contiguous(),

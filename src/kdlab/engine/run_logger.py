@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kdlab.atomic_io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,11 @@ class RunLogger:
         columns: list[str] = []
         for r in self.rows:
             columns.extend(k for k in r if k not in columns)
-        tmp = self.csv_path.with_name(".metrics.csv.tmp")
-        with tmp.open("w", newline="") as fh:
+        with atomic_path(self.csv_path, fsync=False) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             for r in self.rows:
                 writer.writerow({k: _fmt(r.get(k, "")) for k in columns})
-        os.replace(tmp, self.csv_path)
         self.writer.flush()
 
     def close(self) -> None:

@@ -1,10 +1,10 @@
 """Run several experiments in series, each as its own process, then export and compare them.
 
-Each experiment runs `python train_advanced.py ...` through an argument list (never a shell); its output is
-streamed live and into `<run>/logs/stdout.txt`; its true exit status is recorded. A failed experiment is
-recorded with the tail of its log and the others still run (unless fail_fast). An experiment whose teacher
-is another experiment (`distillation.teacher_experiment`) runs after it and gets its best_model.pth; if
-that teacher failed, it is skipped.
+Each experiment runs `python -m kdlab.cli.train ...` (the CLI behind train_advanced.py) through an argument
+list (never a shell); its output is streamed live and into `<run>/logs/stdout.txt`; its true exit status is
+recorded. A failed experiment is recorded with the tail of its log and the others still run (unless
+fail_fast). An experiment whose teacher is another experiment (`distillation.teacher_experiment`) runs after
+it and gets its best_model.pth; if that teacher failed, it is skipped.
 
 With several seeds every config runs once per seed (`<config>__seed-<s>`, `training.seed=<s>`); a teacher of a
 listed config runs once and serves every seed of its students unless `seed_teachers`, when student seed s
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kdlab
 from kdlab.atomic_io import write_json_atomic
 from kdlab.config.loader import parse_set_items, resolve_config
 from kdlab.config.schema import ExperimentConfig
@@ -38,7 +39,8 @@ SUITES: dict[str, list[str]] = {
     "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
     "sequence": ["sequence_teacher", "sequence_student_baseline", "sequence_student_distill"],
 }
-TRAIN_SCRIPT = Path(__file__).resolve().parents[3] / "train_advanced.py"
+# The child is the training CLI as a module, so it runs the same from a checkout and from an installed wheel.
+TRAIN_MODULE = "kdlab.cli.train"
 ERROR_TAIL_LINES = 30
 
 
@@ -229,8 +231,8 @@ def stream_process(command: list[str], log_path: Path, env: dict[str, str] | Non
 def child_command(
     run: PlannedRun, flags_argv: list[str], teacher_ckpt: Path | None, resume: str | None
 ) -> list[str]:
-    """The train_advanced.py argument list of one run; `resume` is "auto" or a checkpoint path."""
-    command = [sys.executable, str(TRAIN_SCRIPT), "--config", run.config_name, "--no_progress"]
+    """The training argument list of one run; `resume` is "auto" or a checkpoint path."""
+    command = [sys.executable, "-m", TRAIN_MODULE, "--config", run.config_name, "--no_progress"]
     if run.set_items:
         command += ["--set", *run.set_items]
     command += flags_argv
@@ -239,6 +241,15 @@ def child_command(
     if resume:
         command += ["--resume", resume]
     return command
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment, unbuffered, with the directory holding this kdlab package first on
+    PYTHONPATH, so the child imports the same kdlab (a checkout's src/ or an installed site-packages)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    package_parent = str(Path(kdlab.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = package_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def run_all(
@@ -251,9 +262,7 @@ def run_all(
 ) -> list[RunResult]:
     """Train every planned run in order (or, with skip_training, just collect the existing ones)."""
     results: dict[str, RunResult] = {}
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env()
     for i, run in enumerate(planned):
         run_dir = run.run_dir()
         config_dump = run.config.model_dump(mode="json")
