@@ -36,11 +36,11 @@ from kdlab.distill.kd_segmentation import HEADS, SegmentationKDTask
 from kdlab.distill.losses import kd_kl_loss, teacher_probs
 from kdlab.distill.teacher import FrozenTeacher, LoadedTeacher
 from kdlab.engine.batches import batch_to_device
-from kdlab.tasks.segmentation import SegmentationTask
 from kdlab.engine.trainer import Trainer
 from kdlab.experiments.kd_setup import build_kd_task
 from kdlab.models.builders import build_model
 from kdlab.models.losses import SegmentationLossWeights, segmentation_loss
+from kdlab.tasks.segmentation import SegmentationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from kdlab.checkpoints import save_checkpoint_atomic
 from kdlab.config.loader import resolve_config, validate_config
 from kdlab.config.schema import ExperimentConfig, ModelConfig
 from kdlab.data.classification import (
@@ -23,16 +24,14 @@ from kdlab.data.classification import (
 )
 from kdlab.distill.losses import kd_ce_loss, teacher_probs
 from kdlab.distill.teacher import LoadedTeacher
-from kdlab.tasks import load_teacher
-from kdlab.checkpoints import save_checkpoint_atomic
 from kdlab.errors import CheckpointError, ConfigError, DataError
 from kdlab.evaluate.classification_metrics import (
     ClassificationMetrics,
     expected_calibration_error,
     topk_correct,
 )
-from kdlab.tasks import check_teacher_fits
 from kdlab.models.classifier import TimmClassifier
+from kdlab.tasks import check_teacher_fits, load_teacher
 
 E = math.e
 

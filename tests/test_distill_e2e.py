@@ -15,9 +15,9 @@ from kdlab.cli.train import main as train_main
 from kdlab.config.loader import resolve_config
 from kdlab.distill.kd_segmentation import SegmentationKDTask
 from kdlab.distill.teacher import FrozenTeacher
+from kdlab.models.builders import build_model
 from kdlab.tasks import load_teacher
 from kdlab.tasks.segmentation import SegmentationTask
-from kdlab.models.builders import build_model
 from tests.helpers import assert_same_weights, error_lines, tiny_args, tree_hashes
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.engine.ema import ModelEMA
 from kdlab.distill.losses import cwd_loss, feature_mse_loss, kd_kl_loss, mix_teacher_probs, teacher_probs
 from kdlab.distill.schedules import Schedule
+from kdlab.engine.ema import ModelEMA
 
 # ---------------------------------------------------------------------------------------------- hand helpers
 

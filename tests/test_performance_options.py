@@ -11,10 +11,10 @@ import torch
 from benchmarks.common import BenchSettings, experiment_config
 from benchmarks.kd import random_teacher
 from kdlab.engine.compile import compile_forward, is_compiled
-from kdlab.tasks.segmentation import SegmentationTask
 from kdlab.engine.trainer import Trainer
 from kdlab.experiments.kd_setup import build_kd_task
 from kdlab.models.builders import build_model
+from kdlab.tasks.segmentation import SegmentationTask
 
 TINY = BenchSettings(size=(64, 64), batch_size=1, teacher_encoder="timm-efficientnet-b0")
 

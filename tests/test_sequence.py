@@ -32,11 +32,11 @@ from kdlab.distill.kd_sequence import SequenceKDTask
 from kdlab.distill.losses import trajectory_kd_loss, trajectory_mse_loss
 from kdlab.distill.teacher import FrozenTeacher
 from kdlab.engine.batches import batch_to_device
-from kdlab.tasks.sequence import SequenceTask
 from kdlab.errors import CheckpointError, ConfigError, DataError
 from kdlab.evaluate.macs import compute_gru_macs
-from kdlab.tasks import get_task
 from kdlab.models.sequence import GRUSequenceModel
+from kdlab.tasks import get_task
+from kdlab.tasks.sequence import SequenceTask
 from tests.helpers import error_lines
 
 SMALL = {"train_samples": 24, "val_samples": 12, "test_samples": 6, "seq_len": 10, "input_dim": 6}

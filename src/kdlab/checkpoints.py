@@ -9,7 +9,6 @@ pickled code.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import zipfile
@@ -24,6 +23,12 @@ from torch import nn
 from kdlab.atomic_io import TMP_MARKER, atomic_write
 from kdlab.config.schema import ExperimentConfig
 from kdlab.errors import CheckpointError
+from kdlab.file_hash import file_sha256
+
+__all__ = [
+    "FAULT_ENV", "ModelBuilder", "file_sha256", "load_checkpoint", "load_weights", "model_from_checkpoint",
+    "remove_stale_temp_files", "save_checkpoint_atomic", "strict_load",
+]  # fmt: skip
 
 # Fault injection for the crash tests: with KDLAB_FAULT_KILL_IN_SAVE=N the process SIGKILLs itself during
 # its N-th checkpoint write, after the temp file is complete and before the rename.
@@ -78,15 +83,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(payload, dict) or "model_state_dict" not in payload:
         raise CheckpointError(f"checkpoint {path} is not a kdlab checkpoint (no 'model_state_dict')")
     return payload
-
-
-def file_sha256(path: str | Path) -> str:
-    """The file's sha256 (hex), read in 1 MiB chunks: identifies a teacher, a cache's teacher, an export."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path | None) -> None:

@@ -22,7 +22,6 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from kdlab.data.roi_masks import build_roi_masks
-from kdlab.data.seeds import draw_seed as sample_seed  # noqa: F401 - old name, for engine/trainer.py
 from kdlab.data.seeds import mixed_index_seed
 from kdlab.data.transforms import EvalTransform, Sample, TrainTransform
 from kdlab.errors import DataError

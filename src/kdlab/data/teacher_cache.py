@@ -40,7 +40,6 @@ from kdlab.data.seeds import mixed_index_seed
 from kdlab.data.transforms import EvalTransform, Sample, color_jitter, horizontal_flip
 from kdlab.errors import DataError
 from kdlab.file_hash import file_sha256
-from kdlab.file_hash import file_sha256 as sha256_of_file  # noqa: F401 - old name, for distill/cache.py
 
 log = logging.getLogger(__name__)
 

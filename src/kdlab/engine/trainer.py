@@ -22,7 +22,7 @@ from tqdm import tqdm
 from kdlab.checkpoints import remove_stale_temp_files, save_checkpoint_atomic
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.loaders import raise_if_data_error
-from kdlab.data.coco import sample_seed  # moves to kdlab.data.seeds
+from kdlab.data.seeds import draw_seed
 from kdlab.engine import distributed
 from kdlab.engine.batches import autocast_for, batch_size_of, batch_to_device
 from kdlab.engine.compile import compile_forward
@@ -184,7 +184,7 @@ class Trainer(TrainerCheckpoints):
         seeded from (seed, step, micro_index): drop-path and dropout then depend on nothing else, so a
         resumed run, N DDP processes and one process with N-fold accumulation draw the same masks."""
         if micro_index is not None:
-            torch.manual_seed(sample_seed(self.tcfg.seed, self.state.global_step, micro_index))
+            torch.manual_seed(draw_seed(self.tcfg.seed, self.state.global_step, micro_index))
         set_progress = getattr(self.task, "set_progress", None)
         if set_progress is not None:
             set_progress(self.state.global_step, self.total_steps)
@@ -284,7 +284,7 @@ class Trainer(TrainerCheckpoints):
             # Reseed at every epoch start: randomness inside the epoch depends only on (seed, epoch), so a run
             # resumed at an epoch boundary replays exactly what an uninterrupted run does. A mid-epoch resume
             # restored the RNG states of the moment last.pth was written instead.
-            torch.manual_seed(sample_seed(tcfg.seed, epoch, 0x7FFF))
+            torch.manual_seed(draw_seed(tcfg.seed, epoch, 0x7FFF))
             self.progress = EpochProgress()
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
