@@ -16,14 +16,11 @@ from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
 from kdlab.config.loader import resolve_config
 from kdlab.data.teacher_cache import CachedPeopleDataset, CacheInfo, draw_subset, subset_size
-from kdlab.distill.cache import (
-    CacheRequest,
-    load_cache_teacher,
-    mirrored_rois,
-    teacher_roi_outputs,
-)
+from kdlab.distill.cache import CacheRequest, load_cache_teacher
+from kdlab.distill.cache_segmentation import SegmentationCacheWriter, mirrored_rois, teacher_roi_outputs
 from kdlab.errors import ConfigError, DataError
 from kdlab.file_hash import file_sha256
+from kdlab.tasks import teacher_loader
 from tests.helpers import error_lines, tiny_args, tree_hashes
 
 
@@ -210,7 +207,7 @@ def test_replayed_flip_equals_the_teacher_on_the_flipped_input(teacher, cache_fi
             update={"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
         ),
     )  # fmt: skip
-    live = load_cache_teacher(ckpt, cfg, torch.device("cpu"))
+    live = load_cache_teacher(ckpt, SegmentationCacheWriter(), teacher_loader(cfg), torch.device("cpu"))
     checked = 0
     for position in range(len(ds)):
         plain, mirrored = ds[position], flipped[position]

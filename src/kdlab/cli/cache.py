@@ -15,7 +15,7 @@ from kdlab.errors import DataError
 
 
 def build_parser() -> Any:
-    p = OneLineArgumentParser(prog="python -m kdlab.distill.cache", description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(prog="kdlab-cache", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="run a teacher over a config's data and write the cache")
     gen.add_argument(

@@ -1,0 +1,36 @@
+"""The import-linter layers contract in pyproject.toml holds, and it would catch an upward import."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
+    """Run lint-imports on the kdlab package under `tree/src` with the project's contract."""
+    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    script = "from importlinter.cli import lint_imports_command; lint_imports_command()"
+    return subprocess.run(
+        [sys.executable, "-c", script, "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=tree, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_the_layers_contract_is_kept():
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_an_upward_import_breaks_the_contract(tmp_path):
+    shutil.copytree(ROOT / "src" / "kdlab", tmp_path / "src" / "kdlab", ignore=shutil.ignore_patterns("__pycache__"))
+    # The data layer reaching up into the trainer (engine) is the kind of import the contract exists to stop.
+    (tmp_path / "src" / "kdlab" / "data" / "upward.py").write_text("from kdlab.engine import trainer  # noqa\n")
+    result = _lint_imports(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "kdlab.data.upward -> kdlab.engine.trainer" in result.stdout
