@@ -78,12 +78,27 @@ def test_only_configs_dir_or_given_paths_are_executed(tmp_path, monkeypatch):
     assert executed == []
 
 
-def test_readme_config_reference_is_current():
-    from kdlab.config.reference import reference_markdown
+def test_config_reference_page_is_current():
+    from kdlab.config.reference import REFERENCE_PAGE, reference_markdown, with_reference
 
-    assert reference_markdown() in (ROOT / "README.md").read_text(), (
-        "README config reference is stale: regenerate it with `uv run python -m kdlab.config.reference`"
+    page = (ROOT / REFERENCE_PAGE).read_text(encoding="utf-8")
+    assert reference_markdown() in page and with_reference(page) == page, (
+        f"{REFERENCE_PAGE} config reference is stale: regenerate it with "
+        "`uv run python -m kdlab.config.reference --write` (from the repository root)"
     )
+
+
+def test_config_reference_write_replaces_only_the_generated_block(tmp_path):
+    from kdlab.config.reference import BEGIN_MARKER, END_MARKER, main, reference_markdown
+
+    page = tmp_path / "configs.md"
+    page.write_text(f"# intro\n\n{BEGIN_MARKER}\n| stale | table |\n{END_MARKER}\n\nafter\n")
+    assert main(["--write", str(page)]) == 0
+    text = page.read_text()
+    assert text == f"# intro\n\n{BEGIN_MARKER}\n{reference_markdown()}\n{END_MARKER}\n\nafter\n"
+    assert main(["--write", str(page)]) == 0 and page.read_text() == text  # idempotent
+    page.write_text("# no markers\n")
+    assert main(["--write", str(page)]) == 2 and page.read_text() == "# no markers\n"
 
 
 def test_readme_starts_with_the_two_commands():
