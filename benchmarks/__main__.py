@@ -1,4 +1,4 @@
-"""`python -m benchmarks --suite kd|data|onnx|all --device cpu|cuda --json PATH` (see README "Performance")."""
+"""`python -m benchmarks --suite kd|data|onnx|all --device cpu|cuda --json PATH` (see docs/performance.md)."""
 
 from __future__ import annotations
 

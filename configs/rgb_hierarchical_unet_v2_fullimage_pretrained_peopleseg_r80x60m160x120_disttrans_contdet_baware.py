@@ -2,8 +2,8 @@
 instance cues its name promises: distance-transform regression (disttrans), contour detection (contdet) and
 boundary-aware cross-entropy (baware).
 
-Kept for the commands users already have. The cue weights are the ones tried on the quickstart (README, "The
-people model on the quickstart"); they have not been tuned at the seed sizes.
+Kept for the commands users already have. The cue weights are the ones tried on the quickstart
+(docs/people-model.md, "Ablation"); they have not been tuned at the seed sizes.
 """
 
 BASE = "people_b3_teacher"

@@ -1,12 +1,16 @@
-"""Print the config reference (every key, type, default, description) as a Markdown table.
+"""The config reference (every key, type, default, description) as a Markdown table.
 
-`python -m kdlab.config.reference` regenerates the table in the README.
+`python -m kdlab.config.reference` prints the table; `python -m kdlab.config.reference --write`
+(run from the repository root) refreshes it in docs/configs.md, between the two GENERATED markers.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import typing
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -70,5 +74,56 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+REFERENCE_PAGE = Path("docs") / "configs.md"  # relative to the repository root
+BEGIN_MARKER = "<!-- BEGIN GENERATED: python -m kdlab.config.reference --write -->"
+END_MARKER = "<!-- END GENERATED -->"
+
+
+def with_reference(page_text: str) -> str:
+    """`page_text` with the block between the GENERATED markers replaced by the current table.
+
+    Only that block is rewritten, so the prose around it stays hand-written. A page without both markers
+    (in this order) is an error: the caller would otherwise lose text or write the table nowhere.
+    """
+    start = page_text.find(BEGIN_MARKER)
+    end = page_text.find(END_MARKER, start + len(BEGIN_MARKER)) if start >= 0 else -1
+    if start < 0 or end < 0:
+        raise ValueError(f"the page has no {BEGIN_MARKER!r} ... {END_MARKER!r} block")
+    head = page_text[: start + len(BEGIN_MARKER)]
+    return f"{head}\n{reference_markdown()}\n{page_text[end:]}"
+
+
+def write_reference(page: Path = REFERENCE_PAGE) -> bool:
+    """Refresh the generated table in `page`; returns whether the file changed."""
+    old = page.read_text(encoding="utf-8")
+    new = with_reference(old)
+    if new != old:
+        page.write_text(new, encoding="utf-8")
+    return new != old
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdlab.config.reference", description=__doc__)
+    parser.add_argument(
+        "--write",
+        nargs="?",
+        const=str(REFERENCE_PAGE),
+        metavar="PAGE",
+        help=f"refresh the table inside PAGE (default {REFERENCE_PAGE}) instead of printing it",
+    )
+    args = parser.parse_args(argv)
+    if args.write is None:
+        print(reference_markdown())
+        return 0
+    page = Path(args.write)
+    try:
+        changed = write_reference(page)
+    except (OSError, ValueError) as exc:
+        print(f"error: {page}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{page}: {'updated' if changed else 'already current'}")
+    return 0
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    sys.exit(main())
