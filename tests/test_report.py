@@ -459,8 +459,7 @@ def test_a_first_seed_that_failed_before_writing_its_config_keeps_the_config_dis
 
 # ------------------------------------------------------------------------------------ layouts (per task)
 def test_each_layout_is_recognised_from_its_rows_and_can_be_rendered() -> None:
-    from kdlab.evaluate.report_layout import report_layouts
-    from kdlab.experiments.report.collect import row_columns
+    from kdlab.experiments.report.collect import report_layouts, row_columns
     from kdlab.experiments.report.tables import _MD_FORMAT
 
     layouts = report_layouts()
@@ -475,13 +474,13 @@ def test_each_layout_is_recognised_from_its_rows_and_can_be_rendered() -> None:
 
 
 def test_a_run_without_a_task_is_segmentation_and_an_unknown_task_is_named() -> None:
-    from kdlab.evaluate.report_layout import layout_for_task
-    from kdlab.experiments.report.collect import run_task
+    from kdlab.errors import ConfigError
+    from kdlab.experiments.report.collect import layout_for_task, run_task
 
     assert run_task(None) == run_task({"model": {}}) == "segmentation"
     assert run_task({"task": "sequence"}) == "sequence"
     assert report.layout_for_configs([None, {"model": {}}]).columns == COLUMNS
     assert report.layout_for_configs([{"task": "sequence"}, None]) is layout_for_task("sequence")
     assert report.layout_for_configs([{"task": "sequence"}, {"task": "classification"}]).columns == COLUMNS
-    with pytest.raises(KeyError, match="'regression'"):
+    with pytest.raises(ConfigError, match="task=regression is not a known task"):
         layout_for_task("regression")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdlab.engine.visuals import CLASS_COLOURS, class_overlay, roi_crops, save_visualizations
+from kdlab.evaluate.roi_pictures import CLASS_COLOURS, class_overlay, roi_crops, save_visualizations
 
 
 def _vis(teacher: bool) -> dict[str, torch.Tensor]:
