@@ -19,11 +19,10 @@ from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import CheckpointError, ConfigError
-from kdlab.export.onnx_export import (
-    ExportParityError,
-    TraceableGroupNorm,
+from kdlab.export.pipeline import ExportParityError, TraceableGroupNorm, export_run_to_onnx
+from kdlab.export.segmentation import (
+    SegmentationExporter,
     export_model_to_onnx,
-    export_run_to_onnx,
     onnx_latency_ms,
     onnx_parity,
 )
@@ -211,7 +210,7 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
 
 
 def test_export_run_writes_onnx_and_metadata(tiny_run):
-    meta = export_run_to_onnx(tiny_run, parity_images=4, latency_runs=5)
+    meta = export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=4, latency_runs=5)
     ckpt = tiny_run / "checkpoints"
     onnx_path, json_path = ckpt / "best_model.onnx", ckpt / "best_model.onnx.json"
     assert onnx_path.is_file() and json_path.is_file()
@@ -242,7 +241,7 @@ def test_export_run_writes_onnx_and_metadata(tiny_run):
 def test_export_run_parity_failure_still_writes_metadata(tiny_run, tmp_path):
     """tolerance < 0 can never be met: the error is raised after the metadata records parity_ok=false."""
     with pytest.raises(ExportParityError, match="does not match PyTorch"):
-        export_run_to_onnx(tiny_run, parity_images=1, latency_runs=1, tolerance=-1.0)
+        export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=1, latency_runs=1, tolerance=-1.0)
     meta = json.loads((tiny_run / "checkpoints" / "best_model.onnx.json").read_text())
     assert meta["parity_ok"] is False and meta["parity"]["ok"] is False
     assert meta["parity"]["max_abs_diff"] >= 0
@@ -250,7 +249,7 @@ def test_export_run_parity_failure_still_writes_metadata(tiny_run, tmp_path):
 
 def test_export_run_needs_a_run_directory_and_best_model(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        export_run_to_onnx(tmp_path / "missing")
+        export_run_to_onnx(tmp_path / "missing", SegmentationExporter())
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="best_model.pth"):
-        export_run_to_onnx(tmp_path / "run")
+        export_run_to_onnx(tmp_path / "run", SegmentationExporter())

@@ -12,23 +12,22 @@ from kdlab.experiments.runner import PlannedRun, RunResult, plan_runs, run_all, 
 
 log = logging.getLogger(__name__)
 
-# Tasks whose student has no ONNX exporter yet: the default export after training skips them (logged), and
-# an explicit --export_onnx naming them is a ConfigError.
-NOT_EXPORTABLE_TASKS = frozenset({"sequence"})
-
 
 def export_finished(results: list[Any]) -> None:
-    """Export every finished run's student to ONNX; a failure is recorded on the run, never raised."""
-    from kdlab.export.onnx_export import export_run_to_onnx
+    """Export every finished run's student to ONNX; a failure is recorded on the run, never raised.
+    A task without an exporter is skipped (logged); an explicit --export_onnx naming one is refused earlier."""
+    from kdlab.export import exporter_for_task
+    from kdlab.export.pipeline import export_run_to_onnx
 
     for result in results:
         if result.status not in ("completed", "exists"):
             continue
-        if run_task(result) in NOT_EXPORTABLE_TASKS:
+        exporter = exporter_for_task(run_task(result))
+        if exporter is None:
             log.info("%s: ONNX export is not implemented for task=%s; skipped", result.name, run_task(result))
             continue
         try:
-            meta = export_run_to_onnx(result.run_dir)
+            meta = export_run_to_onnx(result.run_dir, exporter)
             result.export = {"ok": True, "parity_max_abs_diff": meta["parity"]["max_abs_diff"],
                              "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"]}  # fmt: skip
             log.info(
@@ -95,8 +94,10 @@ def orchestrate(
     if resume_path is not None:
         attach_resume_path(planned, resume_path)
     if export_requested:
+        from kdlab.export import exporter_for_task
+
         for p in planned:
-            if p.config.task in NOT_EXPORTABLE_TASKS:
+            if exporter_for_task(p.config.task) is None:
                 raise ConfigError(
                     f"--export_onnx: ONNX export is not implemented for task={p.config.task} ({p.run_name}); "
                     "drop --export_onnx or those configs"

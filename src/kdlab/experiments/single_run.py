@@ -204,9 +204,10 @@ def execute(request: RunRequest) -> dict[str, Any]:
     summary = trainer.fit()
     summary["run_dir"] = str(run_dir)
     if cfg.export.onnx and ctx.is_main:
-        from kdlab.export.onnx_export import export_run_to_onnx
+        from kdlab.export import exporter_for_task
+        from kdlab.export.pipeline import export_run_to_onnx
 
-        meta = export_run_to_onnx(run_dir, opset=cfg.export.opset)
+        meta = export_run_to_onnx(run_dir, exporter_for_task(cfg.task), opset=cfg.export.opset)
         summary["onnx"] = {"parity_max_abs_diff": meta["parity"]["max_abs_diff"],
                            "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"]}  # fmt: skip
     return summary
