@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.common import BenchSettings, Clock, experiment_config, interleaved, median, synthetic_batch
-from kdlab.export.onnx_export import OUTPUT_NAMES, export_model_to_onnx
+from kdlab.export.segmentation import OUTPUT_NAMES, export_model_to_onnx
 from kdlab.models.builders import build_model
 
 

@@ -17,17 +17,20 @@ from torchvision.ops import roi_align
 
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
+from kdlab.config.loader import validate_config
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import CheckpointError, ConfigError
-from kdlab.export.onnx_export import (
-    ExportParityError,
-    TraceableGroupNorm,
+from kdlab.export import exporter_for_task
+from kdlab.export.classification import ClassificationExporter
+from kdlab.export.pipeline import ExportParityError, TraceableGroupNorm, export_run_to_onnx
+from kdlab.export.segmentation import (
+    SegmentationExporter,
     export_model_to_onnx,
-    export_run_to_onnx,
+    export_teacher_onnx,
     onnx_latency_ms,
     onnx_parity,
 )
-from kdlab.models.builders import build_model
+from kdlab.models.builders import build_model, build_task_model
 from tests.helpers import tiny_args
 
 INPUT = (64, 64)
@@ -211,7 +214,7 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
 
 
 def test_export_run_writes_onnx_and_metadata(tiny_run):
-    meta = export_run_to_onnx(tiny_run, parity_images=4, latency_runs=5)
+    meta = export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=4, latency_runs=1)
     ckpt = tiny_run / "checkpoints"
     onnx_path, json_path = ckpt / "best_model.onnx", ckpt / "best_model.onnx.json"
     assert onnx_path.is_file() and json_path.is_file()
@@ -223,6 +226,7 @@ def test_export_run_writes_onnx_and_metadata(tiny_run):
     assert meta["parity"]["num_images"] == 4 and meta["parity"]["num_rois"] > 0
     assert meta["latency"]["onnx_ms_per_image_median"] > 0
     assert meta["latency"]["torch_ms_per_image_median"] > 0
+    assert meta["latency"]["runs"] == 1 and meta["latency"]["batch_images"] == 1
     assert meta["input_size"] == [64, 64] and meta["mask_size"] == [32, 24]
     assert meta["classes"] == ["background", "target", "other"]
     assert meta["opset"] == 17 and meta["encoder"] == "timm-efficientnet-b0"
@@ -242,7 +246,7 @@ def test_export_run_writes_onnx_and_metadata(tiny_run):
 def test_export_run_parity_failure_still_writes_metadata(tiny_run, tmp_path):
     """tolerance < 0 can never be met: the error is raised after the metadata records parity_ok=false."""
     with pytest.raises(ExportParityError, match="does not match PyTorch"):
-        export_run_to_onnx(tiny_run, parity_images=1, latency_runs=1, tolerance=-1.0)
+        export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=1, latency_runs=1, tolerance=-1.0)
     meta = json.loads((tiny_run / "checkpoints" / "best_model.onnx.json").read_text())
     assert meta["parity_ok"] is False and meta["parity"]["ok"] is False
     assert meta["parity"]["max_abs_diff"] >= 0
@@ -250,7 +254,36 @@ def test_export_run_parity_failure_still_writes_metadata(tiny_run, tmp_path):
 
 def test_export_run_needs_a_run_directory_and_best_model(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        export_run_to_onnx(tmp_path / "missing")
+        export_run_to_onnx(tmp_path / "missing", SegmentationExporter())
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="best_model.pth"):
-        export_run_to_onnx(tmp_path / "run")
+        export_run_to_onnx(tmp_path / "run", SegmentationExporter())
+
+
+def _sequence_checkpoint(path: Path) -> Path:
+    """A tiny GRU checkpoint (task=sequence: no ONNX exporter, not a segmentation teacher)."""
+    cfg = validate_config({"task": "sequence", "model": {"name": "gru", "hidden_size": 4}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model_state_dict": build_task_model(cfg).state_dict(), "config": cfg.model_dump(mode="json")}
+    torch.save(payload, path)
+    return path
+
+
+def test_each_task_has_its_exporter_and_sequence_has_none():
+    assert isinstance(exporter_for_task("segmentation"), SegmentationExporter)
+    assert isinstance(exporter_for_task("classification"), ClassificationExporter)
+    assert exporter_for_task("sequence") is None and exporter_for_task("nope") is None
+
+
+def test_a_task_without_exporter_is_a_config_error_and_writes_nothing(tmp_path):
+    ckpt = _sequence_checkpoint(tmp_path / "run" / "checkpoints" / "best_model.pth")
+    with pytest.raises(ConfigError, match="ONNX export is not implemented for task=sequence"):
+        export_run_to_onnx(tmp_path / "run", exporter_for_task("sequence"))
+    assert [p.name for p in ckpt.parent.iterdir()] == ["best_model.pth"]
+
+
+def test_export_teacher_refuses_a_model_that_is_not_a_segmentation_teacher(tmp_path):
+    ckpt = _sequence_checkpoint(tmp_path / "seq.pth")
+    with pytest.raises(ConfigError, match="exports segmentation teachers; .* is a sequence model"):
+        export_teacher_onnx(ckpt, tmp_path / "t.onnx", build_model)
+    assert not (tmp_path / "t.onnx").exists()

@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     if args.command == "export-teacher":
-        from kdlab.export.onnx_export import export_teacher_onnx
+        from kdlab.export.segmentation import export_teacher_onnx
+        from kdlab.tasks import build_model
 
-        path = export_teacher_onnx(args.teacher, args.out, args.opset)
+        path = export_teacher_onnx(args.teacher, args.out, build_model, args.opset)
         print(f"exported teacher with masks, bg_fg_logits and target_logits to {path}")
         return 0
     flags = {"training.device": args.device} if args.device else {}

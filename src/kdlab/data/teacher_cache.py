@@ -189,10 +189,10 @@ class CacheInfo:
         return f"{self.task} cache from teacher {self.teacher_sha256[:12]}... ({sizes})"
 
     def megabytes_per_1000(self) -> str:
-        """File size per 1,000 cached samples (images or sequences), for the log and the README."""
+        """File size per 1,000 cached samples (images or sequences), for the log and the docs."""
         count = sum(len(v["indices"]) for v in self.splits.values())
         per = self.path.stat().st_size / 1e6 / max(1, count) * 1000
-        return f"{per:.1f} MB per 1,000 {'images' if self.task == 'segmentation' else 'samples'}"
+        return f"{per:.1f} MB per 1,000 samples"
 
     def check_matches(
         self,

@@ -219,6 +219,7 @@ class TrainerCheckpoints:
             "final_metrics": {k: _json_number(v) for k, v in self.state.last_metrics.items()},
             "timings": {
                 "train_seconds": self.state.train_seconds,
+                "nonfinite_steps_skipped": self.state.nonfinite_steps,
                 "images_seen": self.state.images_seen,
                 "train_images_per_sec": self.state.images_seen / self.state.train_seconds
                 if self.state.train_seconds > 0

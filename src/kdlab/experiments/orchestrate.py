@@ -9,26 +9,25 @@ from typing import Any
 
 from kdlab.errors import ConfigError
 from kdlab.experiments.runner import PlannedRun, RunResult, plan_runs, run_all, write_runs_json
+from kdlab.tasks import task_of
 
 log = logging.getLogger(__name__)
 
-# Tasks whose student has no ONNX exporter yet: the default export after training skips them (logged), and
-# an explicit --export_onnx naming them is a ConfigError.
-NOT_EXPORTABLE_TASKS = frozenset({"sequence"})
-
 
 def export_finished(results: list[Any]) -> None:
-    """Export every finished run's student to ONNX; a failure is recorded on the run, never raised."""
-    from kdlab.export.onnx_export import export_run_to_onnx
+    """Export every finished run's student to ONNX; a failure is recorded on the run, never raised.
+    A task without an exporter is skipped (logged); an explicit --export_onnx naming one is refused earlier."""
+    from kdlab.export.pipeline import export_run_to_onnx
 
     for result in results:
         if result.status not in ("completed", "exists"):
             continue
-        if run_task(result) in NOT_EXPORTABLE_TASKS:
+        exporter = task_of(result.config).exporter()
+        if exporter is None:
             log.info("%s: ONNX export is not implemented for task=%s; skipped", result.name, run_task(result))
             continue
         try:
-            meta = export_run_to_onnx(result.run_dir)
+            meta = export_run_to_onnx(result.run_dir, exporter)
             result.export = {"ok": True, "parity_max_abs_diff": meta["parity"]["max_abs_diff"],
                              "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"]}  # fmt: skip
             log.info(
@@ -59,7 +58,7 @@ def merge_with_previous(results: list[RunResult], path: Path) -> list[RunResult]
 
 
 def run_task(result: RunResult) -> str:
-    return str((result.config or {}).get("task") or "segmentation")
+    return task_of(result.config).name
 
 
 def same_task_runs(all_runs: list[RunResult], current: list[RunResult]) -> list[RunResult]:
@@ -96,7 +95,7 @@ def orchestrate(
         attach_resume_path(planned, resume_path)
     if export_requested:
         for p in planned:
-            if p.config.task in NOT_EXPORTABLE_TASKS:
+            if task_of(p.config).exporter() is None:
                 raise ConfigError(
                     f"--export_onnx: ONNX export is not implemented for task={p.config.task} ({p.run_name}); "
                     "drop --export_onnx or those configs"

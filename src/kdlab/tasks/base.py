@@ -50,7 +50,6 @@ class TaskDefinition:
     best_metric: ClassVar[str]  # the validation metric (higher is better) that picks best_model.pth
     kd_task_class: ClassVar[type[KDTaskBase]]
     cache: ClassVar[CacheHooks | None] = None  # None: training from a teacher cache is not implemented
-    onnx_exporter: ClassVar[Any | None] = None  # None: ONNX export is not implemented
     report_layout: ClassVar[Any]  # kdlab.evaluate.report_layout.ReportLayout
 
     # ------------------------------------------------------------------ inputs and data
@@ -88,6 +87,11 @@ class TaskDefinition:
     def write_pictures(self, vis: dict[str, Any], out_dir: Path) -> list[tuple[str, Any]]:
         """Draw the evaluator's picture data (none by default)."""
         return []
+
+    def exporter(self) -> Any | None:
+        """The task's ONNX exporter (`kdlab.export.pipeline.OnnxExporter`), or None: export not implemented.
+        A method, so onnx and onnxruntime load only when something is exported."""
+        return None
 
     # ------------------------------------------------------------------ what the run records
     def summary_extra(self, cfg: ExperimentConfig, model: nn.Module) -> dict[str, Any]:

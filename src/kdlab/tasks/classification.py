@@ -101,3 +101,8 @@ class Classification(TaskDefinition):
 
     def count_macs(self, config: dict[str, Any]) -> float | None:
         return classifier_config_macs(config)
+
+    def exporter(self) -> Any:
+        from kdlab.export.classification import ClassificationExporter
+
+        return ClassificationExporter()

@@ -148,3 +148,8 @@ class Segmentation(TaskDefinition):
 
     def count_macs(self, config: dict[str, Any]) -> float | None:
         return segmentation_config_macs(config)
+
+    def exporter(self) -> Any:
+        from kdlab.export.segmentation import SegmentationExporter
+
+        return SegmentationExporter()

@@ -1,0 +1,466 @@
+"""The ONNX pipeline every task shares: checkpoint -> ONNX file -> onnxruntime parity -> latency -> metadata.
+
+What differs per task (the wrapper module, inputs, names, axes, the description) is an `OnnxExporter`;
+see `kdlab.export.segmentation` and `kdlab.export.classification`. Files written beside the checkpoint:
+`checkpoints/best_model.onnx` (the resolved config in its metadata_props) and `best_model.onnx.json`.
+
+We use the TorchScript exporter (`dynamo=False`; the dynamo exporter needs `onnxscript`). Two traps:
+- It calls `.train(<mode the exported module had>)` on the way out, recursively. A freshly built wrapper
+  module is in training mode, so exporting `Wrapper(model)` silently leaves the model in training mode
+  (BatchNorm on batch statistics, drop-path on) and any PyTorch comparison made afterwards is wrong by ~1.
+  `export_to_onnx` exports an eval-mode deep copy and never touches the caller's model.
+- torch's GroupNorm symbolic reshapes to [N, groups, -1], which onnxruntime cannot resolve when N = 0
+  (e.g. an image batch without ROIs). The copy's GroupNorms are swapped for `TraceableGroupNorm`, the same
+  maths in plain ops with no inferred dimension.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import statistics
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torchvision
+from torch import nn
+
+from kdlab.atomic_io import atomic_write, write_json_atomic
+from kdlab.checkpoints import file_sha256, load_checkpoint, model_from_checkpoint
+from kdlab.config.schema import ExperimentConfig
+from kdlab.data.teacher_cache import ONNX_CONFIG_METADATA_KEY
+from kdlab.errors import CheckpointError, ConfigError, KdlabRunFailure
+
+log = logging.getLogger(__name__)
+
+CONFIG_METADATA_KEY = ONNX_CONFIG_METADATA_KEY  # the resolved experiment config (JSON) in metadata_props
+WARMUP_RUNS = 3
+DEFAULT_LATENCY_RUNS = 20
+DEFAULT_TOLERANCE = 1e-3
+
+Batch = tuple[torch.Tensor, ...]  # one batch of the exported graph's inputs, as the loader gives them
+
+
+class ExportParityError(KdlabRunFailure):
+    """onnxruntime's output differs from PyTorch's by more than the tolerance."""
+
+
+class OnnxExporter(ABC):
+    """What one task's ONNX export needs beyond the shared pipeline.
+
+    `wrap(model)` is the module that is traced and compared: it takes `input_names` positionally and returns
+    a tuple in the order of `output_names` (a lone tensor is taken as a 1-tuple). A `Batch` holds the graph's inputs as the loader gives them
+    (images may be uint8); `model_inputs` turns it into what the graph takes.
+    """
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    min_parity_images: int = 1  # parity is measured on at least this many validation images
+
+    @abstractmethod
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+        """The task's model for `cfg` (the checkpoint's weights are loaded into it)."""
+
+    @abstractmethod
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to export: `model` with its outputs as a tuple in `output_names` order."""
+
+    @abstractmethod
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx's dynamic_axes: input/output name -> {dim: symbolic name}."""
+
+    @abstractmethod
+    def input_size(self, cfg: ExperimentConfig) -> tuple[int, int]:
+        """The (H, W) the graph is traced at."""
+
+    @abstractmethod
+    def example_inputs(self, cfg: ExperimentConfig) -> Batch:
+        """Inputs to trace with (on CPU; sizes other than 1, so none is mistaken for a constant)."""
+
+    @abstractmethod
+    def validation_batches(self, cfg: ExperimentConfig, num_images: int) -> list[Batch]:
+        """The first `num_images` validation images of the run's own data, as batches."""
+
+    @abstractmethod
+    def latency_batch(self, batches: list[Batch]) -> Batch:
+        """The one-image batch the latency is timed on."""
+
+    @abstractmethod
+    def counts(self, batch: Batch) -> dict[str, int]:
+        """What a batch holds, e.g. {"images": 2, "rois": 5}; "images" is required (latency is per image)."""
+
+    @abstractmethod
+    def describe(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        """The task's part of the metadata JSON: inputs, outputs and what they mean, model facts."""
+
+    def check_opset(self, opset: int) -> None:
+        """Raise ConfigError when the graph cannot be exported correctly at `opset` (default: any works)."""
+        return None
+
+    def parity_scope(self, parity: dict[str, Any]) -> str:
+        """How much data a parity result covers, for messages: "8 validation images"."""
+        return f"{parity['num_images']} validation images"
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        """The graph's float32 inputs; uint8 images (loader batches) are scaled to [0,1]."""
+        return tuple(float_images(x) for x in batch)
+
+
+# --------------------------------------------------------------------------------------------- the graph
+class TraceableGroupNorm(nn.Module):
+    """`nn.GroupNorm` in plain tensor ops that export without an inferred (-1) dimension.
+
+    Same parameters (shared, not copied) and the same maths: per sample and group, subtract the mean and
+    divide by sqrt(biased variance + eps), then the per-channel affine transform.
+    """
+
+    def __init__(self, norm: nn.GroupNorm) -> None:
+        super().__init__()
+        self.num_groups = norm.num_groups
+        self.num_channels = norm.num_channels
+        self.eps = norm.eps
+        self.weight = norm.weight
+        self.bias = norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grouped = x.unflatten(1, (self.num_groups, self.num_channels // self.num_groups))
+        dims = tuple(range(2, grouped.dim()))
+        mean = grouped.mean(dim=dims, keepdim=True)
+        var = (grouped - mean).square().mean(dim=dims, keepdim=True)
+        out = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        if self.weight is not None:
+            affine_shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
+            out = out * self.weight.view(affine_shape) + self.bias.view(affine_shape)
+        return out
+
+
+def export_ready_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode deep copy of `model` whose GroupNorms are `TraceableGroupNorm`s (the original is untouched)."""
+    clone = copy.deepcopy(model).eval()
+    for module in list(clone.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(module, name, TraceableGroupNorm(child))
+    return clone.eval()
+
+
+def _declare_static_output_dims(
+    path: Path, per_sample_shapes: list[tuple[int, ...]], metadata: dict[str, str] | None = None
+) -> None:
+    """Write the fixed per-sample dims into each output's type (the tracer can leave them symbolic), and
+    `metadata` into metadata_props.
+
+    Only dim 0 is dynamic, so the others never vary; declaring them lets users and tools see e.g. the mask
+    size in the graph signature.
+    """
+    model_proto = onnx.load(str(path))
+    for output, per_sample_shape in zip(model_proto.graph.output, per_sample_shapes, strict=True):
+        dims = output.type.tensor_type.shape.dim
+        for dim, value in zip(dims[1:], per_sample_shape, strict=True):
+            dim.Clear()
+            dim.dim_value = int(value)
+    for key, value in (metadata or {}).items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model_proto, str(path))
+
+
+def as_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A wrapper's outputs as a tuple (a module with one output may return the tensor itself)."""
+    return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+
+
+def export_to_onnx(
+    model: nn.Module,
+    exporter: OnnxExporter,
+    path: Path,
+    example_inputs: Batch,
+    opset: int = 17,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Trace `exporter.wrap(<eval-mode copy of model>)` on `example_inputs` to `path`; `metadata` goes into
+    the file's metadata_props.
+
+    `model` and its train/eval mode are untouched. Written to a temp file, checked with `onnx.checker`,
+    then renamed into place.
+    """
+    exporter.check_opset(opset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    # Eval-mode wrapper: the exporter restores the wrapper's mode, recursively, when it is done.
+    wrapper = exporter.wrap(export_ready_copy(model)).eval()
+    inputs = tuple(x.to(device) for x in example_inputs)
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Expected and harmless here: the legacy-exporter deprecation notice and tracer warnings about
+            # shape checks (sizes fixed by the config are constants).
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(
+                wrapper,
+                inputs,
+                str(tmp),
+                input_names=list(exporter.input_names),
+                output_names=list(exporter.output_names),
+                dynamic_axes=exporter.dynamic_axes(),
+                opset_version=opset,
+                do_constant_folding=True,
+                training=torch.onnx.TrainingMode.EVAL,
+                dynamo=False,
+            )
+            per_sample_shapes = [tuple(o.shape[1:]) for o in as_tuple(wrapper(*inputs))]
+        _declare_static_output_dims(tmp, per_sample_shapes, metadata)
+        onnx.checker.check_model(str(tmp))
+
+    atomic_write(path, write)
+    log.info("exported ONNX (opset %d) to %s", opset, path)
+
+
+def config_metadata(cfg: ExperimentConfig) -> dict[str, str]:
+    """metadata_props holding the resolved config, so the file alone says how it was built."""
+    return {CONFIG_METADATA_KEY: json.dumps(cfg.model_dump(mode="json"))}
+
+
+# --------------------------------------------------------------------------------- parity and latency
+def float_images(x: torch.Tensor) -> torch.Tensor:
+    """Loader batches hold uint8 images; the exported model takes float32 in [0,1]."""
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    return x.float()
+
+
+def ort_session(onnx_path: str | Path) -> ort.InferenceSession:
+    """A CPU onnxruntime session that logs errors only."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_feed(exporter: OnnxExporter, batch: Batch) -> dict[str, np.ndarray]:
+    inputs = exporter.model_inputs(batch)
+    return {
+        n: np.ascontiguousarray(x.cpu().numpy()) for n, x in zip(exporter.input_names, inputs, strict=True)
+    }
+
+
+def _torch_outputs(model: nn.Module, exporter: OnnxExporter, batch: Batch) -> list[np.ndarray]:
+    device = next(model.parameters()).device
+    inputs = tuple(x.to(device) for x in exporter.model_inputs(batch))
+    with torch.no_grad():
+        return [o.float().cpu().numpy() for o in as_tuple(exporter.wrap(model)(*inputs))]
+
+
+def _max_abs_diff(name: str, got: np.ndarray, expected: np.ndarray) -> float:
+    """max |got - expected|; inf for a shape mismatch or a non-finite difference; 0 for empty outputs."""
+    if got.shape != expected.shape:
+        log.warning("ONNX output %s shape %s != PyTorch %s", name, got.shape, expected.shape)
+        return math.inf
+    if not got.size:
+        return 0.0
+    diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
+    return diff if math.isfinite(diff) else math.inf
+
+
+def onnx_parity_of(
+    onnx_path: str | Path,
+    model: nn.Module,
+    exporter: OnnxExporter,
+    batches: list[Batch],
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
+    """Max |onnxruntime - PyTorch| over every output of `exporter.wrap(model)` and every batch.
+
+    The model runs in eval mode (its mode is restored). A shape mismatch or a non-finite difference counts
+    as a failure (max_abs_diff = inf). Also counts what was compared: num_images, num_<...>, num_batches.
+    """
+    session = ort_session(onnx_path)
+    was_training = model.training
+    model.eval()
+    worst = 0.0
+    totals: dict[str, int] = {}
+    try:
+        for batch in batches:
+            expected = _torch_outputs(model, exporter, batch)
+            got = session.run(list(exporter.output_names), ort_feed(exporter, batch))
+            for key, n in exporter.counts(batch).items():
+                totals[key] = totals.get(key, 0) + n
+            for name, g, e in zip(exporter.output_names, got, expected, strict=True):
+                worst = max(worst, _max_abs_diff(name, g, e))
+    finally:
+        model.train(was_training)
+    return {
+        "max_abs_diff": worst,
+        "tolerance": tolerance,
+        "ok": bool(worst <= tolerance),
+        **{f"num_{key}": n for key, n in totals.items()},
+        "num_batches": len(batches),
+    }
+
+
+def median_ms(fn: Callable[[], object], runs: int) -> float:
+    """Median wall time (ms) of `runs` calls after WARMUP_RUNS untimed ones."""
+    for _ in range(WARMUP_RUNS):
+        fn()
+    times = []
+    for _ in range(max(1, runs)):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(statistics.median(times))
+
+
+def onnx_latency_of(
+    onnx_path: str | Path, exporter: OnnxExporter, batch: Batch, runs: int = DEFAULT_LATENCY_RUNS
+) -> float:
+    """Median onnxruntime CPU time per image (ms) over `runs` timed runs after a warm-up."""
+    session = ort_session(onnx_path)
+    feed = ort_feed(exporter, batch)
+    names = list(exporter.output_names)
+    return median_ms(lambda: session.run(names, feed), runs) / max(1, exporter.counts(batch)["images"])
+
+
+def torch_latency_of(
+    model: nn.Module, exporter: OnnxExporter, batch: Batch, runs: int = DEFAULT_LATENCY_RUNS
+) -> float:
+    """Median PyTorch time per image (ms) on the model's device, eval mode, no grad; the reference for ONNX."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = tuple(x.to(device) for x in exporter.model_inputs(batch))
+
+    def step() -> None:
+        with torch.no_grad():
+            model(*inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        return median_ms(step, runs) / max(1, exporter.counts(batch)["images"])
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------ one run
+def load_student(checkpoint: Path, exporter: OnnxExporter) -> tuple[nn.Module, ExperimentConfig, dict[str, Any]]:
+    """The student described by the config saved in `checkpoint`, weights loaded strictly, on CPU, in eval."""
+    model, cfg, payload = model_from_checkpoint(checkpoint, "checkpoint", exporter.build_model)
+    model.eval()
+    return model, cfg, payload
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON: tensors and numpy scalars to numbers, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def export_run_to_onnx(
+    run_dir: str | Path,
+    exporter: OnnxExporter | None,
+    opset: int | None = None,
+    parity_images: int = 4,
+    latency_runs: int = DEFAULT_LATENCY_RUNS,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
+    """Export <run_dir>/checkpoints/best_model.pth -> best_model.onnx + best_model.onnx.json; returns the metadata.
+
+    `exporter` is the run's task's (`kdlab.tasks.<task>.exporter()`); None means the task has none, a
+    ConfigError. Parity is measured on the first `parity_images` validation images of the run's own data
+    (at least `exporter.min_parity_images`); when it fails, the metadata (with parity.ok = false) is still
+    written, then ExportParityError is raised. `latency_runs` timed runs follow WARMUP_RUNS untimed ones.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    checkpoint = run_dir / "checkpoints" / "best_model.pth"
+    if not checkpoint.is_file():
+        raise CheckpointError(f"run directory {run_dir} has no checkpoints/best_model.pth (train it first)")
+    if exporter is None:
+        task = (load_checkpoint(checkpoint).get("config") or {}).get("task")
+        raise ConfigError(f"ONNX export is not implemented for task={task} ({run_dir})")
+    model, cfg, payload = load_student(checkpoint, exporter)
+    opset = cfg.export.opset if opset is None else opset
+    # Load the parity data before writing anything: a missing dataset fails without touching the run.
+    batches = exporter.validation_batches(cfg, max(1, parity_images, exporter.min_parity_images))
+    if not batches:
+        raise CheckpointError(f"run {run_dir} has no validation images to check the ONNX export against")
+
+    onnx_path = checkpoint.with_suffix(".onnx")
+    export_to_onnx(model, exporter, onnx_path, exporter.example_inputs(cfg), opset, config_metadata(cfg))
+    parity = onnx_parity_of(onnx_path, model, exporter, batches, tolerance)
+    log.info(
+        "ONNX parity on %s: max abs diff %.3g (tolerance %.3g)", exporter.parity_scope(parity), parity["max_abs_diff"],
+        tolerance,
+    )  # fmt: skip
+    latency_batch = exporter.latency_batch(batches)
+    onnx_ms = onnx_latency_of(onnx_path, exporter, latency_batch, latency_runs)
+    torch_ms = torch_latency_of(model, exporter, latency_batch, latency_runs)
+    log.info("CPU latency per image: onnxruntime %.2f ms, PyTorch %.2f ms", onnx_ms, torch_ms)
+
+    metadata = {
+        "onnx_file": onnx_path.name,
+        **exporter.describe(cfg),
+        "input_size": list(exporter.input_size(cfg)),
+        "normalization": {
+            "mean": list(cfg.model.input_mean),
+            "std": list(cfg.model.input_std),
+            "applied_inside_model": True,
+            "input_range": [0.0, 1.0],
+        },
+        "opset": opset,
+        "experiment": cfg.name,
+        "parity": {**parity, "data": "validation"},
+        "parity_ok": parity["ok"],
+        "latency": {
+            "onnx_ms_per_image_median": onnx_ms,
+            "torch_ms_per_image_median": torch_ms,
+            "runs": latency_runs,
+            "warmup_runs": WARMUP_RUNS,
+            **{f"batch_{key}": n for key, n in exporter.counts(latency_batch).items()},
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+        },
+        "onnx_mb": onnx_path.stat().st_size / 1e6,
+        "source_checkpoint": str(checkpoint),
+        "source_checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint_metrics": payload.get("metrics"),
+        "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+        "versions": {
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+        },
+    }
+    metadata = _jsonable(metadata)
+    write_json_atomic(onnx_path.with_name(onnx_path.name + ".json"), metadata)
+    if not parity["ok"]:
+        raise ExportParityError(
+            f"ONNX export {onnx_path} does not match PyTorch: max abs diff {parity['max_abs_diff']:.3g} > "
+            f"tolerance {tolerance:.3g} on {exporter.parity_scope(parity)} "
+            f"(do not use this file; details in {onnx_path.name}.json)"
+        )
+    return metadata
