@@ -20,7 +20,6 @@ from kdlab.cli.train import main as train_main
 from kdlab.config.loader import validate_config
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import CheckpointError, ConfigError
-from kdlab.export import exporter_for_task
 from kdlab.export.classification import ClassificationExporter
 from kdlab.export.pipeline import ExportParityError, TraceableGroupNorm, export_run_to_onnx
 from kdlab.export.segmentation import (
@@ -30,7 +29,9 @@ from kdlab.export.segmentation import (
     onnx_latency_ms,
     onnx_parity,
 )
-from kdlab.models.builders import build_model, build_task_model
+from kdlab.models.builders import build_model
+from kdlab.tasks import build_model as build_task_model
+from kdlab.tasks import get_task
 from tests.helpers import tiny_args
 
 INPUT = (64, 64)
@@ -270,20 +271,20 @@ def _sequence_checkpoint(path: Path) -> Path:
 
 
 def test_each_task_has_its_exporter_and_sequence_has_none():
-    assert isinstance(exporter_for_task("segmentation"), SegmentationExporter)
-    assert isinstance(exporter_for_task("classification"), ClassificationExporter)
-    assert exporter_for_task("sequence") is None and exporter_for_task("nope") is None
+    assert isinstance(get_task("segmentation").exporter(), SegmentationExporter)
+    assert isinstance(get_task("classification").exporter(), ClassificationExporter)
+    assert get_task("sequence").exporter() is None
 
 
 def test_a_task_without_exporter_is_a_config_error_and_writes_nothing(tmp_path):
     ckpt = _sequence_checkpoint(tmp_path / "run" / "checkpoints" / "best_model.pth")
     with pytest.raises(ConfigError, match="ONNX export is not implemented for task=sequence"):
-        export_run_to_onnx(tmp_path / "run", exporter_for_task("sequence"))
+        export_run_to_onnx(tmp_path / "run", get_task("sequence").exporter())
     assert [p.name for p in ckpt.parent.iterdir()] == ["best_model.pth"]
 
 
 def test_export_teacher_refuses_a_model_that_is_not_a_segmentation_teacher(tmp_path):
     ckpt = _sequence_checkpoint(tmp_path / "seq.pth")
     with pytest.raises(ConfigError, match="exports segmentation teachers; .* is a sequence model"):
-        export_teacher_onnx(ckpt, tmp_path / "t.onnx", build_model)
+        export_teacher_onnx(ckpt, tmp_path / "t.onnx", build_task_model)
     assert not (tmp_path / "t.onnx").exists()

@@ -113,9 +113,6 @@ def test_readme_stays_an_entry_page():
     assert len(lines) <= 160, f"README.md has {len(lines)} lines; move reference text to docs/*.md"
 
 
-# Pages that the README links to before they are written (issue 15: docs/architecture.md is written on main).
-# A listed page is skipped only while it is missing; once it exists its links are checked like the others.
-NOT_YET_WRITTEN = {"docs/architecture.md"}
 _FENCED = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 _INLINE_CODE = re.compile(r"`[^`\n]*`")
 _LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -148,10 +145,8 @@ def _broken_links(root: Path) -> list[str]:
         for target in _relative_links(page):
             file_part, _, fragment = target.partition("#")
             dest = (page.parent / file_part).resolve() if file_part else page
-            name = str(dest.relative_to(root)) if dest.is_relative_to(root) else str(dest)
             if not dest.exists():
-                if name not in NOT_YET_WRITTEN:
-                    broken.append(f"{page.relative_to(root)}: {target} (no such file)")
+                broken.append(f"{page.relative_to(root)}: {target} (no such file)")
             elif fragment and dest.suffix == ".md" and fragment not in _anchors(dest):
                 broken.append(f"{page.relative_to(root)}: {target} (no heading with that anchor)")
     return broken

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from kdlab.config.schema import ClassificationDataConfig, ExperimentConfig
-from kdlab.data.loaders import ERROR_KEY, build_loader
+from kdlab.data.loaders import build_loader, readable_samples
 from kdlab.data.seeds import knuth_index_seed
 from kdlab.errors import ConfigError, DataError
 
@@ -203,12 +203,9 @@ def augment_image(image: torch.Tensor, gen: torch.Generator, shift: int, brightn
 
 
 def collate_classification(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    for s in samples:
-        if s is not None and ERROR_KEY in s:
-            return {ERROR_KEY: s[ERROR_KEY]}
-    samples = [s for s in samples if s is not None]
-    if not samples:
-        return None
+    error, samples = readable_samples(samples)
+    if error is not None or not samples:
+        return error
     return {
         "images": torch.stack([s["image"] for s in samples]),
         "labels": torch.tensor([s["label"] for s in samples], dtype=torch.int64),

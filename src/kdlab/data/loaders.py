@@ -55,15 +55,21 @@ def raise_if_data_error(batch: dict[str, Any] | None) -> None:
         raise DataError(batch[ERROR_KEY])
 
 
+def readable_samples(samples: list[dict[str, Any] | None]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(the batch that carries the first unreadable sample's error, or None; the samples kept). Every
+    collate starts here: an error travels to the main process as a value, skipped (None) samples drop."""
+    for s in samples:
+        if s is not None and ERROR_KEY in s:
+            return {ERROR_KEY: s[ERROR_KEY]}, []
+    return None, [s for s in samples if s is not None]
+
+
 def collate_people(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Stack images, concatenate every image's ROIs with their batch index (and any cached `teacher_*` ROI
     rows in the same order); drop skipped (None) samples."""
-    for s in samples:
-        if s is not None and ERROR_KEY in s:
-            return {ERROR_KEY: s[ERROR_KEY]}
-    samples = [s for s in samples if s is not None]
-    if not samples:
-        return None
+    error, samples = readable_samples(samples)
+    if error is not None or not samples:
+        return error
     images = torch.stack([s["image"] for s in samples])
     rois = []
     for i, s in enumerate(samples):

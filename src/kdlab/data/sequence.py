@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdlab.atomic_io import atomic_write
 from kdlab.config.schema import ExperimentConfig, SequenceDataConfig
 from kdlab.data.classification import stratified_subset
-from kdlab.data.loaders import ERROR_KEY, build_loader
+from kdlab.data.loaders import build_loader, readable_samples
 from kdlab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -302,12 +302,9 @@ class SequenceDataset(Dataset):
 
 def collate_sequences(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Stack every key of the samples: inputs [B,T,D], labels [B], index [B], extras [B, ...]."""
-    for s in samples:
-        if s is not None and ERROR_KEY in s:
-            return {ERROR_KEY: s[ERROR_KEY]}
-    present = [s for s in samples if s is not None]
-    if not present:
-        return None
+    error, present = readable_samples(samples)
+    if error is not None or not present:
+        return error
     return {key: torch.stack([s[key] for s in present]) for key in present[0]}
 
 

@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from kdlab.data.loaders import raise_if_data_error
 from kdlab.engine import distributed
-from kdlab.engine.batches import autocast_for, batch_to_device
+from kdlab.engine.batches import autocast_for
 from kdlab.evaluate.classification_metrics import ClassificationMetrics
+from kdlab.evaluate.loop import eval_batches
 
 
 class ClassificationEvaluator:
@@ -45,25 +44,15 @@ class ClassificationEvaluator:
         return autocast_for(self.device, self.autocast_dtype)
 
     def __call__(self, model: nn.Module, desc: str = "val") -> tuple[dict[str, float], None]:
-        was_training = model.training
-        model.eval()
         metrics = ClassificationMetrics(self.num_classes)
         images_seen = 0
-        bar = tqdm(self.loader, desc=desc, leave=False, disable=not self.show_progress, unit="batch")
-        with torch.inference_mode():
-            for raw in bar:
-                raise_if_data_error(raw)
-                if raw is None:
-                    continue
-                batch = batch_to_device(raw, self.device, self.channels_last)
-                with self._autocast():
-                    out = model(batch[self.input_key])
-                logits = out[self.output_key] if self.output_key else out
-                metrics.update(logits.float(), batch["labels"])
-                images_seen += raw[self.input_key].shape[0]
+        for raw, batch in eval_batches(model, self.loader, self.device, self.channels_last, desc, self.show_progress):
+            with self._autocast():
+                out = model(batch[self.input_key])
+            logits = out[self.output_key] if self.output_key else out
+            metrics.update(logits.float(), batch["labels"])
+            images_seen += raw[self.input_key].shape[0]
         images_seen = int(distributed.all_reduce_sum_(torch.tensor([float(images_seen)]))[0])
-        if was_training:
-            model.train()
         metrics.merge_across_ranks()
         result = metrics.compute()
         result["images"] = images_seen

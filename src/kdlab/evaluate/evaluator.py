@@ -7,12 +7,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from kdlab.data.loaders import raise_if_data_error
 from kdlab.data.roi_masks import expand_rois
 from kdlab.engine import distributed
-from kdlab.engine.batches import autocast_for, batch_to_device
+from kdlab.engine.batches import autocast_for
+from kdlab.evaluate.loop import eval_batches
 from kdlab.evaluate.metrics import SegmentationMetrics
 
 
@@ -43,37 +42,27 @@ class SegmentationEvaluator:
     def __call__(
         self, model: nn.Module, desc: str = "val"
     ) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
-        was_training = model.training
-        model.eval()
         metrics = SegmentationMetrics()
         vis: dict[str, list[torch.Tensor]] = {"images": [], "rois": [], "windows": [], "masks": [], "preds": []}
         vis_count = 0
         images_seen = 0
-        bar = tqdm(self.loader, desc=desc, leave=False, disable=not self.show_progress, unit="batch")
-        with torch.inference_mode():
-            for raw in bar:
-                raise_if_data_error(raw)
-                if raw is None:
-                    continue
-                batch = batch_to_device(raw, self.device, self.channels_last)
-                with self._autocast():
-                    outputs = model(batch["images"], batch["rois"])
-                logits = outputs["logits"].float()
-                metrics.update(logits, batch["masks"])
-                images_seen += raw["images"].shape[0]
-                if vis_count < self.num_vis_images:
-                    take = min(self.num_vis_images - vis_count, raw["images"].shape[0])
-                    sel = raw["rois"][:, 0] < take
-                    rois = raw["rois"][sel].clone()
-                    rois[:, 0] += vis_count
-                    vis["images"].append(raw["images"][:take])
-                    vis["rois"].append(rois)
-                    vis["windows"].append(expand_rois(rois, self.roi_margin))
-                    vis["masks"].append(raw["masks"][sel])
-                    vis["preds"].append(logits.argmax(1)[sel.to(logits.device)].to(torch.uint8).cpu())
-                    vis_count += take
-        if was_training:
-            model.train()
+        for raw, batch in eval_batches(model, self.loader, self.device, self.channels_last, desc, self.show_progress):
+            with self._autocast():
+                outputs = model(batch["images"], batch["rois"])
+            logits = outputs["logits"].float()
+            metrics.update(logits, batch["masks"])
+            images_seen += raw["images"].shape[0]
+            if vis_count < self.num_vis_images:
+                take = min(self.num_vis_images - vis_count, raw["images"].shape[0])
+                sel = raw["rois"][:, 0] < take
+                rois = raw["rois"][sel].clone()
+                rois[:, 0] += vis_count
+                vis["images"].append(raw["images"][:take])
+                vis["rois"].append(rois)
+                vis["windows"].append(expand_rois(rois, self.roi_margin))
+                vis["masks"].append(raw["masks"][sel])
+                vis["preds"].append(logits.argmax(1)[sel.to(logits.device)].to(torch.uint8).cpu())
+                vis_count += take
         if distributed.current().enabled:  # each rank saw its shard: sum the running sums over ranks
             state = {k: distributed.all_reduce_sum_(v.clone()) for k, v in metrics.state_tensors().items()}
             metrics.load_state_tensors(state)
