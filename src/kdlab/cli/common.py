@@ -88,3 +88,13 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         return EXIT_FAILURE
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def print_named_configs(suites: dict[str, list[str]] | None = None) -> None:
+    """--list_configs: every named config with its docstring's first line (and the suites, when given)."""
+    from kdlab.config.loader import list_named_configs
+
+    for name, doc in list_named_configs().items():
+        print(f"{name:28s} {doc}")
+    for name, members in (suites or {}).items():
+        print(f"{name:28s} suite: {' '.join(members)}")

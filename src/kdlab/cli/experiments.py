@@ -6,7 +6,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kdlab.cli.common import CONFIG_FLAG_KEYS, OneLineArgumentParser, run_cli, setup_logging
+from kdlab.cli.common import (
+    CONFIG_FLAG_KEYS,
+    OneLineArgumentParser,
+    print_named_configs,
+    run_cli,
+    setup_logging,
+)
 
 log = logging.getLogger("kdlab.cli.experiments")
 
@@ -71,13 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from kdlab.experiments.orchestrate import orchestrate
 
     if args.list_configs:
-        from kdlab.config.loader import list_named_configs
         from kdlab.experiments.runner import SUITES
 
-        for name, doc in list_named_configs().items():
-            print(f"{name:28s} {doc}")
-        for name, members in SUITES.items():
-            print(f"{name:28s} suite: {' '.join(members)}")
+        print_named_configs(SUITES)
         return 0
     if not args.configs:
         raise ConfigError("--configs is required (config names or suites; see --list_configs)")

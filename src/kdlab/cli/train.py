@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 import os
 
-from kdlab.cli.common import CONFIG_FLAG_KEYS, OneLineArgumentParser, run_cli, setup_logging
+from kdlab.cli.common import (
+    CONFIG_FLAG_KEYS,
+    OneLineArgumentParser,
+    print_named_configs,
+    run_cli,
+    setup_logging,
+)
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -47,12 +53,11 @@ def build_parser() -> OneLineArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from kdlab.config.loader import list_named_configs, resolve_config, validate_config
+    from kdlab.config.loader import resolve_config, validate_config
     from kdlab.errors import KdlabInputError
 
     if args.list_configs:
-        for name, doc in list_named_configs().items():
-            print(f"{name:28s} {doc}")
+        print_named_configs()
         return 0
     flags = {key: getattr(args, flag) for flag, key in CONFIG_FLAG_KEYS.items()}
     if args.teacher_checkpoint:
