@@ -110,12 +110,12 @@ class SegmentationExporter(OnnxExporter):
 
     def __init__(self, heads: tuple[str, ...] = ("logits",)) -> None:
         self.heads = tuple(heads)
+        self.output_names = tuple(HEAD_OUTPUT_NAMES[h] for h in self.heads)
 
     def build_model(self, cfg: ExperimentConfig) -> nn.Module:
         from kdlab.models.builders import build_model
 
         return build_model(cfg.model)
-        self.output_names = tuple(HEAD_OUTPUT_NAMES[h] for h in self.heads)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return SelectedHeads(model, self.heads)
