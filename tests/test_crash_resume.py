@@ -3,8 +3,8 @@ bit-identical to an uninterrupted run; SIGTERM saves last.pth mid-epoch and exit
 SIGINT goes through the real StopSignals handler (graceful stop, and a second signal stops at once).
 
 Every killed or terminated run is a real `train_advanced.py` process, as on a pre-empted GPU node. The
-uninterrupted reference they are compared with runs in-process (nothing about it needs a process of its own;
-the in-process resumes below already showed that in-process and subprocess runs agree bit for bit).
+uninterrupted reference they are compared with runs in-process: nothing about it needs a process of its own,
+and the SIGKILL test itself shows that resumed subprocess runs and the in-process run agree bit for bit.
 """
 
 from __future__ import annotations
