@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,6 +33,20 @@ def tiny_args(tmp: Path, *extra: str, epochs: int = 2, config: str = "quickstart
         "training.deterministic=true",
         *extra,
     ]  # fmt: skip
+
+
+# The session teacher checkpoint, relative to its workspace (conftest `trained_teacher_root`).
+TEACHER_CKPT = Path("runs") / "quickstart_teacher" / "checkpoints" / "best_model.pth"
+
+
+def copy_teacher_workspace(root: Path, dest: Path) -> tuple[Path, Path]:
+    """Copy the session teacher's (conftest `trained_teacher_root`) data and best_model.pth into `dest`, for
+    tests that write next to the teacher, move it or edit it; returns (dest, teacher checkpoint)."""
+    shutil.copytree(root / "data", dest / "data")
+    ckpt = dest / TEACHER_CKPT
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy2(root / TEACHER_CKPT, ckpt)
+    return dest, ckpt
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -150,7 +150,7 @@ CASES: list[tuple[str, Callable[[Path, dict], list[str]], list[str]]] = [
     ("config file broken", lambda t, f: _with(_base(t), "--config", str(f["syntax_config"])), ["broken_config"]),
     ("unknown flag", lambda t, f: [*_base(t), "--epocs", "3"], ["--epocs"]),
     ("bad device", lambda t, f: [*_base(t), "--device", "tpu"], ["tpu"]),
-    ("no config", lambda t, f: ["--epochs", "1"], ["--config"]),
+    ("no config", lambda t, f: ["--epochs", "1"], ["--config is required"]),
     # --- checkpoints
     ("teacher missing", lambda t, f: [*_base(t), "--teacher_checkpoint", str(t / "nope.pth")], ["does not exist"]),
     ("teacher random bytes", lambda t, f: [*_base(t), "--teacher_checkpoint", str(f["random_bytes"])],
@@ -171,8 +171,9 @@ CASES: list[tuple[str, Callable[[Path, dict], list[str]], list[str]]] = [
     # --- data
     ("annotations missing", lambda t, f: _base(t, f"data.train_annotations={t / 'nope.json'}"), ["nope.json"]),
     ("annotations invalid JSON", lambda t, f: _base(t, *_coco(f, "invalid_json")), ["not valid JSON"]),
-    ("no person category", lambda t, f: _base(t, *_coco(f, "no_person")), ["person"]),
-    ("empty after filtering", lambda t, f: _base(t, *_coco(f, "empty")), ["no"]),
+    ("no person category", lambda t, f: _base(t, *_coco(f, "no_person")), ["no_person.json", "'person' category"]),
+    ("empty after filtering", lambda t, f: _base(t, *_coco(f, "empty")),
+     ["empty.json", "no usable images", "'person' annotations"]),
     ("polygon under 3 points", lambda t, f: _base(t, *_coco(f, "short_polygon")), ["polygon"]),
     ("box outside the image", lambda t, f: _base(t, *_coco(f, "box_outside")), ["bbox"]),
     ("image missing", lambda t, f: _base(t, *_coco(f, "missing_image")), ["not_there.png"]),

@@ -1,11 +1,15 @@
 """Crash safety: a run SIGKILLed at random moments (and inside a checkpoint write) and resumed each time ends
-bit-identical to an uninterrupted run; SIGTERM saves last.pth mid-epoch and exits 143 with the resume command.
+bit-identical to an uninterrupted run; SIGTERM saves last.pth mid-epoch and exits 143 with the resume command;
+SIGINT goes through the real StopSignals handler (graceful stop, and a second signal stops at once).
 
-Every run here is a real `train_advanced.py` process, as on a pre-empted GPU node.
+Every killed or terminated run is a real `train_advanced.py` process, as on a pre-empted GPU node. The
+uninterrupted reference they are compared with runs in-process: nothing about it needs a process of its own,
+and the SIGKILL test itself shows that resumed subprocess runs and the in-process run agree bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -18,7 +22,9 @@ import pytest
 import torch
 
 from kdlab.checkpoints import FAULT_ENV
-from tests.helpers import assert_same_weights, tiny_args
+from kdlab.cli.common import run_cli
+from kdlab.cli.train import main as train_main
+from tests.helpers import assert_same_weights, error_lines, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3  # 12 images, batch 2: 6 optimizer steps per epoch, 18 in all
@@ -81,9 +87,7 @@ def _wait_for_saves(proc: subprocess.Popen, last: Path, saves: int, timeout: flo
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crash")
-    proc = _popen(_args(tmp, "reference"))
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
+    assert run_cli(train_main, _args(tmp, "reference")) == 0
     return tmp, tmp / "reference" / "quickstart_baseline"
 
 
@@ -145,12 +149,12 @@ def test_sigterm_saves_last_pth_mid_epoch_and_prints_the_resume_command(referenc
     args[args.index("training.checkpoint_every_steps=1")] = "training.checkpoint_every_steps=1000"
     run = tmp / "terminated" / "quickstart_baseline"
     proc = _popen(args)
-    # untrained_model.pth appears right before the first step; stop a moment into epoch 1.
+    # untrained_model.pth is written (with the handlers already installed) right before the first step:
+    # SIGTERM now lands in epoch 1, and the run stops after the step in progress, mid-epoch.
     untrained = run / "checkpoints" / "untrained_model.pth"
     deadline = time.monotonic() + 120
     while not untrained.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(1.0)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
@@ -159,41 +163,77 @@ def test_sigterm_saves_last_pth_mid_epoch_and_prints_the_resume_command(referenc
     assert len(errors) == 1 and "SIGTERM" in errors[0]
     assert f"--resume {_last(run)}" in errors[0]
     payload = torch.load(_last(run), map_location="cpu", weights_only=True)
-    assert payload["global_step"] >= 1
-    assert payload["epoch"] * 6 + payload["batches_done"] == payload["global_step"]
+    assert payload["epoch"] == 0 and 0 < payload["batches_done"] < 6, "saved mid-epoch, not at an epoch end"
+    assert payload["global_step"] == payload["batches_done"]
+    assert payload["epoch_progress"] is not None  # the partial epoch's sums, for an exact resume
 
     command = errors[0].split("resume with: ", 1)[1].split()
-    proc = subprocess.run(
-        [sys.executable, *command[1:], "--no_progress"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert command[:2] == ["python", "train_advanced.py"]
+    assert run_cli(train_main, [*command[2:], "--no_progress"]) == 0  # the printed command, in-process
     assert_same_weights(_last(ref_run), _last(run))
 
 
-@pytest.mark.parametrize("stop_after", [3, 8])
-def test_stopped_mid_epoch_and_resumed_in_process_is_bit_identical(reference, monkeypatch, stop_after):
-    """A fast in-process variant: the run dies inside optimizer step `stop_after + 1` (last.pth holds step
-    `stop_after`, mid-epoch), then resumes and must equal the uninterrupted subprocess run."""
-    from kdlab.cli.common import run_cli
-    from kdlab.cli.train import main as train_main
+def _signal_at_step(monkeypatch, step: int, signals: list[int]) -> None:
+    """Send `signals` to this process (one after the other) at the start of optimizer step `step`: the real
+    handlers installed by StopSignals see them, exactly as for a Ctrl-C in a terminal."""
     from kdlab.engine.trainer import Trainer
 
-    tmp, ref_run = reference
-    out = f"stopped_{stop_after}"
-    run = tmp / out / "quickstart_baseline"
     real_step = Trainer.optimizer_step
     calls = {"n": 0}
 
-    def dying_step(self, *a, **k):
+    def signalled_step(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] > stop_after:
-            raise KeyboardInterrupt
+        if calls["n"] == step:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
         return real_step(self, *a, **k)
 
-    monkeypatch.setattr(Trainer, "optimizer_step", dying_step)
-    assert run_cli(train_main, _args(tmp, out)) == 130
-    monkeypatch.setattr(Trainer, "optimizer_step", real_step)
+    monkeypatch.setattr(Trainer, "optimizer_step", signalled_step)
+
+
+@pytest.mark.parametrize("stop_after", [3, 8])
+def test_sigint_mid_epoch_stops_after_the_step_and_resumes_bit_identical(
+    reference, monkeypatch, capsys, stop_after
+):
+    """In-process: a real SIGINT during optimizer step `stop_after` lets that step finish, saves last.pth
+    (mid-epoch) and exits 130 with the resume command; resuming equals the uninterrupted run."""
+    tmp, ref_run = reference
+    out = f"stopped_{stop_after}"
+    run = tmp / out / "quickstart_baseline"
+    args = _args(tmp, out)
+    args[args.index("training.checkpoint_every_steps=1")] = "training.checkpoint_every_steps=1000"
+    before = signal.getsignal(signal.SIGINT)
+    _signal_at_step(monkeypatch, stop_after, [signal.SIGINT])
+    capsys.readouterr()
+    assert run_cli(train_main, args) == 130
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and f"stopped by SIGINT after step {stop_after}" in errors[0], errors
+    assert f"--resume {_last(run)}" in errors[0]
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
+    monkeypatch.undo()
     payload = torch.load(_last(run), map_location="cpu", weights_only=True)
     assert payload["global_step"] == stop_after and payload["batches_done"] == stop_after % 6
     assert run_cli(train_main, ["--resume", str(_last(run)), "--no_progress"]) == 0
     assert_same_weights(_last(ref_run), _last(run))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_stops_at_once_without_finishing_the_step(tmp_path, monkeypatch, capsys, signum):
+    """Two signals during step 3: the second one ends the run inside that step (StopSignals: KeyboardInterrupt
+    for SIGINT, SystemExit(143) for SIGTERM), so step 3 is never taken or saved."""
+    args = _args(tmp_path, "twice")  # checkpoint_every_steps=1: last.pth follows every finished step
+    run = tmp_path / "twice" / "quickstart_baseline"
+    _signal_at_step(monkeypatch, 3, [signum, signum])
+    capsys.readouterr()
+    if signum == signal.SIGINT:
+        assert run_cli(train_main, args) == 130
+        errors = error_lines(capsys.readouterr().err)
+        assert errors == ["error: interrupted (SIGINT)"]  # not the graceful "stopped by SIGINT after step 3"
+    else:
+        with pytest.raises(SystemExit) as exc:
+            run_cli(train_main, args)
+        assert exc.value.code == 143
+    payload = torch.load(_last(run), map_location="cpu", weights_only=True)
+    assert payload["global_step"] == 2  # the last finished step; the interrupted one left no trace
+    if signum == signal.SIGINT:
+        assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab.cli.common import run_cli
+from kdlab.cli.train import main as train_main
 from tests.helpers import tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +27,8 @@ def _args(tmp: Path, out: str, *extra: str) -> list[str]:
 
 
 def _run(command: list[str]) -> None:
-    # torchrun gives each worker OMP_NUM_THREADS=1; the single-process reference uses the same, because the
-    # thread count changes float summation order and so the last bits of every result.
+    # torchrun gives each worker OMP_NUM_THREADS=1; the single-process reference uses one thread too, because
+    # the thread count changes float summation order and so the last bits of every result.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,13 +49,13 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    _run(
-        [
-            sys.executable,
-            str(ROOT / "train_advanced.py"),
-            *_args(tmp, "single", "training.grad_accum_steps=2"),
-        ]
-    )
+    # The single-process reference runs in-process, with one thread like the torchrun workers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(train_main, _args(tmp, "single", "training.grad_accum_steps=2")) == 0
+    finally:
+        torch.set_num_threads(threads)
     _run(_torchrun(_args(tmp, "ddp")))
     return tmp, tmp / "single" / "quickstart_baseline", tmp / "ddp" / "quickstart_baseline"
 

@@ -18,14 +18,14 @@ from kdlab.distill.teacher import FrozenTeacher
 from kdlab.models.builders import build_model
 from kdlab.tasks import load_teacher
 from kdlab.tasks.segmentation import SegmentationTask
-from tests.helpers import assert_same_weights, error_lines, tiny_args, tree_hashes
+from tests.helpers import assert_same_weights, copy_teacher_workspace, error_lines, tiny_args, tree_hashes
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("teacher")
-    assert run_cli(train_main, tiny_args(tmp, epochs=1, config="quickstart_teacher")) == 0
-    return tmp / "runs" / "quickstart_teacher" / "checkpoints" / "best_model.pth"
+def teacher_ckpt(trained_teacher_root, tmp_path_factory) -> Path:
+    """This module's copy of the session teacher (one test moves the file away for a while)."""
+    _, ckpt = copy_teacher_workspace(trained_teacher_root, tmp_path_factory.mktemp("teacher"))
+    return ckpt
 
 
 def distill_args(tmp: Path, teacher: Path, *extra: str, epochs: int = 2) -> list[str]:
@@ -265,10 +265,18 @@ def test_self_distillation_with_ema_and_schedules(tmp_path):
     last = torch.load(run / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
     best = torch.load(run / "checkpoints" / "best_model.pth", map_location="cpu", weights_only=True)
     ema_weights = last["ema_state_dict"]["module"]
-    if summary["best_epoch"] == 2:  # best_model.pth holds the EMA weights that were evaluated
-        for key, value in best["model_state_dict"].items():
-            assert torch.equal(value, ema_weights[key]), key
     assert any(not torch.equal(ema_weights[k], last["model_state_dict"][k]) for k in ema_weights)
+    # best_model.pth holds the EMA weights that were evaluated in the winning epoch, whichever epoch won:
+    # the epoch checkpoint written right after that validation holds the same EMA, and raw weights that
+    # differ from it (so equal-to-EMA is not the same as equal-to-the-trained-weights).
+    assert summary["best_epoch"] in (1, 2) and best["epoch"] == summary["best_epoch"]
+    won = torch.load(run / "checkpoints" / f"checkpoint_epoch_{summary['best_epoch']:04d}.pth",
+                     map_location="cpu", weights_only=True)  # fmt: skip
+    won_ema = won["ema_state_dict"]["module"]
+    assert best["model_state_dict"].keys() == won_ema.keys()
+    for key, value in best["model_state_dict"].items():
+        assert torch.equal(value, won_ema[key]), key
+    assert any(not torch.equal(won_ema[k], won["model_state_dict"][k]) for k in won_ema)
 
 
 def test_multi_teacher_target_is_the_weighted_probability_mixture():

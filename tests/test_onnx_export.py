@@ -17,8 +17,10 @@ from torchvision.ops import roi_align
 
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
-from kdlab.config.loader import validate_config
+from kdlab.config.loader import resolve_config, validate_config
 from kdlab.config.schema import ModelConfig
+from kdlab.data.loaders import build_datasets, build_loader
+from kdlab.engine.batches import batch_to_device
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.export.classification import ClassificationExporter
 from kdlab.export.pipeline import ExportParityError, TraceableGroupNorm, export_run_to_onnx
@@ -103,11 +105,35 @@ def test_onnx_runs_a_batch_with_no_rois_at_all(tiny_export):
     assert result["ok"] and result["num_rois"] == 0
 
 
-def test_uint8_images_are_scaled_like_the_loader_batches(tiny_export):
+def test_uint8_images_are_scaled_like_the_loader_batches(tiny_export, tiny_run, monkeypatch):
+    """A uint8 loader batch reaches onnxruntime and PyTorch as exactly the float images that training and
+    validation feed the model (`batch_to_device`), not merely as the same thing on both sides."""
     model, path = tiny_export
-    images = torch.randint(0, 256, (2, 3, *INPUT), dtype=torch.uint8)
-    rois = _rois([0, 1, 1], INPUT, seed=3)
-    assert onnx_parity(path, model, [(images, rois)], tolerance=1e-3)["ok"]
+    _, val = build_datasets(resolve_config(str(tiny_run / "config.json")))
+    loader = build_loader(val, 2, shuffle=False, seed=0, num_workers=0, pin_memory=False)
+    raw = next(iter(loader))
+    assert raw["images"].dtype == torch.uint8 and raw["rois"].shape[0] > 0
+    fed = batch_to_device(raw, torch.device("cpu"), channels_last=False)["images"]  # what the trainer feeds
+    assert fed.dtype == torch.float32 and 0.0 <= fed.min() and fed.max() <= 1.0
+
+    onnx_inputs: list[np.ndarray] = []
+    torch_inputs: list[torch.Tensor] = []
+    real_run = ort.InferenceSession.run
+
+    def recording_run(self, output_names, input_feed, *args, **kwargs):
+        onnx_inputs.append(input_feed["images"])
+        return real_run(self, output_names, input_feed, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", recording_run)
+    hook = model.register_forward_pre_hook(lambda module, args: torch_inputs.append(args[0].clone()))
+    try:
+        result = onnx_parity(path, model, [(raw["images"], raw["rois"])], tolerance=1e-3)
+    finally:
+        hook.remove()
+    assert result["ok"], result
+    assert len(onnx_inputs) == 1 and len(torch_inputs) == 1
+    assert onnx_inputs[0].dtype == np.float32 and np.array_equal(onnx_inputs[0], fed.numpy())
+    assert torch.equal(torch_inputs[0], fed)
 
 
 def test_parity_check_fails_when_the_weights_differ(tiny_export):
@@ -215,7 +241,7 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
 
 
 def test_export_run_writes_onnx_and_metadata(tiny_run):
-    meta = export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=4, latency_runs=1)
+    meta = export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=4, latency_runs=1)  # tests time nothing: 1 run
     ckpt = tiny_run / "checkpoints"
     onnx_path, json_path = ckpt / "best_model.onnx", ckpt / "best_model.onnx.json"
     assert onnx_path.is_file() and json_path.is_file()
@@ -241,7 +267,7 @@ def test_export_run_writes_onnx_and_metadata(tiny_run):
     inputs = {i.name: _dims(i) for i in graph.input}
     assert inputs == {"images": ["batch", 3, 64, 64], "rois": ["num_rois", 5]}
     assert [(o.name, _dims(o)) for o in graph.output] == [("masks", ["num_rois", 3, 32, 24])]
-    assert onnx_latency_ms(onnx_path, torch.rand(1, 3, 64, 64), torch.tensor([[0.0, 4, 4, 40, 60]]), 2) > 0
+    assert onnx_latency_ms(onnx_path, torch.rand(1, 3, 64, 64), torch.tensor([[0.0, 4, 4, 40, 60]]), 1) > 0
 
 
 def test_export_run_parity_failure_still_writes_metadata(tiny_run, tmp_path):

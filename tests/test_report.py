@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -248,11 +247,9 @@ def test_compute_macs_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(macs, "build_model", counting_build)
     cfg = ModelConfig(encoder=B0, **TINY_MODEL)
     first = compute_macs(cfg, (64, 96))
-    t0 = time.perf_counter()
-    second = compute_macs(ModelConfig(encoder=B0, **TINY_MODEL), (64, 96))
-    assert time.perf_counter() - t0 < 0.05
+    second = compute_macs(ModelConfig(encoder=B0, **TINY_MODEL), (64, 96))  # an equal config, a new object
     assert first == second
-    assert builds == [B0]
+    assert builds == [B0]  # the model was built (and counted) once: the second call was served from the cache
     # encoder_weights do not change the architecture: still cached
     assert compute_macs(cfg.model_copy(update={"encoder_weights": "/nonexistent.pth"}), (64, 96)) == first
     assert builds == [B0]

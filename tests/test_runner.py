@@ -169,26 +169,88 @@ def test_fail_fast_stops_at_the_first_failure(failing_configs):
     assert [r["name"] for r in runs] == ["broken_teacher"]
 
 
-def test_shell_wrapper_handles_spaces_and_passes_the_exit_status(quickstart_suite, tmp_path):
-    _, out = quickstart_suite
+WRAPPER = ROOT / "run_distillation_training.sh"
+
+
+@pytest.fixture
+def stub_python(tmp_path):
+    """A stand-in interpreter for the wrapper (via KDLAB_PYTHON): it records its argv as JSON and exits with
+    $STUB_EXIT, so the wrapper is tested without training anything. Returns (env, argv file)."""
+    record = tmp_path / "stub argv.json"
+    stub = tmp_path / "stub_python"
+    stub.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        with open(os.environ["STUB_RECORD"], "w") as fh:
+            json.dump(sys.argv[1:], fh)
+        sys.exit(int(os.environ["STUB_EXIT"]))
+    """))  # fmt: skip
+    stub.chmod(0o755)
+    env = dict(os.environ, KDLAB_PYTHON=str(stub), STUB_RECORD=str(record), STUB_EXIT="0")
+    return env, record
+
+
+def _wrapper(env: dict[str, str], *args: str, exit_code: int = 0) -> subprocess.CompletedProcess:
+    return subprocess.run([str(WRAPPER), *args], env={**env, "STUB_EXIT": str(exit_code)}, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_shell_wrapper_passes_every_argument_intact_to_train_advanced(stub_python, tmp_path):
+    from kdlab.cli.train import build_parser
+
+    env, record = stub_python
     spaced = tmp_path / "dir with spaces"
-    spaced.mkdir()
-    teacher = spaced / "my teacher.pth"
-    teacher.write_bytes((out / "quickstart_teacher" / "checkpoints" / "best_model.pth").read_bytes())
-    env = dict(os.environ, KDLAB_PYTHON=sys.executable)
-    base = [str(ROOT / "run_distillation_training.sh"), "--config", "quickstart_distill", "--epochs", "1",
-            "--temperature", "3", "--alpha", "0.6", "--batch_size", "4", "--"]  # fmt: skip
-    tail = ["--output_dir", str(spaced / "runs out"), "--no_progress", "--set", *tiny_set(tmp_path)]
-    ok = subprocess.run([*base[:1], "--teacher_checkpoint", str(teacher), *base[1:], *tail], env=env,
-                        capture_output=True, text=True)  # fmt: skip
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    config = json.loads((spaced / "runs out" / "quickstart_distill" / "config.json").read_text())
-    assert config["distillation"]["temperature"] == 3.0 and config["distillation"]["alpha"] == 0.6
-    assert config["distillation"]["teacher_checkpoint"] == str(teacher)
-    bad = subprocess.run([*base[:1], "--teacher_checkpoint", str(spaced / "no such.pth"), *base[1:], *tail,
-                          "--overwrite"], env=env, capture_output=True, text=True)  # fmt: skip
-    assert bad.returncode == 2
-    assert "no such.pth" in bad.stderr
+    teacher, out = spaced / "my teacher.pth", spaced / "runs out"
+    sets = [f"data.synthetic.root={spaced / 'data'}", "training.lr=2e-4"]
+    proc = _wrapper(env, "--teacher_checkpoint", str(teacher), "--config", "quickstart_distill", "--epochs", "1",
+                    "--temperature", "3", "--alpha", "0.6", "--batch_size", "4", "--resume", "auto", "--",
+                    "--output_dir", str(out), "--no_progress", "--set", *sets)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    argv = json.loads(record.read_text())
+    assert argv == [
+        str(ROOT / "train_advanced.py"), "--config", "quickstart_distill",
+        "--teacher_checkpoint", str(teacher), "--epochs", "1", "--distillation_temperature", "3",
+        "--distillation_alpha", "0.6", "--batch_size", "4", "--resume", "auto",
+        "--output_dir", str(out), "--no_progress", "--set", *sets,
+    ]  # fmt: skip
+    parsed = build_parser().parse_args(argv[1:])  # what train_advanced.py makes of them
+    assert parsed.config == "quickstart_distill" and parsed.teacher_checkpoint == str(teacher)
+    assert parsed.output_dir == str(out) and parsed.set_items == sets
+    assert parsed.distillation_temperature == 3.0 and parsed.distillation_alpha == 0.6
+    assert parsed.epochs == 1 and parsed.batch_size == 4
+    assert parsed.resume == "auto" and parsed.no_progress
+    _wrapper(env, "--epochs", "2")
+    assert json.loads(record.read_text()) == [str(ROOT / "train_advanced.py"), "--config", "people_b0_from_b3",
+                                              "--epochs", "2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("code", [0, 1, 7, 130, 143])
+def test_shell_wrapper_exits_with_the_trainings_own_status(stub_python, code):
+    """7 and 143 are not the wrapper's own error code (2): they can only come from the interpreter."""
+    env, record = stub_python
+    proc = _wrapper(env, "--epochs", "1", exit_code=code)
+    assert proc.returncode == code, proc.stderr
+    assert record.is_file()  # the stub ran
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs"], "--epochs needs a value"),
+        (["--alpha", "--epochs", "3"], "--alpha needs a value"),
+        (["--epoch", "3"], "unknown option '--epoch'"),
+    ],
+)
+def test_shell_wrapper_refuses_bad_options_itself_with_exit_2(stub_python, args, message):
+    env, record = stub_python
+    proc = _wrapper(env, *args, exit_code=7)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not record.exists()  # training never started
+    help_proc = _wrapper(env, "--help", exit_code=7)
+    assert help_proc.returncode == 0 and "usage: ./run_distillation_training.sh" in help_proc.stdout
+    assert not record.exists()
 
 
 def test_a_sweep_varies_the_students_and_runs_their_teacher_once():

@@ -21,7 +21,7 @@ from kdlab.distill.cache_segmentation import SegmentationCacheWriter, mirrored_r
 from kdlab.errors import ConfigError, DataError
 from kdlab.file_hash import file_sha256
 from kdlab.tasks import teacher_loader
-from tests.helpers import error_lines, tiny_args, tree_hashes
+from tests.helpers import copy_teacher_workspace, error_lines, tiny_args, tree_hashes
 
 
 # ------------------------------------------------------------------------------------------- subset rules
@@ -131,15 +131,9 @@ def tiny_set(tmp: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("cache_teacher")
-    assert (
-        run_cli(
-            train_main, tiny_args(tmp, "training.num_vis_images=0", epochs=1, config="quickstart_teacher")
-        )
-        == 0
-    )
-    return tmp, tmp / "runs" / "quickstart_teacher" / "checkpoints" / "best_model.pth"
+def teacher(trained_teacher_root, tmp_path_factory) -> tuple[Path, Path]:
+    """(workspace, teacher checkpoint): a copy of the session teacher and its data; caches are written here."""
+    return copy_teacher_workspace(trained_teacher_root, tmp_path_factory.mktemp("cache_teacher"))
 
 
 def generate(tmp: Path, teacher_path: Path, out: Path, *flags: str, sets: tuple[str, ...] = ()) -> int:
@@ -188,10 +182,35 @@ def test_same_seed_same_cache_other_seed_other_subset(teacher, cache_file):
     assert generate(tmp, ckpt, again, "--subset_fraction", "0.5", "--max_samples", "3", "--seed", "5") == 0
     other = tmp / "caches" / "other_seed.hdf5"
     assert generate(tmp, ckpt, other, "--subset_fraction", "0.5", "--max_samples", "3", "--seed", "6") == 0
-    with h5py.File(cache_file) as a, h5py.File(again) as b, h5py.File(other) as c:
-        assert np.array_equal(a["train/indices"][()], b["train/indices"][()])
-        assert np.array_equal(a["train/labels/logits"][()], b["train/labels/logits"][()])
+    same, different = h5_contents(cache_file), h5_contents(again)
+    assert {"/train/indices", "/val/indices", "/train/labels/logits", "/val/labels/boxes"} <= set(same)
+    assert same.keys() == different.keys()
+    for name in same:  # every group and dataset of both splits, with its attributes
+        assert same[name] == different[name], name
+    with h5py.File(cache_file) as a, h5py.File(other) as c:
         assert not np.array_equal(a["train/indices"][()], c["train/indices"][()])
+
+
+def h5_contents(path: Path) -> dict[str, tuple]:
+    """Every object of an HDF5 file by name ("/" = the file): (kind, attributes, dtype, shape, data bytes)."""
+
+    def attrs(obj) -> dict[str, object]:
+        return {k: np.asarray(v).tolist() for k, v in obj.attrs.items()}
+
+    out: dict[str, tuple] = {}
+    with h5py.File(path, "r") as f:
+        out["/"] = ("file", attrs(f))
+
+        def visit(name: str, obj) -> None:
+            if isinstance(obj, h5py.Dataset):
+                data = obj[()]
+                raw = data.tobytes() if data.dtype != object else repr(data.tolist()).encode()
+                out[f"/{name}"] = ("dataset", attrs(obj), str(obj.dtype), obj.shape, raw)
+            else:
+                out[f"/{name}"] = ("group", attrs(obj))
+
+        f.visititems(visit)
+    return out
 
 
 def test_replayed_flip_equals_the_teacher_on_the_flipped_input(teacher, cache_file):
