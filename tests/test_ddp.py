@@ -14,7 +14,7 @@ import torch
 
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
-from tests.helpers import tiny_args
+from tests.helpers import TEACHER_CKPT, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +84,38 @@ def test_ddp_run_resumes_exactly(runs):
     a, b = _params(ddp / "checkpoints" / "last.pth"), _params(copy / "checkpoints" / "last.pth")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_feature_adapters_train_inside_the_ddp_module_like_one_process(trained_teacher_root, tmp_path):
+    """Feature adapters live in the module DDP wraps (StudentWithAdapters): their gradients are averaged by
+    DDP's own all-reduce, so two processes train the same adapters (and student) as one process with two-step
+    accumulation. An adapter left outside DDP would train on rank 0's half of the batch only."""
+    shutil.copytree(trained_teacher_root / "data", tmp_path / "data")
+    teacher = trained_teacher_root / TEACHER_CKPT
+    pairs = '[{"student": "unet.encoder[-1]", "teacher": "unet.encoder[-1]", "weight": 0.5}]'
+
+    def args(out: str, *extra: str) -> list[str]:
+        a = tiny_args(tmp_path, "training.save_every=1", "training.num_vis_images=0", "distillation.grad_share_every=0",
+                      f"distillation.features={pairs}", *extra, epochs=2, config="quickstart_distill")  # fmt: skip
+        a[a.index("--batch_size") + 1] = "2"
+        a[a.index("--output_dir") + 1] = str(tmp_path / out)
+        return [*a, "--teacher_checkpoint", str(teacher)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(train_main, args("single", "training.grad_accum_steps=2")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    _run(_torchrun(args("ddp")))
+    single, ddp = (tmp_path / out / "quickstart_distill" / "checkpoints" for out in ("single", "ddp"))
+    a, b = (torch.load(d / "last.pth", map_location="cpu", weights_only=True) for d in (single, ddp))
+    adapters = [k for k in a["task_state_dict"] if k.endswith("weight")]
+    assert adapters, "the B0 -> B3 encoder pair needs a 1x1 conv adapter"
+    first = torch.load(ddp / "checkpoint_epoch_0001.pth", map_location="cpu", weights_only=True)
+    assert any(not torch.equal(b["task_state_dict"][k], first["task_state_dict"][k]) for k in adapters)
+    for key in adapters:
+        assert torch.allclose(a["task_state_dict"][key], b["task_state_dict"][key], rtol=1e-5, atol=1e-7), key
+    student_a, student_b = _params(single / "last.pth"), _params(ddp / "last.pth")
+    for key in student_a:
+        assert torch.allclose(student_a[key], student_b[key], rtol=1e-5, atol=1e-7), key
