@@ -2,8 +2,8 @@
 and the KD step from cached teacher outputs (d, offline distillation: no teacher runs).
 
 (a) and (c) are the project's own training step, `Trainer.forward_backward` + `Trainer.optimizer_step`, with
-`SegmentationTask` and `KDTask` (built by `build_kd_task`, gradient-share measurement off); (b) is the frozen
-teacher's forward exactly as KDTask calls it (same autocast, input already on the device). The naive loop is
+`SegmentationTask` and `SegmentationKDTask` (built by `build_kd_task`, gradient-share measurement off); (b) is the frozen
+teacher's forward exactly as SegmentationKDTask calls it (same autocast, input already on the device). The naive loop is
 the obvious way to write online distillation: fp32, no channels_last, teacher with autograd on, and the full
 model run once per ROI; it computes the same losses. (d) is `SegmentationKDTask(cached=True)` on a batch that carries
 the teacher's three heads as float16 ROI rows, as a `CachedPeopleDataset` batch does (the HDF5 read happens

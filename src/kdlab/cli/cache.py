@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdlab.distill.cache import generate_cache, request_from_config
     from kdlab.engine.device import resolve_device
     from kdlab.errors import ConfigError
-    from kdlab.tasks import task_of, teacher_loader
+    from kdlab.tasks import get_task, task_names, task_of, teacher_loader
 
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     hooks = task_of(cfg).cache
     if hooks is None:
-        raise ConfigError(f"a teacher cache for task={cfg.task} is not implemented (segmentation and sequence are)")
+        cached = ", ".join(name for name in task_names() if get_task(name).cache is not None)
+        raise ConfigError(f"a teacher cache for task={cfg.task} is not implemented ({cached} have one)")
     request = request_from_config(cfg, args.teacher, args.out, args)
     device = resolve_device(cfg.training.device)
     info = generate_cache(
