@@ -267,6 +267,34 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0, description="linear LR warm-up length, in epochs")
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+    lr_schedule: Literal["cosine", "step", "plateau", "constant"] = Field(
+        "cosine",
+        description="LR after the warm-up: cosine to min_lr_ratio; step = times lr_gamma every lr_step_size "
+        "epochs; plateau = times lr_gamma after lr_patience validations without improvement of the monitored "
+        "metric; constant",
+    )
+    lr_step_size: int = Field(30, ge=1, description="step schedule: epochs between LR reductions")
+    lr_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step/plateau schedule: factor of each reduction")
+    lr_patience: int = Field(
+        5, ge=1, description="plateau schedule: validations without improvement before the LR is reduced"
+    )
+    monitor: str | None = Field(
+        None,
+        description="validation metric that picks best_model.pth and drives early stopping and the plateau "
+        "schedule (null = the task's headline metric)",
+    )
+    mode: Literal["max", "min"] | None = Field(
+        None, description="whether a higher or lower monitored value is better (null = min for *loss* and ece)"
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many validations without improvement (null = off)"
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="early stopping: smallest change of the monitored metric that counts as better"
+    )
+    save_top_k: int = Field(
+        1, ge=1, description="keep best_model.pth plus best_model_top2..k.pth, ranked by the monitored metric"
+    )
     grad_clip_norm: float | None = Field(1.0, gt=0.0)
     grad_accum_steps: int = Field(1, gt=0)
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(

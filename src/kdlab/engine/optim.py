@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay (none on norms and biases) and a warm-up + cosine LR schedule."""
+"""AdamW with decoupled weight decay (none on norms and biases) and the LR schedule: a linear warm-up in
+front of cosine, step, plateau or constant."""
 
 from __future__ import annotations
 
@@ -33,13 +34,43 @@ def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, min_lr_
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_steps_for(cfg: TrainingConfig, total_steps: int, steps_per_epoch: int) -> int:
+    return min(total_steps - 1, round(cfg.warmup_epochs * steps_per_epoch))
+
+
+def schedule_factor(
+    step: int, cfg: TrainingConfig, steps_per_epoch: int, warmup_steps: int, plateau_factor: float = 1.0
+) -> float:
+    """LR multiplier of the step/plateau/constant schedules: linear 0->1 over `warmup_steps`, then
+    step: lr_gamma ** (completed epochs // lr_step_size), counted from the start of training;
+    plateau: `plateau_factor` (the product of the reductions so far); constant: 1."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps * (plateau_factor if cfg.lr_schedule == "plateau" else 1.0)
+    if cfg.lr_schedule == "step":
+        return cfg.lr_gamma ** ((step // steps_per_epoch) // cfg.lr_step_size)
+    if cfg.lr_schedule == "plateau":
+        return plateau_factor
+    return 1.0
+
+
+def schedule_fn(
+    cfg: TrainingConfig, steps_per_epoch: int, total_steps: int, warmup_steps: int,
+    plateau_factor: Callable[[], float] = lambda: 1.0,
+) -> Callable[[int], float]:  # fmt: skip
+    """The LR multiplier by optimizer step; `plateau_factor` is read at every step (the plateau state)."""
+    if cfg.lr_schedule == "cosine":
+        return lambda step: warmup_cosine_factor(step, total_steps, warmup_steps, cfg.min_lr_ratio)
+    return lambda step: schedule_factor(step, cfg, steps_per_epoch, warmup_steps, plateau_factor())
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+    optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps_per_epoch: int,
+    plateau_factor: Callable[[], float] = lambda: 1.0,
+) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
     total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = warmup_steps_for(cfg, total, steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine_factor(step, total, warmup, cfg.min_lr_ratio)
+        optimizer, schedule_fn(cfg, steps_per_epoch, total, warmup, plateau_factor)
     )
 
 

@@ -17,7 +17,8 @@ import torch
 from kdlab.atomic_io import write_json_atomic
 from kdlab.checkpoints import load_checkpoint, load_weights
 from kdlab.engine.ema import ModelEMA
-from kdlab.engine.optim import extended_schedule, warmup_cosine_factor
+from kdlab.engine.monitor import EarlyStopping, PlateauState, TopK, worst_value
+from kdlab.engine.optim import extended_schedule, schedule_fn, warmup_cosine_factor, warmup_steps_for
 from kdlab.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class TrainState:
     images_seen: int = 0
     batches_done: int = 0  # batches of the current, unfinished epoch already trained (mid-epoch last.pth)
     nonfinite_steps: int = 0  # optimizer steps skipped because the loss or gradients were NaN/inf
+    stopped_early: dict[str, int] | None = None  # {"epoch", "best_epoch"} once early stopping ended the run
 
 
 @dataclass
@@ -141,6 +143,11 @@ class TrainerCheckpoints:
                 "batches_done": self.state.batches_done,
                 "nonfinite_steps": self.state.nonfinite_steps,
                 "epoch_progress": self.progress.to_payload() if self.state.batches_done else None,
+                "monitor": {"name": self.best_metric_name, "mode": self.monitor_mode},
+                "plateau_state": self.plateau.to_payload(),
+                "early_stopping_state": self.early_stopping.to_payload(),
+                "stopped_early": self.state.stopped_early,
+                "top_k": self.top_k.to_payload(),
                 "rng_state": capture_rng_state(),
             }
         )
@@ -180,6 +187,7 @@ class TrainerCheckpoints:
         self.state.nonfinite_steps = int(payload.get("nonfinite_steps", 0))
         self.progress = EpochProgress.from_payload(payload.get("epoch_progress"), self.device)
         self.state.last_metrics = dict(payload.get("metrics", {}))
+        self._resume_monitor(payload)
         restore_rng_state(payload["rng_state"])
         where = f"epoch {self.state.epoch}" + (
             f" + {self.state.batches_done} batches of epoch {self.state.epoch + 1}"
@@ -188,11 +196,44 @@ class TrainerCheckpoints:
         )
         log.info("resumed from %s at %s (step %d)", path, where, self.state.global_step)
 
+    def _resume_monitor(self, payload: dict[str, Any]) -> None:
+        """Plateau factor, early-stopping counter and top-k list as they were (absent in older checkpoints:
+        the top-k list then holds the recorded best epoch, as best_model.pth)."""
+        saved = payload.get("monitor")
+        if saved and saved.get("name") != self.best_metric_name:
+            log.warning(
+                "the checkpoint monitored %s, this run monitors %s: the best value, top-k list, plateau and "
+                "early-stopping states restart", saved.get("name"), self.best_metric_name,
+            )  # fmt: skip
+            self.state.best_metric, self.state.best_epoch = worst_value(self.monitor_mode), 0
+            return
+        if payload.get("plateau_state"):
+            self.plateau = PlateauState.from_payload(payload["plateau_state"])
+        if payload.get("early_stopping_state"):
+            self.early_stopping = EarlyStopping.from_payload(payload["early_stopping_state"])
+        stopped = payload.get("stopped_early")
+        self.state.stopped_early = {k: int(v) for k, v in stopped.items()} if stopped else None
+        if "top_k" in payload:
+            self.top_k = TopK.from_payload(self.tcfg.save_top_k, payload["top_k"])
+        elif self.state.best_epoch > 0 and math.isfinite(self.state.best_metric):
+            self.top_k = TopK(self.tcfg.save_top_k, [
+                {"epoch": self.state.best_epoch, "value": self.state.best_metric, "file": "best_model.pth"}
+            ])  # fmt: skip
+        self.top_k.shrink(self.ckpt_dir if self.dist.is_main else None)
+
     def _extend_schedule(self, payload: dict[str, Any], old_epochs: int) -> None:
-        """A run resumed with a new epoch total: continue the LR from where it was, cosine to the new end."""
+        """A run resumed with a new epoch total: continue the LR from where it was. Cosine decays from there to
+        the new end; step, plateau and constant do not depend on the total and go on as they were (with the
+        old warm-up length)."""
         old_total = max(1, old_epochs * self.steps_per_epoch)
-        old_warmup = min(old_total - 1, round(self.tcfg.warmup_epochs * self.steps_per_epoch))
+        old_warmup = warmup_steps_for(self.tcfg, old_total, self.steps_per_epoch)
         step = int(payload["global_step"])
+        if self.tcfg.lr_schedule != "cosine":
+            fn = schedule_fn(self.tcfg, self.steps_per_epoch, old_total, old_warmup, lambda: self.plateau.factor)
+            self.scheduler.lr_lambdas = [fn for _ in self.optimizer.param_groups]
+            log.info("extending from %d to %d epochs: the %s schedule goes on", old_epochs, self.tcfg.epochs,
+                     self.tcfg.lr_schedule)  # fmt: skip
+            return
         at_resume = warmup_cosine_factor(step, old_total, old_warmup, self.tcfg.min_lr_ratio)
         fn = extended_schedule(step, at_resume, self.total_steps, self.tcfg.min_lr_ratio)
         self.scheduler.lr_lambdas = [fn for _ in self.optimizer.param_groups]
@@ -216,6 +257,9 @@ class TrainerCheckpoints:
             "best_metric_name": self.best_metric_name,
             "best_metric": self.state.best_metric if math.isfinite(self.state.best_metric) else None,
             "best_epoch": self.state.best_epoch,
+            "best_metric_mode": self.monitor_mode,
+            "stopped_early": self.state.stopped_early,
+            "top_k": self.top_k.to_payload(),
             "final_metrics": {k: _json_number(v) for k, v in self.state.last_metrics.items()},
             "timings": {
                 "train_seconds": self.state.train_seconds,

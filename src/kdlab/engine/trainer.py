@@ -1,4 +1,5 @@
-"""The training loop: AdamW + warm-up/cosine, AMP, clipping, accumulation, validation, logging, checkpoints.
+"""The training loop: AdamW + warm-up and an LR schedule, AMP, clipping, accumulation, validation, logging, checkpoints,
+early stopping and the top-k best checkpoints by a monitored validation metric.
 
 It is task-agnostic: a task object turns a batch into `{"loss": ..., "<component>": ...}` and every
 component is logged. Loss values stay on the device between log intervals (no per-step host syncs).
@@ -28,6 +29,7 @@ from kdlab.engine.batches import autocast_for, batch_size_of, batch_to_device
 from kdlab.engine.compile import compile_forward
 from kdlab.engine.device import resolve_amp_dtype
 from kdlab.engine.ema import ModelEMA
+from kdlab.engine.monitor import EarlyStopping, PlateauState, TopK, default_mode, worst_value
 from kdlab.engine.optim import build_optimizer, build_scheduler
 from kdlab.engine.run_logger import RunLogger
 from kdlab.engine.state import EpochProgress, TrainerCheckpoints, TrainState
@@ -63,9 +65,12 @@ class Trainer(TrainerCheckpoints):
         write_pictures: PictureWriter | None = None,
     ) -> None:
         self.cfg = cfg
-        self.best_metric_name = best_metric  # the validation metric that picks best_model.pth (higher is better)
-        self.write_pictures = write_pictures
         self.tcfg = cfg.training
+        # The monitored validation metric: it picks best_model.pth (and the top k), drives early stopping and
+        # the plateau schedule. `best_metric` is the task's headline, used when training.monitor is null.
+        self.best_metric_name = self.tcfg.monitor or best_metric
+        self.monitor_mode = self.tcfg.mode or default_mode(self.best_metric_name)
+        self.write_pictures = write_pictures
         self.device = device
         self.model = model.to(device)
         if self.tcfg.channels_last:
@@ -96,8 +101,14 @@ class Trainer(TrainerCheckpoints):
         self.teacher_metrics: dict[str, float] | None = None
         self.teacher_vis_preds: torch.Tensor | None = None
         self.total_steps = self.steps_per_epoch * self.tcfg.epochs
-        self.scheduler = build_scheduler(self.optimizer, self.tcfg, self.steps_per_epoch)
-        self.state = TrainState()
+        worst = worst_value(self.monitor_mode)
+        self.plateau = PlateauState(worst)
+        self.early_stopping = EarlyStopping(worst)
+        self.top_k = TopK(self.tcfg.save_top_k)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.tcfg, self.steps_per_epoch, plateau_factor=lambda: self.plateau.factor
+        )
+        self.state = TrainState(best_metric=worst)
         self.progress = EpochProgress()
         self.logger: RunLogger | None = None
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -143,7 +154,12 @@ class Trainer(TrainerCheckpoints):
                     save_checkpoint_atomic(self._base_payload(), self.ckpt_dir / "untrained_model.pth")
                 if self.teacher_eval_model is not None and self.teacher_metrics is None:
                     self._evaluate_teacher()
+                if self.state.stopped_early is not None:
+                    log.info("the run had stopped early at epoch %d; nothing left to train",
+                             self.state.stopped_early["epoch"])  # fmt: skip
                 for epoch in range(start_epoch, self.tcfg.epochs):
+                    if self.state.stopped_early is not None:
+                        break
                     self._train_one_epoch(epoch)
                     self._stop_if_requested(epoch, at_epoch_end=True)
             status = "completed"
@@ -371,6 +387,43 @@ class Trainer(TrainerCheckpoints):
                 self._stop_if_requested(epoch)
         self._finish_epoch(epoch, prog, seconds_before + time.perf_counter() - t_start, grad_norm)
 
+    def _follow_monitor(self, epoch: int, value: float, last_epoch: bool) -> None:
+        """One validation's monitored value: best_model.pth and the top k, the plateau LR, early stopping."""
+        tcfg = self.tcfg
+        mode = self.monitor_mode
+        rank = self.top_k.rank_of(value, mode)
+        if rank is not None:
+            if rank == 1:
+                self.state.best_metric = value
+                self.state.best_epoch = epoch + 1
+            self.top_k.insert(epoch + 1, value, rank, self.ckpt_dir if self.dist.is_main else None)
+            if self.dist.is_main:
+                best = self._base_payload()
+                best["best_metric"] = value
+                best["monitor"] = {"name": self.best_metric_name, "mode": mode, "value": value}
+                save_checkpoint_atomic(best, self.ckpt_dir / self.top_k.entries[rank - 1]["file"])
+            log.info(
+                "epoch %d: %s %s=%.4f -> %s", epoch + 1, "new best" if rank == 1 else f"top-{rank}",
+                self.best_metric_name, value, self.top_k.entries[rank - 1]["file"],
+            )  # fmt: skip
+        if tcfg.lr_schedule == "plateau" and self.plateau.update(value, mode, tcfg.lr_patience, tcfg.lr_gamma):
+            step = self.state.global_step
+            for group, base, fn in zip(
+                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * fn(step)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            log.info(
+                "epoch %d: no %s improvement in %d validations; LR reduced to %.3g",
+                epoch + 1, self.best_metric_name, tcfg.lr_patience, self.optimizer.param_groups[0]["lr"],
+            )  # fmt: skip
+        patience = tcfg.early_stopping_patience
+        if patience is not None:
+            self.early_stopping.update(value, mode, tcfg.early_stopping_min_delta)
+            if self.early_stopping.bad >= patience and not last_epoch:
+                self.state.stopped_early = {"epoch": epoch + 1, "best_epoch": self.state.best_epoch}
+                log.info("stopped early at epoch %d (best %d)", epoch + 1, self.state.best_epoch)
+
     def _reduced_means(self, sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
         """Means of logged loss terms, averaged over ranks under DDP (one all-reduce per log interval)."""
         keys = sorted(sums)
@@ -415,16 +468,7 @@ class Trainer(TrainerCheckpoints):
                 for name, array in self.write_pictures(vis, vis_dir):
                     self.logger.image(f"val/{name.removesuffix('.png')}", array, epoch + 1)
             value = metrics.get(self.best_metric_name, float("nan"))
-            if math.isfinite(value) and value > self.state.best_metric:
-                self.state.best_metric = value
-                self.state.best_epoch = epoch + 1
-                if self.dist.is_main:
-                    best = self._base_payload()
-                    best["best_metric"] = value
-                    save_checkpoint_atomic(best, self.ckpt_dir / "best_model.pth")
-                log.info(
-                    "epoch %d: new best %s=%.4f -> best_model.pth", epoch + 1, self.best_metric_name, value
-                )
+            self._follow_monitor(epoch, value, last_epoch)
             log.info(
                 "epoch %d/%d: loss %.4f, val %s %.4f (%s), %.1f img/s",
                 epoch + 1,

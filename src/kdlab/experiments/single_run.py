@@ -28,7 +28,7 @@ from kdlab.distill.teacher import LoadedTeacher
 from kdlab.engine import distributed
 from kdlab.engine.device import resolve_amp_dtype, resolve_device
 from kdlab.engine.trainer import Trainer
-from kdlab.errors import CheckpointError
+from kdlab.errors import CheckpointError, ConfigError
 from kdlab.experiments.cache_plan import TeacherCachePlan, plan_teacher_cache
 from kdlab.experiments.kd_setup import build_kd_task, check_teacher_unchanged, load_teachers
 from kdlab.experiments.run_dir import (
@@ -91,9 +91,21 @@ def set_up_process(cfg: ExperimentConfig) -> Process:
     return Process(device, ctx, resolve_amp_dtype(cfg.training.amp, device))
 
 
+def check_monitor(cfg: ExperimentConfig, task: TaskDefinition) -> None:
+    """training.monitor must be a metric the task's evaluator reports."""
+    monitor = cfg.training.monitor
+    valid = task.metric_names(cfg)
+    if monitor is not None and monitor not in valid:
+        raise ConfigError(
+            f"training.monitor={monitor!r} is not a validation metric of the {cfg.task} task; valid: "
+            + ", ".join(valid)
+        )
+
+
 def check_inputs(request: RunRequest, proc: Process) -> CheckedInputs:
     cfg = request.config
     task = task_of(cfg)
+    check_monitor(cfg, task)
     resume_path, payload, auto_fresh = None, None, False
     if request.resume:
         resume_path = find_resume_checkpoint(request.resume, cfg)

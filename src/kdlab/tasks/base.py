@@ -56,6 +56,10 @@ class TaskDefinition:
     def check_inputs(self, cfg: ExperimentConfig) -> None:
         """Cheap checks of the user's paths before anything runs (no parsing)."""
 
+    def metric_names(self, cfg: ExperimentConfig) -> list[str]:
+        """The validation metrics the task's evaluator reports (what training.monitor may name)."""
+        return [self.best_metric]
+
     def build_datasets(self, cfg: ExperimentConfig) -> tuple[Any, Any]:
         raise NotImplementedError
 

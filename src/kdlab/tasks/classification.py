@@ -43,6 +43,10 @@ class Classification(TaskDefinition):
     report_layout = CLASSIFICATION_LAYOUT
     kd_task_class = ClassificationKDTask
 
+    def metric_names(self, cfg: ExperimentConfig) -> list[str]:
+        """ClassificationMetrics: top5 only with more than 5 classes."""
+        return ["top1", *(["top5"] if cfg.model.num_classes > 5 else []), "ece", "loss"]
+
     def check_inputs(self, cfg: ExperimentConfig) -> None:
         data = cfg.data.classification
         if data.source == "image_folder":

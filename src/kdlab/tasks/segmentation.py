@@ -71,6 +71,11 @@ class Segmentation(TaskDefinition):
         lambda cfg: required_cache_heads(cfg.distillation),
     )  # fmt: skip
 
+    def metric_names(self, cfg: ExperimentConfig) -> list[str]:
+        from kdlab.evaluate.metrics import CLASS_NAMES
+
+        return ["target_iou", "miou", "boundary_f1", "pixel_accuracy", *(f"iou_{n}" for n in CLASS_NAMES)]
+
     def check_inputs(self, cfg: ExperimentConfig) -> None:
         from kdlab.data.loaders import check_given_data_paths
 

@@ -66,6 +66,10 @@ class Sequence(TaskDefinition):
     kd_task_class = SequenceKDTask
     cache = CacheHooks(SequenceCacheWriter(), _fingerprints, _cached_train_set, lambda cfg: ["trajectory"])
 
+    def metric_names(self, cfg: ExperimentConfig) -> list[str]:
+        """ClassificationMetrics: top5 only with more than 5 classes."""
+        return ["top1", *(["top5"] if cfg.model.num_classes > 5 else []), "ece", "loss"]
+
     def check_inputs(self, cfg: ExperimentConfig) -> None:
         from kdlab.data.sequence import check_sequence_inputs
 
