@@ -249,3 +249,15 @@ def test_top_k_ties_rank_after_the_earlier_epoch_and_min_mode_ranks_low_first():
             top.insert(epoch, value, rank, None)
     assert [(e["epoch"], e["file"]) for e in top.entries] == [(3, "best_model.pth"), (1, "best_model_top2.pth")]
     assert top.rank_of(float("nan"), "min") is None
+
+
+# ------------------------------------------------------------------------------------------ report
+def test_report_best_epoch_follows_the_monitor_and_stays_on_the_headline_by_default():
+    from kdlab.experiments.report.collect import _best_epoch_row, _monitored
+
+    rows = [{"epoch": "1", "val_miou": "0.5", "val_loss": "0.9"}, {"epoch": "2", "val_miou": "0.4", "val_loss": "0.3"}]
+    assert _monitored({}, {"training": {"monitor": None}}, "miou") == ("miou", "max")
+    assert _best_epoch_row(rows, None, *_monitored({}, {"training": {}}, "miou"))["epoch"] == "1"
+    summary, config = {"best_metric_mode": "min"}, {"training": {"monitor": "loss", "mode": None}}
+    assert _best_epoch_row(rows, None, *_monitored(summary, config, "miou"))["epoch"] == "2"
+    assert _best_epoch_row(rows, 1, *_monitored(summary, config, "miou"))["epoch"] == "1"  # summary's best_epoch

@@ -138,9 +138,10 @@ def _find_key(data: Any, key: str) -> Any:
 
 
 def _best_epoch_row(
-    rows: list[dict[str, str]], best_epoch: int | None, headline: str
+    rows: list[dict[str, str]], best_epoch: int | None, headline: str, mode: str = "max"
 ) -> dict[str, str] | None:
-    """The validation row of `best_epoch`, or (without one) the row with the highest val_<headline>."""
+    """The validation row of `best_epoch` (summary.json's, which follows training.monitor), or (without one)
+    the row with the best val_<headline> (lowest when `mode` is "min")."""
     key = f"val_{headline}"
     validated = [r for r in rows if number(r.get(key)) is not None]
     if best_epoch is not None and best_epoch > 0:
@@ -149,7 +150,18 @@ def _best_epoch_row(
                 return row
     if not validated:
         return None
+    if mode == "min":
+        return min(validated, key=lambda r: number(r[key]) or math.inf)
     return max(validated, key=lambda r: number(r[key]) or -math.inf)
+
+
+def _monitored(summary: dict[str, Any] | None, config: dict[str, Any] | None, headline: str) -> tuple[str, str]:
+    """(metric, mode) that picks the best epoch: training.monitor when the run set one, else the headline."""
+    monitor = _get(config, "training", "monitor")
+    if isinstance(monitor, str) and monitor:
+        mode = _get(summary, "best_metric_mode") or _get(config, "training", "mode")
+        return monitor, mode if mode in ("max", "min") else "max"
+    return headline, "max"
 
 
 def teacher_checkpoints(config: dict[str, Any] | None) -> list[Path]:
@@ -227,7 +239,7 @@ def _base_row(record: RunRecord, files: RunFiles, layout: ReportLayout) -> dict[
     summary, config = files.summary, files.config
     best_epoch_value = number(_get(summary, "best_epoch"))
     best_epoch = int(best_epoch_value) if best_epoch_value else None
-    best_row = _best_epoch_row(files.metrics_rows, best_epoch, layout.headline)
+    best_row = _best_epoch_row(files.metrics_rows, best_epoch, *_monitored(summary, config, layout.headline))
     if best_row is not None:
         metrics = {k: number(best_row.get(f"val_{k}")) for k in layout.metric_columns}
         best_epoch = int(number(best_row.get("epoch")) or 0) or best_epoch
