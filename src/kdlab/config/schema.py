@@ -421,7 +421,7 @@ class WandbConfig(_Section):
 
 class LoggingConfig(_Section):
     wandb: WandbConfig | None = Field(
-        None, description="also log the TensorBoard scalars, images and the resolved config to W&B (null = off)"
+        None, description="also log the TensorBoard scalars and images plus the config to W&B (null = off)"
     )
 
 
