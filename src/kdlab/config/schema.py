@@ -437,6 +437,22 @@ class ExportConfig(_Section):
     opset: int = Field(17, ge=16, le=20, description="ONNX opset (>= 16 for RoiAlign's half-pixel mode)")
 
 
+class WandbConfig(_Section):
+    """Weights & Biases logging beside TensorBoard (needs the extra: pip install kdlab[wandb])."""
+
+    project: str = Field("kdlab", min_length=1, description="W&B project the run is logged to")
+    entity: str | None = Field(None, description="W&B user or team (null = your default entity)")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline: write the run under WANDB_DIR with no network (sync it later)"
+    )
+
+
+class LoggingConfig(_Section):
+    wandb: WandbConfig | None = Field(
+        None, description="also log the TensorBoard scalars and images plus the config to W&B (null = off)"
+    )
+
+
 class ExperimentConfig(_Section):
     """One experiment: everything needed to rebuild the run."""
 
@@ -453,6 +469,7 @@ class ExperimentConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     distillation: DistillationConfig = DistillationConfig()
     export: ExportConfig = ExportConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _distillation_has_a_teacher(self) -> ExperimentConfig:

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: TensorBoard scalars/images, logs/metrics.csv (a row per epoch), training_log.txt."""
+"""Where a run's numbers go: TensorBoard scalars/images, logs/metrics.csv (a row per epoch), training_log.txt,
+and, when `logging.wandb` is set, the same scalars and images to Weights & Biases (`kdlab.engine.wandb_sink`)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,33 @@ from typing import Any
 import numpy as np
 
 from kdlab.atomic_io import atomic_path
+from kdlab.config.schema import WandbConfig
 
 log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    """Writes TensorBoard events, the per-epoch CSV and the text log of one run directory."""
+    """Writes TensorBoard events, the per-epoch CSV and the text log of one run directory; with `wandb` (a
+    `logging.wandb` section whose mode is not "disabled") also a W&B run that gets the same scalars and images
+    and `config` (the resolved config) as its run config. TensorBoard is always on."""
 
-    def __init__(self, run_dir: Path, resume_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_epoch: int | None = None,
+        *,
+        wandb: WandbConfig | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.logs_dir = run_dir / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.wandb = None
+        if wandb is not None and wandb.mode != "disabled":  # first: a missing package leaves nothing open
+            from kdlab.engine.wandb_sink import WandbSink
+
+            self.wandb = WandbSink(wandb, self.logs_dir, run_dir.name, config)
         self.csv_path = self.logs_dir / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
         if resume_epoch is not None and self.csv_path.is_file():
@@ -34,12 +50,16 @@ class RunLogger:
         logging.getLogger("kdlab").addHandler(self.file_handler)
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(f"{prefix}{key}", value, step)
+        finite = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        for key, value in finite.items():
+            self.writer.add_scalar(f"{prefix}{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.scalars(finite, step, prefix)
 
     def image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
         self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
+        if self.wandb is not None:
+            self.wandb.image(tag, image_hwc, step)
 
     def epoch_row(self, row: dict[str, Any]) -> None:
         """Append one epoch's row and rewrite metrics.csv atomically (columns may grow over epochs)."""
@@ -56,6 +76,8 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
         logging.getLogger("kdlab").removeHandler(self.file_handler)
         self.file_handler.close()
 
