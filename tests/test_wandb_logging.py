@@ -118,3 +118,32 @@ def test_wandb_config_is_checked_like_every_section():
     assert WandbConfig().mode == "online"
     with pytest.raises(ConfigError, match="mode"):
         resolve_config("quickstart_baseline", ["logging.wandb.mode=sometimes"], {})
+
+
+def test_a_training_run_logs_to_an_offline_wandb_run(tmp_path, offline_wandb):
+    """The trainer hands its config to RunLogger: a real run (1 epoch) writes an offline W&B run beside TB."""
+    from kdlab.cli.common import run_cli
+    from kdlab.cli.train import main as train_main
+    from tests.helpers import tiny_args
+
+    args = tiny_args(tmp_path, "logging.wandb.mode=offline", "logging.wandb.project=kdlab-test", epochs=1)
+    assert run_cli(train_main, args) == 0
+    logs = tmp_path / "runs" / "quickstart_baseline" / "logs"
+    run_id = (logs / "wandb_run_id.txt").read_text().strip()
+    runs = list(offline_wandb.rglob(f"*{run_id}*.wandb"))
+    assert runs, f"no offline W&B run file for {run_id} under {offline_wandb}"
+    content = runs[0].read_bytes()
+    for name in (b"train/loss", b"val/miou", b"epoch/lr"):
+        assert name in content, name
+
+
+def test_a_missing_wandb_package_stops_a_run_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from kdlab.cli.common import run_cli
+    from kdlab.cli.train import main as train_main
+    from tests.helpers import error_lines, tiny_args
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert run_cli(train_main, tiny_args(tmp_path, "logging.wandb.mode=offline", epochs=1)) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "pip install kdlab[wandb]" in lines[0]
+    assert not (tmp_path / "runs").exists()

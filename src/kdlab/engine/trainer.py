@@ -145,7 +145,10 @@ class Trainer(TrainerCheckpoints):
         start_epoch = self.state.epoch
         fresh = start_epoch == 0 and self.state.global_step == 0 and self.state.batches_done == 0
         if self.dist.is_main:
-            self.logger = RunLogger(self.run_dir, resume_epoch=None if fresh else start_epoch)
+            self.logger = RunLogger(
+                self.run_dir, resume_epoch=None if fresh else start_epoch,
+                wandb=self.cfg.logging.wandb, config=self.cfg.model_dump(mode="json"),
+            )  # fmt: skip
             remove_stale_temp_files(self.ckpt_dir)
         status = "failed"
         try:

@@ -106,6 +106,11 @@ def check_inputs(request: RunRequest, proc: Process) -> CheckedInputs:
     cfg = request.config
     task = task_of(cfg)
     check_monitor(cfg, task)
+    wandb = cfg.logging.wandb
+    if wandb is not None and wandb.mode != "disabled":
+        from kdlab.engine.wandb_sink import import_wandb
+
+        import_wandb()  # a missing optional package is bad input, found before anything is written
     resume_path, payload, auto_fresh = None, None, False
     if request.resume:
         resume_path = find_resume_checkpoint(request.resume, cfg)
