@@ -434,7 +434,26 @@ class DistillationConfig(_Section):
 
 class ExportConfig(_Section):
     onnx: bool = Field(False, description="export the student to ONNX after training")
-    opset: int = Field(17, ge=16, le=20, description="ONNX opset (>= 16 for RoiAlign's half-pixel mode)")
+    opset: int = Field(18, ge=16, le=20, description="ONNX opset (>= 16 for RoiAlign's half-pixel mode)")
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        "auto",
+        description="torch.onnx exporter: 'dynamo' (torch.export + onnxscript, the supported one), "
+        "'torchscript' (the deprecated tracer) or 'auto' (dynamo; torchscript when dynamo fails or misses "
+        "parity, recorded in best_model.onnx.json)",
+    )
+    accuracy_images: int | None = Field(
+        None, gt=0,
+        description="validation images the exported file is scored on with onnxruntime (null = all of them)",
+    )  # fmt: skip
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="'int8': also write an onnxruntime static INT8 (QDQ, per-channel) model"
+    )
+    calibration_images: int = Field(32, gt=0, description="training images INT8 calibration runs on")
+    max_int8_iou_drop: float = Field(
+        0.01, ge=0.0, le=1.0,
+        description="an INT8 model losing more target IoU than this is kept aside with a warning; "
+        "best_model.onnx stays FP32",
+    )  # fmt: skip
 
 
 class WandbConfig(_Section):
