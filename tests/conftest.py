@@ -28,13 +28,18 @@ def trained_teacher_root(tmp_path_factory) -> Path:
 def one_latency_run_per_export():
     """ONNX exports made inside tests (the runner's export step, the digits suite, ...) time 1 run with no
     warm-up instead of 3 + 20 of each of onnxruntime and PyTorch: tests check that latency is measured and
-    recorded, never how fast it is (that is the benchmarks' job). A caller passing latency_runs still wins."""
+    recorded, never how fast it is (that is the benchmarks' job). A caller passing latency_runs still wins.
+    "auto" exports use TorchScript only (see below)."""
     import functools
 
     from kdlab.export import pipeline
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "WARMUP_RUNS", 0)
+        # export.exporter=auto means dynamo, then TorchScript; dynamo takes ~25 s per export on these CPUs, so
+        # tests that only need some ONNX file get TorchScript (2 s). The dynamo path has its own tests, which
+        # ask for it by name (tests/test_onnx_export.py).
+        patch.setattr(pipeline, "AUTO_ORDER", ("torchscript",))
         patch.setattr(
             pipeline,
             "export_run_to_onnx",

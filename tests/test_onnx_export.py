@@ -23,7 +23,9 @@ from kdlab.data.loaders import build_datasets, build_loader
 from kdlab.engine.batches import batch_to_device
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.export.classification import ClassificationExporter
+from kdlab.export import pipeline
 from kdlab.export.pipeline import ExportParityError, TraceableGroupNorm, export_run_to_onnx
+from kdlab.experiments import export_runs
 from kdlab.export.segmentation import (
     SegmentationExporter,
     export_model_to_onnx,
@@ -256,7 +258,8 @@ def test_export_run_writes_onnx_and_metadata(tiny_run):
     assert meta["latency"]["runs"] == 1 and meta["latency"]["batch_images"] == 1
     assert meta["input_size"] == [64, 64] and meta["mask_size"] == [32, 24]
     assert meta["classes"] == ["background", "target", "other"]
-    assert meta["opset"] == 17 and meta["encoder"] == "timm-efficientnet-b0"
+    assert meta["opset"] == 18 and meta["encoder"] == "timm-efficientnet-b0"
+    assert meta["exporter"] == "torchscript" and meta["precision"] == "fp32"  # tests narrow "auto" (conftest)
     assert meta["normalization"]["input_range"] == [0.0, 1.0]
     assert meta["onnx_mb"] == pytest.approx(onnx_path.stat().st_size / 1e6)
     expected_sha = hashlib.sha256((ckpt / "best_model.pth").read_bytes()).hexdigest()
@@ -314,3 +317,92 @@ def test_export_teacher_refuses_a_model_that_is_not_a_segmentation_teacher(tmp_p
     with pytest.raises(ConfigError, match="exports segmentation teachers; .* is a sequence model"):
         export_teacher_onnx(ckpt, tmp_path / "t.onnx", build_task_model)
     assert not (tmp_path / "t.onnx").exists()
+
+
+# ------------------------------------------------------------------ the dynamo exporter, auto, accuracy
+def _export_cfg(run: Path, **changes) -> "ExportConfig":
+    from kdlab.config.schema import ExportConfig
+
+    config = json.loads((run / "config.json").read_text())
+    return ExportConfig.model_validate({**config["export"], **changes})
+
+
+def test_dynamo_export_keeps_dynamic_batch_and_rois_with_parity_and_accuracy(tiny_run):
+    """The supported exporter end to end: the file records "dynamo", passes onnx.checker, matches PyTorch to
+    1e-4 for B=3 with N=0 and N=5 ROIs, and is scored on the validation set like the PyTorch model."""
+    meta = export_runs.export_run_to_onnx(tiny_run, export_cfg=_export_cfg(tiny_run, exporter="dynamo"), latency_runs=1)
+    onnx_path = tiny_run / "checkpoints" / "best_model.onnx"
+    assert meta["exporter"] == "dynamo" and meta["exporter_fallbacks"] == []
+    assert "onnxscript" in meta["exporter_tool"] and meta["opset"] >= 18
+    assert meta["parity"]["max_abs_diff"] <= 1e-4
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    graph = onnx.load(str(onnx_path)).graph
+    assert {i.name: _dims(i) for i in graph.input} == {"images": ["batch", 3, 64, 64], "rois": ["num_rois", 5]}
+
+    model, _, _ = pipeline.load_student(tiny_run / "checkpoints" / "best_model.pth", SegmentationExporter())
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    five = torch.tensor([[0, 2, 3, 40, 60], [1, 0, 0, 64, 64], [2, 10, 5, 30, 50], [2, 1, 1, 20, 20], [0, 5, 5, 6, 9.0]])
+    for rois in (five, torch.zeros(0, 5)):
+        (got,) = session.run(["masks"], {"images": images.numpy(), "rois": rois.numpy()})
+        with torch.no_grad():
+            expected = model(images, rois)["logits"].numpy()
+        assert got.shape == expected.shape == (rois.shape[0], 3, 32, 24)
+        if rois.shape[0]:
+            assert np.abs(got - expected).max() <= 1e-4
+
+    accuracy = meta["accuracy"]
+    assert accuracy["metric"] == "target_iou" and accuracy["images"] == 4
+    assert accuracy["onnx"]["num_rois"] == accuracy["pytorch"]["num_rois"] > 0
+    assert abs(accuracy["difference"]) <= 1e-4
+    # The scorer is the trainer's evaluator on the same data: PyTorch's number is the checkpoint's own.
+    checkpoint_metrics = meta["checkpoint_metrics"]
+    assert accuracy["pytorch"]["target_iou"] == pytest.approx(checkpoint_metrics["target_iou"], abs=1e-6)
+
+
+def test_auto_falls_back_to_torchscript_when_dynamo_raises_and_records_why(tiny_run, monkeypatch):
+    real = pipeline._torch_onnx_export
+
+    def dynamo_breaks(wrapper, exporter, inputs, tmp, opset, method):
+        if method == "dynamo":
+            raise RuntimeError("simulated torch.export failure\nwith a traceback")
+        return real(wrapper, exporter, inputs, tmp, opset, method)
+
+    monkeypatch.setattr(pipeline, "AUTO_ORDER", ("dynamo", "torchscript"))
+    monkeypatch.setattr(pipeline, "_torch_onnx_export", dynamo_breaks)
+    meta = export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=1, latency_runs=1,
+                              export_cfg=_export_cfg(tiny_run, exporter="auto"))  # fmt: skip
+    assert meta["exporter"] == "torchscript" and meta["exporter_requested"] == "auto"
+    assert meta["exporter_fallbacks"] == [
+        {"exporter": "dynamo", "reason": "RuntimeError: simulated torch.export failure"}
+    ]
+    assert meta["parity_ok"] is True
+
+
+def test_auto_falls_back_when_the_first_exporter_misses_parity(tiny_run, monkeypatch):
+    """A file that loads but disagrees with PyTorch is not shipped when another exporter can do better."""
+    real = pipeline.onnx_parity_of
+    calls = []
+
+    def first_misses(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result)
+        return {**result, "ok": False, "max_abs_diff": 0.5} if len(calls) == 1 else result
+
+    monkeypatch.setattr(pipeline, "AUTO_ORDER", ("torchscript", "dynamo"))
+    monkeypatch.setattr(pipeline, "onnx_parity_of", first_misses)
+    meta = export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=1, latency_runs=1,
+                              export_cfg=_export_cfg(tiny_run, exporter="auto"))  # fmt: skip
+    assert len(calls) == 2 and meta["exporter"] == "dynamo" and meta["parity_ok"] is True
+    assert meta["exporter_fallbacks"][0]["exporter"] == "torchscript"
+    assert "parity max abs diff 0.5" in meta["exporter_fallbacks"][0]["reason"]
+
+
+def test_a_named_exporter_that_fails_is_not_replaced(tiny_run, monkeypatch):
+    def always_breaks(*args, **kwargs):
+        raise RuntimeError("simulated exporter failure")
+
+    monkeypatch.setattr(pipeline, "_torch_onnx_export", always_breaks)
+    with pytest.raises(RuntimeError, match="simulated exporter failure"):
+        export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=1, latency_runs=1,
+                           export_cfg=_export_cfg(tiny_run, exporter="torchscript"))  # fmt: skip

@@ -37,7 +37,7 @@ def build_parser() -> Any:
     exp = sub.add_parser("export-teacher", help="export a segmentation teacher to ONNX with its aux heads")
     exp.add_argument("--teacher", required=True, help="teacher checkpoint (.pth)")
     exp.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
-    exp.add_argument("--opset", type=int, default=17)
+    exp.add_argument("--opset", type=int, default=18)
     for parser in (gen, exp):
         parser.error = p.error  # type: ignore[method-assign]  # one-line errors for subcommands too
     return p

@@ -24,6 +24,7 @@ CONFIG_FLAG_KEYS = {
     "teacher_checkpoint": "distillation.teacher_checkpoint",
     "distillation_temperature": "distillation.temperature",
     "distillation_alpha": "distillation.alpha",
+    "quantize": "export.quantize",
 }
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143

@@ -36,6 +36,11 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--distillation_temperature", type=float, help="distillation.temperature (> 0)")
     p.add_argument("--distillation_alpha", type=float, help="distillation.alpha (in [0, 1])")
     p.add_argument(
+        "--quantize", choices=["none", "int8"],
+        help="export.quantize: with export.onnx, also write an INT8 model (kept only if it loses <= "
+        "export.max_int8_iou_drop)",
+    )  # fmt: skip
+    p.add_argument(
         "--allow_teacher_change",
         action="store_true",
         help="resume although the teacher file changed since the run started",

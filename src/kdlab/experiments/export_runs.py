@@ -1,18 +1,68 @@
-"""Export a finished run's student to ONNX with its task's exporter (the task is read from the run)."""
+"""Export a finished run's student to ONNX with its task's exporter (the task is read from the run), and score
+the exported file on the validation set with the task's own evaluator."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from kdlab.checkpoints import load_checkpoint
+from kdlab.config.schema import ExperimentConfig, ExportConfig
 from kdlab.tasks import task_of
 
 
-def export_run_to_onnx(run_dir: str | Path, opset: int | None = None, **options: Any) -> dict[str, Any]:
-    """<run_dir>/checkpoints/best_model.pth -> best_model.onnx (+ .json) via `kdlab.export.pipeline`."""
+def validation_scorer(cfg: ExperimentConfig, max_images: int | None = None) -> Callable[[nn.Module], dict[str, Any]]:
+    """model -> the task's validation metrics on the first `max_images` validation images (None: all), computed
+    by the same evaluator training uses (no pictures). PyTorch models are scored on the GPU when there is one
+    (in float32, no autocast) and handed back on the CPU; an ONNX file (`OnnxRuntimeModel`) runs in onnxruntime."""
+    task = task_of(cfg)
+    _, val = task.build_datasets(cfg)
+    if max_images is not None and max_images < len(val):
+        val = torch.utils.data.Subset(val, range(max_images))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loader = task.build_loader(
+        val, cfg.training.batch_size, shuffle=False, seed=cfg.training.seed, num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    quiet = cfg.model_copy(update={"training": cfg.training.model_copy(update={"num_vis_images": 0})})
+    evaluator = task.build_evaluator(quiet, loader, device, None, True)
+
+    def score(model: nn.Module) -> dict[str, Any]:
+        has_weights = any(True for _ in model.parameters())
+        if has_weights:
+            model.to(device)
+        try:
+            desc = "ONNX accuracy" if not has_weights else "PyTorch accuracy"
+            metrics, _ = evaluator(model, desc=desc)
+        finally:
+            if has_weights:
+                model.cpu()
+        return metrics
+
+    return score
+
+
+def export_run_to_onnx(
+    run_dir: str | Path,
+    opset: int | None = None,
+    export_cfg: ExportConfig | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """<run_dir>/checkpoints/best_model.pth -> best_model.onnx (+ .json) via `kdlab.export.pipeline`, scored on
+    `export.accuracy_images` validation images. `export_cfg` (e.g. the runner's resolved config's, with
+    --quantize) replaces the checkpoint's `export` section."""
     from kdlab.export.pipeline import export_run_to_onnx as export_with
 
     checkpoint = Path(run_dir) / "checkpoints" / "best_model.pth"
     config = load_checkpoint(checkpoint).get("config") if checkpoint.is_file() else None
-    return export_with(run_dir, task_of(config).exporter(), opset=opset, **options)
+    exporter = task_of(config).exporter()
+    score = None
+    if exporter is not None and isinstance(config, dict):
+        cfg = ExperimentConfig.model_validate(config)
+        chosen = export_cfg or cfg.export
+        score = validation_scorer(cfg, chosen.accuracy_images)
+    return export_with(run_dir, exporter, opset=opset, score=score, export_cfg=export_cfg, **options)

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def export_finished(results: list[Any]) -> None:
     """Export every finished run's student to ONNX; a failure is recorded on the run, never raised.
     A task without an exporter is skipped (logged); an explicit --export_onnx naming one is refused earlier."""
-    from kdlab.export.pipeline import export_run_to_onnx
+    from kdlab.config.schema import ExportConfig
+    from kdlab.experiments.export_runs import export_run_to_onnx
 
     for result in results:
         if result.status not in ("completed", "exists"):
@@ -27,9 +28,12 @@ def export_finished(results: list[Any]) -> None:
             log.info("%s: ONNX export is not implemented for task=%s; skipped", result.name, run_task(result))
             continue
         try:
-            meta = export_run_to_onnx(result.run_dir, exporter)
+            planned_export = (result.config or {}).get("export")
+            export_cfg = ExportConfig.model_validate(planned_export) if planned_export else None
+            meta = export_run_to_onnx(result.run_dir, export_cfg=export_cfg)
             result.export = {"ok": True, "parity_max_abs_diff": meta["parity"]["max_abs_diff"],
-                             "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"]}  # fmt: skip
+                             "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"],
+                             "exporter": meta["exporter"], "precision": meta["precision"]}  # fmt: skip
             log.info(
                 "%s: exported best_model.onnx (parity %.2e)", result.name, meta["parity"]["max_abs_diff"]
             )

@@ -214,7 +214,7 @@ def summarise(cfg: ExperimentConfig, summary: dict[str, Any], run_dir: Path, pro
     if cfg.export.onnx and proc.ctx.is_main:
         from kdlab.experiments.export_runs import export_run_to_onnx
 
-        meta = export_run_to_onnx(run_dir, opset=cfg.export.opset)
+        meta = export_run_to_onnx(run_dir, opset=cfg.export.opset, export_cfg=cfg.export)
         summary["onnx"] = {"parity_max_abs_diff": meta["parity"]["max_abs_diff"],
                            "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"]}  # fmt: skip
     return summary

@@ -25,6 +25,7 @@ class ClassificationExporter(OnnxExporter):
     input_names = tuple(INPUT_NAMES)
     output_names = tuple(OUTPUT_NAMES)
     min_parity_images = 8
+    accuracy_metric = "top1"
 
     def build_model(self, cfg: ExperimentConfig) -> nn.Module:
         from kdlab.models.builders import build_classifier

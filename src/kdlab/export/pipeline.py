@@ -4,7 +4,10 @@ What differs per task (the wrapper module, inputs, names, axes, the description)
 see `kdlab.export.segmentation` and `kdlab.export.classification`. Files written beside the checkpoint:
 `checkpoints/best_model.onnx` (the resolved config in its metadata_props) and `best_model.onnx.json`.
 
-We use the TorchScript exporter (`dynamo=False`; the dynamo exporter needs `onnxscript`). Two traps:
+Two exporters (`export.exporter`): "dynamo" (`torch.export` + onnxscript, the supported one since torch 2.9,
+opset >= 18) and "torchscript" (the deprecated tracer, kept as a recorded fallback); "auto" tries dynamo and
+falls back to TorchScript when dynamo raises or misses parity; `best_model.onnx.json` records which one wrote
+the file and why. Two traps of the TorchScript exporter (the copy below makes them harmless for both):
 - It calls `.train(<mode the exported module had>)` on the way out, recursively. A freshly built wrapper
   module is in training mode, so exporting `Wrapper(model)` silently leaves the model in training mode
   (BatchNorm on batch statistics, drop-path on) and any PyTorch comparison made afterwards is wrong by ~1.
@@ -37,13 +40,18 @@ from torch import nn
 
 from kdlab.atomic_io import atomic_write, write_json_atomic
 from kdlab.checkpoints import file_sha256, load_checkpoint, model_from_checkpoint
-from kdlab.config.schema import ExperimentConfig
+from kdlab.config.schema import ExperimentConfig, ExportConfig
 from kdlab.data.teacher_cache import ONNX_CONFIG_METADATA_KEY
 from kdlab.errors import CheckpointError, ConfigError, KdlabRunFailure
 
 log = logging.getLogger(__name__)
 
 CONFIG_METADATA_KEY = ONNX_CONFIG_METADATA_KEY  # the resolved experiment config (JSON) in metadata_props
+EXPORT_METHODS = ("dynamo", "torchscript")
+# What export.exporter="auto" tries, in order. tests/conftest.py narrows it to TorchScript (2 s instead of ~25 s
+# per export on CPU) for the tests that only need some ONNX file; the dynamo tests ask for "dynamo" by name.
+AUTO_ORDER: tuple[str, ...] = EXPORT_METHODS
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest opset: it would convert down, or fail to, noisily
 WARMUP_RUNS = 3
 DEFAULT_LATENCY_RUNS = 20
 DEFAULT_TOLERANCE = 1e-3
@@ -115,6 +123,14 @@ class OnnxExporter(ABC):
         """The graph's float32 inputs; uint8 images (loader batches) are scaled to [0,1]."""
         return tuple(float_images(x) for x in batch)
 
+    # The metric the ONNX file is scored by on the validation set (a key of the task's evaluator's metrics).
+    accuracy_metric: str = "target_iou"
+
+    def as_model_outputs(self, outputs: tuple[torch.Tensor, ...]) -> Any:
+        """The graph's outputs shaped like the model's own return value, so the task's evaluator can score an
+        ONNX file as it scores the model (default: the first output is the model's output)."""
+        return outputs[0]
+
 
 # --------------------------------------------------------------------------------------------- the graph
 class TraceableGroupNorm(nn.Module):
@@ -180,20 +196,61 @@ def as_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Te
     return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
 
 
+def _dynamic_shapes(exporter: OnnxExporter) -> tuple[dict[int, Any], ...]:
+    """torch.export's dynamic_shapes for the graph's inputs, from `exporter.dynamic_axes()`: one Dim per
+    symbolic name (shared where two inputs share one), allowed down to 0 (an image batch without ROIs)."""
+    dims: dict[str, Any] = {}
+    axes = exporter.dynamic_axes()
+    return tuple(
+        {d: dims.setdefault(sym, torch.export.Dim(sym, min=0)) for d, sym in axes.get(name, {}).items()}
+        for name in exporter.input_names
+    )
+
+
+def _torch_onnx_export(
+    wrapper: nn.Module, exporter: OnnxExporter, inputs: Batch, tmp: Path, opset: int, method: str
+) -> None:
+    common = {"input_names": list(exporter.input_names), "output_names": list(exporter.output_names)}
+    if method == "dynamo":
+        torch.onnx.export(
+            wrapper, inputs, str(tmp), **common, dynamic_shapes=_dynamic_shapes(exporter),
+            opset_version=max(opset, DYNAMO_MIN_OPSET), dynamo=True, external_data=False, verbose=False,
+        )  # fmt: skip
+        return
+    with warnings.catch_warnings():
+        # Expected and harmless here: the legacy-exporter deprecation notice and tracer warnings about
+        # shape checks (sizes fixed by the config are constants).
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            wrapper, inputs, str(tmp), **common, dynamic_axes=exporter.dynamic_axes(), opset_version=opset,
+            do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL, dynamo=False,
+        )  # fmt: skip
+
+
+def file_opset(path: str | Path) -> int:
+    """The default-domain opset an ONNX file was written at (dynamo may raise the requested one)."""
+    model_proto = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
 def export_to_onnx(
     model: nn.Module,
     exporter: OnnxExporter,
     path: Path,
     example_inputs: Batch,
-    opset: int = 17,
+    opset: int = DYNAMO_MIN_OPSET,
     metadata: dict[str, str] | None = None,
+    method: str = "dynamo",
 ) -> None:
-    """Trace `exporter.wrap(<eval-mode copy of model>)` on `example_inputs` to `path`; `metadata` goes into
-    the file's metadata_props.
+    """Export `exporter.wrap(<eval-mode copy of model>)` on `example_inputs` to `path` with `method`
+    ("dynamo" or "torchscript"); `metadata` goes into the file's metadata_props.
 
     `model` and its train/eval mode are untouched. Written to a temp file, checked with `onnx.checker`,
-    then renamed into place.
+    then renamed into place. Dynamo writes at opset max(opset, 18).
     """
+    if method not in EXPORT_METHODS:
+        raise ConfigError(f"unknown ONNX exporter {method!r}; use one of {', '.join(EXPORT_METHODS)}")
     exporter.check_opset(opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,29 +260,61 @@ def export_to_onnx(
     inputs = tuple(x.to(device) for x in example_inputs)
 
     def write(tmp: Path) -> None:
-        with torch.no_grad(), warnings.catch_warnings():
-            # Expected and harmless here: the legacy-exporter deprecation notice and tracer warnings about
-            # shape checks (sizes fixed by the config are constants).
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(
-                wrapper,
-                inputs,
-                str(tmp),
-                input_names=list(exporter.input_names),
-                output_names=list(exporter.output_names),
-                dynamic_axes=exporter.dynamic_axes(),
-                opset_version=opset,
-                do_constant_folding=True,
-                training=torch.onnx.TrainingMode.EVAL,
-                dynamo=False,
-            )
+        with torch.no_grad():
+            _torch_onnx_export(wrapper, exporter, inputs, tmp, opset, method)
             per_sample_shapes = [tuple(o.shape[1:]) for o in as_tuple(wrapper(*inputs))]
         _declare_static_output_dims(tmp, per_sample_shapes, metadata)
-        onnx.checker.check_model(str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
 
     atomic_write(path, write)
-    log.info("exported ONNX (opset %d) to %s", opset, path)
+    log.info("exported ONNX (%s, opset %d) to %s", method, file_opset(path), path)
+
+
+def export_methods(requested: str) -> tuple[str, ...]:
+    """The exporters to try for export.exporter=`requested`, in order ("auto": AUTO_ORDER)."""
+    if requested == "auto":
+        return AUTO_ORDER
+    if requested not in EXPORT_METHODS:
+        raise ConfigError(f"config value export.exporter={requested!r} is unknown; use auto, dynamo or torchscript")
+    return (requested,)
+
+
+def export_with_fallback(
+    model: nn.Module,
+    exporter: OnnxExporter,
+    path: Path,
+    example_inputs: Batch,
+    opset: int,
+    metadata: dict[str, str] | None,
+    methods: tuple[str, ...],
+    accept: Callable[[str], str | None] = lambda method: None,
+) -> tuple[str, list[dict[str, str]]]:
+    """Export with the first of `methods` that works; returns (the method used, the attempts that failed).
+
+    A method fails when it raises or when `accept(method)` (called with the file written) returns a reason
+    (e.g. parity missed). The last method's file is kept whatever `accept` says, so the caller can report it;
+    when the last method raises, the error propagates (with the earlier failures logged).
+    """
+    failures: list[dict[str, str]] = []
+    for i, method in enumerate(methods):
+        last = i == len(methods) - 1
+        try:
+            export_to_onnx(model, exporter, path, example_inputs, opset, metadata, method)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            if last:
+                raise
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            log.warning("ONNX export with %s failed (%s); trying %s", method, reason, methods[i + 1])
+            failures.append({"exporter": method, "reason": reason})
+            continue
+        reason = accept(method)
+        if reason is None or last:
+            return method, failures
+        log.warning("ONNX export with %s rejected (%s); trying %s", method, reason, methods[i + 1])
+        failures.append({"exporter": method, "reason": reason})
+    raise AssertionError("unreachable: methods is never empty")
 
 
 def config_metadata(cfg: ExperimentConfig) -> dict[str, str]:
@@ -352,6 +441,73 @@ def torch_latency_of(
         model.train(was_training)
 
 
+def interleaved_onnx_latency(
+    paths: dict[str, Path], exporter: OnnxExporter, batch: Batch, runs: int = DEFAULT_LATENCY_RUNS
+) -> dict[str, float]:
+    """Median onnxruntime CPU ms per image of each file, timed in turns (a, b, a, b, ...) so machine noise hits
+    every file alike; their ratio is the number to trust, not the absolute times."""
+    sessions = {name: ort_session(path) for name, path in paths.items()}
+    feed = ort_feed(exporter, batch)
+    names = list(exporter.output_names)
+    for _ in range(WARMUP_RUNS):
+        for session in sessions.values():
+            session.run(names, feed)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(max(1, runs)):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(names, feed)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    per_image = max(1, exporter.counts(batch)["images"])
+    return {name: float(statistics.median(t)) / per_image for name, t in times.items()}
+
+
+# ------------------------------------------------------------------------------ scoring an ONNX file
+Scorer = Callable[[nn.Module], dict[str, float]]  # model -> the task's validation metrics (its evaluator)
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX file behind the model's call signature (CPU onnxruntime), so the task's own evaluator scores
+    the exported file exactly as it scores the PyTorch model: same data, same metrics code."""
+
+    def __init__(self, path: str | Path, exporter: OnnxExporter) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.exporter = exporter
+        self.session = ort_session(path)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        feed = {
+            name: np.ascontiguousarray(x.detach().float().cpu().numpy())
+            for name, x in zip(self.exporter.input_names, inputs, strict=True)
+        }
+        outputs = self.session.run(list(self.exporter.output_names), feed)
+        return self.exporter.as_model_outputs(tuple(torch.from_numpy(o) for o in outputs))
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def onnx_accuracy(
+    onnx_path: str | Path, model: nn.Module, exporter: OnnxExporter, score: Scorer
+) -> dict[str, Any]:
+    """The task's validation metrics of the ONNX file (onnxruntime) next to the PyTorch model's, on the same
+    images; `difference` is ONNX - PyTorch of `exporter.accuracy_metric`."""
+    metric = exporter.accuracy_metric
+    onnx_metrics = _numbers(score(OnnxRuntimeModel(onnx_path, exporter)))
+    torch_metrics = _numbers(score(model))
+    onnx_value, torch_value = onnx_metrics.get(metric), torch_metrics.get(metric)
+    return {
+        "metric": metric,
+        "data": "validation",
+        "images": int(onnx_metrics.get("images", 0)),
+        "onnx": onnx_metrics,
+        "pytorch": torch_metrics,
+        "difference": (onnx_value - torch_value) if onnx_value is not None and torch_value is not None else None,
+    }
+
+
 # ------------------------------------------------------------------------------------------ one run
 def load_student(checkpoint: Path, exporter: OnnxExporter) -> tuple[nn.Module, ExperimentConfig, dict[str, Any]]:
     """The student described by the config saved in `checkpoint`, weights loaded strictly, on CPU, in eval."""
@@ -377,6 +533,26 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+INT8_FILE = "best_model.int8.onnx"  # an INT8 model that lost too much accuracy is kept aside under this name
+FP32_FILE = "best_model.fp32.onnx"  # the FP32 model, when an accepted INT8 model became best_model.onnx
+
+
+def _exporter_tool(method: str) -> str:
+    if method == "dynamo":
+        import onnxscript
+
+        return f"torch.onnx.export(dynamo=True), onnxscript {onnxscript.__version__}"
+    return "torch.onnx.export(dynamo=False, TorchScript tracer)"
+
+
+def _remove_stale(paths: list[Path]) -> None:
+    """Files an earlier export wrote that this one does not (the new metadata would not describe them)."""
+    for path in paths:
+        if path.is_file():
+            log.info("removing %s from an earlier export", path.name)
+            path.unlink()
+
+
 def export_run_to_onnx(
     run_dir: str | Path,
     exporter: OnnxExporter | None,
@@ -384,13 +560,21 @@ def export_run_to_onnx(
     parity_images: int = 4,
     latency_runs: int = DEFAULT_LATENCY_RUNS,
     tolerance: float = DEFAULT_TOLERANCE,
+    score: Scorer | None = None,
+    export_cfg: ExportConfig | None = None,
+    calibration: Callable[[ExperimentConfig, int], list[Batch]] | None = None,
 ) -> dict[str, Any]:
     """Export <run_dir>/checkpoints/best_model.pth -> best_model.onnx + best_model.onnx.json; returns the metadata.
 
     `exporter` is the run's task's (`kdlab.tasks.<task>.exporter()`); None means the task has none, a
-    ConfigError. Parity is measured on the first `parity_images` validation images of the run's own data
-    (at least `exporter.min_parity_images`); when it fails, the metadata (with parity.ok = false) is still
-    written, then ExportParityError is raised. `latency_runs` timed runs follow WARMUP_RUNS untimed ones.
+    ConfigError. `export_cfg` (default: the checkpoint's config's `export` section) picks the exporter
+    ("auto": dynamo, TorchScript when dynamo raises or misses parity) and INT8. Parity is measured on the
+    first `parity_images` validation images of the run's own data (at least `exporter.min_parity_images`);
+    when it fails, the metadata (with parity.ok = false) is still written, then ExportParityError is raised.
+    `score` (the task's evaluator on the validation set, see `kdlab.experiments.export_runs`) scores the
+    ONNX file next to the PyTorch model; without it no accuracy is recorded and INT8 is refused.
+    `calibration(cfg, n)` gives INT8's calibration batches (default: `kdlab.export.quantize`'s).
+    `latency_runs` timed runs follow WARMUP_RUNS untimed ones.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -402,15 +586,30 @@ def export_run_to_onnx(
         task = (load_checkpoint(checkpoint).get("config") or {}).get("task")
         raise ConfigError(f"ONNX export is not implemented for task={task} ({run_dir})")
     model, cfg, payload = load_student(checkpoint, exporter)
-    opset = cfg.export.opset if opset is None else opset
+    export_cfg = cfg.export if export_cfg is None else export_cfg
+    opset = export_cfg.opset if opset is None else opset
+    methods = export_methods(export_cfg.exporter)
+    if export_cfg.quantize == "int8" and score is None:
+        raise ConfigError("export.quantize=int8 needs the validation scorer (kdlab.experiments.export_runs)")
     # Load the parity data before writing anything: a missing dataset fails without touching the run.
     batches = exporter.validation_batches(cfg, max(1, parity_images, exporter.min_parity_images))
     if not batches:
         raise CheckpointError(f"run {run_dir} has no validation images to check the ONNX export against")
 
     onnx_path = checkpoint.with_suffix(".onnx")
-    export_to_onnx(model, exporter, onnx_path, exporter.example_inputs(cfg), opset, config_metadata(cfg))
-    parity = onnx_parity_of(onnx_path, model, exporter, batches, tolerance)
+    parities: dict[str, dict[str, Any]] = {}
+
+    def parity_reason(method: str) -> str | None:
+        parities[method] = onnx_parity_of(onnx_path, model, exporter, batches, tolerance)
+        worst = parities[method]["max_abs_diff"]
+        return None if parities[method]["ok"] else f"parity max abs diff {worst:.3g} > tolerance {tolerance:.3g}"
+
+    method, failures = export_with_fallback(
+        model, exporter, onnx_path, exporter.example_inputs(cfg), opset, config_metadata(cfg), methods,
+        accept=parity_reason,
+    )  # fmt: skip
+    parity = parities[method]
+    _remove_stale([onnx_path.with_name(INT8_FILE), onnx_path.with_name(FP32_FILE)])  # only once a new file exists
     log.info(
         "ONNX parity on %s: max abs diff %.3g (tolerance %.3g)", exporter.parity_scope(parity), parity["max_abs_diff"],
         tolerance,
@@ -419,9 +618,17 @@ def export_run_to_onnx(
     onnx_ms = onnx_latency_of(onnx_path, exporter, latency_batch, latency_runs)
     torch_ms = torch_latency_of(model, exporter, latency_batch, latency_runs)
     log.info("CPU latency per image: onnxruntime %.2f ms, PyTorch %.2f ms", onnx_ms, torch_ms)
+    accuracy = None
+    if score is not None and parity["ok"]:
+        accuracy = onnx_accuracy(onnx_path, model, exporter, score)
+        log.info(
+            "ONNX %s on %d validation images: %.4f (PyTorch %.4f)", accuracy["metric"], accuracy["images"],
+            accuracy["onnx"].get(accuracy["metric"], math.nan), accuracy["pytorch"].get(accuracy["metric"], math.nan),
+        )  # fmt: skip
 
     metadata = {
         "onnx_file": onnx_path.name,
+        "precision": "fp32",
         **exporter.describe(cfg),
         "input_size": list(exporter.input_size(cfg)),
         "normalization": {
@@ -430,10 +637,12 @@ def export_run_to_onnx(
             "applied_inside_model": True,
             "input_range": [0.0, 1.0],
         },
-        "opset": opset,
+        "opset": file_opset(onnx_path),
+        "opset_requested": opset,
         "experiment": cfg.name,
         "parity": {**parity, "data": "validation"},
         "parity_ok": parity["ok"],
+        "accuracy": accuracy,
         "latency": {
             "onnx_ms_per_image_median": onnx_ms,
             "torch_ms_per_image_median": torch_ms,
@@ -447,7 +656,11 @@ def export_run_to_onnx(
         "source_checkpoint": str(checkpoint),
         "source_checkpoint_sha256": file_sha256(checkpoint),
         "checkpoint_metrics": payload.get("metrics"),
-        "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+        "exporter": method,
+        "exporter_requested": export_cfg.exporter,
+        "exporter_tool": _exporter_tool(method),
+        "exporter_fallbacks": failures,
+        "onnx_checker": "onnx.checker.check_model(full_check=True) passed",
         "versions": {
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
@@ -455,12 +668,87 @@ def export_run_to_onnx(
             "onnxruntime": ort.__version__,
         },
     }
-    metadata = _jsonable(metadata)
-    write_json_atomic(onnx_path.with_name(onnx_path.name + ".json"), metadata)
+    json_path = onnx_path.with_name(onnx_path.name + ".json")
     if not parity["ok"]:
+        write_json_atomic(json_path, _jsonable(metadata))
         raise ExportParityError(
             f"ONNX export {onnx_path} does not match PyTorch: max abs diff {parity['max_abs_diff']:.3g} > "
             f"tolerance {tolerance:.3g} on {exporter.parity_scope(parity)} "
             f"(do not use this file; details in {onnx_path.name}.json)"
         )
+    if export_cfg.quantize == "int8":
+        assert score is not None and accuracy is not None
+        metadata["int8"] = _int8_step(
+            onnx_path, model, cfg, export_cfg, exporter, score, accuracy, latency_batch, latency_runs, calibration
+        )
+        if metadata["int8"]["accepted"]:
+            metadata["precision"] = "int8"
+            metadata["fp32_file"] = FP32_FILE
+    metadata = _jsonable(metadata)
+    write_json_atomic(json_path, metadata)
     return metadata
+
+
+def _int8_step(
+    onnx_path: Path,
+    model: nn.Module,
+    cfg: ExperimentConfig,
+    export_cfg: ExportConfig,
+    exporter: OnnxExporter,
+    score: Scorer,
+    accuracy: dict[str, Any],
+    latency_batch: Batch,
+    latency_runs: int,
+    calibration: Callable[[ExperimentConfig, int], list[Batch]] | None,
+) -> dict[str, Any]:
+    """Quantize the FP32 file, score and time it; ship it as best_model.onnx only when it loses at most
+    `export.max_int8_iou_drop` of the accuracy metric (the FP32 file then moves to best_model.fp32.onnx);
+    otherwise it stays aside as best_model.int8.onnx with a warning and best_model.onnx stays FP32."""
+    from kdlab.export import quantize
+
+    calibrate = calibration or (lambda c, n: quantize.calibration_batches(c, exporter, n))
+    int8_path = onnx_path.with_name(INT8_FILE)
+    calib = calibrate(cfg, export_cfg.calibration_images)
+    info = quantize.quantize_int8(onnx_path, int8_path, calib, exporter)
+    metric = accuracy["metric"]
+    int8_metrics = _numbers(score(OnnxRuntimeModel(int8_path, exporter)))
+    ms = interleaved_onnx_latency({"fp32": onnx_path, "int8": int8_path}, exporter, latency_batch, latency_runs)
+    fp32_value, int8_value = accuracy["onnx"].get(metric), int8_metrics.get(metric)
+    drop = fp32_value - int8_value if fp32_value is not None and int8_value is not None else math.inf
+    if not math.isfinite(drop):
+        drop = math.inf  # NaN metrics (nothing scored) never pass
+    accepted = drop <= export_cfg.max_int8_iou_drop
+    result: dict[str, Any] = {
+        **info,
+        "calibration_images": export_cfg.calibration_images,
+        "metric": metric,
+        "onnx": int8_metrics,
+        "fp32_value": fp32_value,
+        "int8_value": int8_value,
+        "drop": drop,
+        "max_drop": export_cfg.max_int8_iou_drop,
+        "accepted": accepted,
+        "latency": {
+            "fp32_ms_per_image_median": ms["fp32"],
+            "int8_ms_per_image_median": ms["int8"],
+            "int8_over_fp32": ms["int8"] / ms["fp32"] if ms["fp32"] > 0 else None,
+            "runs": latency_runs,
+            "interleaved": True,
+        },
+    }
+    if accepted:
+        onnx_path.replace(onnx_path.with_name(FP32_FILE))
+        int8_path.replace(onnx_path)
+        result["file"] = onnx_path.name
+        log.info(
+            "INT8 %s %.4f vs FP32 %.4f (drop %.4f <= %.4f): best_model.onnx is INT8, FP32 kept as %s",
+            metric, int8_value, fp32_value, drop, export_cfg.max_int8_iou_drop, FP32_FILE,
+        )  # fmt: skip
+    else:
+        result["file"] = INT8_FILE
+        result["warning"] = (
+            f"INT8 loses {drop:.4f} {metric} (> export.max_int8_iou_drop={export_cfg.max_int8_iou_drop}); "
+            f"kept aside as {INT8_FILE}, best_model.onnx stays FP32"
+        )
+        log.warning("%s", result["warning"])
+    return result

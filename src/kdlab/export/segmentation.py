@@ -27,10 +27,12 @@ from kdlab.errors import ConfigError
 from kdlab.export.pipeline import (
     DEFAULT_LATENCY_RUNS,
     DEFAULT_TOLERANCE,
+    DYNAMO_MIN_OPSET,
     Batch,
     OnnxExporter,
     config_metadata,
-    export_to_onnx,
+    export_methods,
+    export_with_fallback,
     onnx_latency_of,
     onnx_parity_of,
     torch_latency_of,
@@ -120,6 +122,10 @@ class SegmentationExporter(OnnxExporter):
     def wrap(self, model: nn.Module) -> nn.Module:
         return SelectedHeads(model, self.heads)
 
+    def as_model_outputs(self, outputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """The graph's outputs under the model's own keys ("logits", ...), as `RoiUNet.forward` returns them."""
+        return dict(zip(self.heads, outputs, strict=True))
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {
             "images": {0: "batch"},
@@ -193,14 +199,19 @@ def export_model_to_onnx(
     model: RoiUNet,
     path: Path,
     input_size: tuple[int, int],
-    opset: int = 17,
+    opset: int = DYNAMO_MIN_OPSET,
     heads: tuple[str, ...] = ("logits",),
     metadata: dict[str, str] | None = None,
-) -> None:
-    """Trace `model` (an eval-mode copy; `model` is untouched) to `path`: inputs images/rois, outputs the
-    `heads` (default: masks only), dynamic B and N; `metadata` goes into the file's metadata_props."""
-    exporter = SegmentationExporter(heads)
-    export_to_onnx(model, exporter, Path(path), _example_inputs(tuple(input_size)), opset, metadata)
+    exporter: str = "auto",
+) -> str:
+    """Export `model` (an eval-mode copy; `model` is untouched) to `path`: inputs images/rois, outputs the
+    `heads` (default: masks only), dynamic B and N; `metadata` goes into the file's metadata_props.
+    `exporter` is export.exporter's choice ("auto": dynamo, TorchScript if dynamo raises); returns the one used."""
+    method, _ = export_with_fallback(
+        model, SegmentationExporter(heads), Path(path), _example_inputs(tuple(input_size)), opset, metadata,
+        export_methods(exporter),
+    )  # fmt: skip
+    return method
 
 
 def onnx_parity(
@@ -224,7 +235,9 @@ def torch_latency_ms(
     return torch_latency_of(model, SegmentationExporter(), (images, rois), runs)
 
 
-def export_teacher_onnx(checkpoint: str | Path, out: str | Path, build: ModelBuilder, opset: int = 17) -> Path:
+def export_teacher_onnx(
+    checkpoint: str | Path, out: str | Path, build: ModelBuilder, opset: int = DYNAMO_MIN_OPSET
+) -> Path:
     """Export a segmentation teacher with all three heads (masks, bg_fg_logits, target_logits) and its
     config in the metadata, so it can fill a teacher cache (`python -m kdlab.distill.cache generate --teacher x.onnx`)."""
     model, cfg, _ = model_from_checkpoint(checkpoint, "teacher checkpoint", build)
@@ -232,6 +245,7 @@ def export_teacher_onnx(checkpoint: str | Path, out: str | Path, build: ModelBui
         raise ConfigError(f"export-teacher exports segmentation teachers; {checkpoint} is a {cfg.task} model")
     metadata = config_metadata(cfg)
     export_model_to_onnx(
-        model.eval(), Path(out), _input_size(cfg), opset, heads=SEGMENTATION_HEADS, metadata=metadata
-    )
+        model.eval(), Path(out), _input_size(cfg), opset, heads=SEGMENTATION_HEADS, metadata=metadata,
+        exporter=cfg.export.exporter,
+    )  # fmt: skip
     return Path(out)
