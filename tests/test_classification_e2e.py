@@ -61,12 +61,15 @@ def test_digits_suite_trains_distils_exports_and_reports_top1(digits_suite):
     assert {"top1", "top5", "ece", "loss"} <= set(summary["final_metrics"])
     rows = list(csv.DictReader((out / "experiment_comparison.csv").open()))
     assert list(rows[0]) == ["experiment", "status", "role", "model", "params_m", "macs_m", "top1", "top5", "ece",
-                             "best_epoch", "train_time_min", "onnx_latency_ms", "onnx_mb", "pct_of_teacher",
-                             "gap_closed"]  # fmt: skip
+                             "best_epoch", "train_time_min", "onnx_latency_ms", "onnx_mb", "onnx_top1", "int8_top1",
+                             "int8_latency_ratio", "int8_shipped", "pct_of_teacher", "gap_closed"]  # fmt: skip
     assert [r["role"] for r in rows] == ["teacher", "student", "distilled"]
     assert [r["model"] for r in rows] == ["resnet18", "mobilenetv3_small_100", "mobilenetv3_small_100"]
     assert float(rows[0]["pct_of_teacher"]) == pytest.approx(100.0)
     assert all(r["top1"] and r["onnx_latency_ms"] for r in rows)
+    # The exported file, scored by the same evaluator on the whole validation set, matches the checkpoint.
+    assert all(abs(float(r["onnx_top1"]) - float(r["top1"])) <= 0.01 for r in rows)
+    assert not any(r["int8_top1"] for r in rows)  # no export.quantize: no INT8 model
     assert "| top-1 |" in (out / "experiment_comparison.md").read_text().replace("  ", " ").replace("  ", " ")
 
 

@@ -44,11 +44,12 @@ class ReportLayout:
 _PEOPLE_COLUMNS: tuple[str, ...] = (
     "experiment", "status", "role", "encoder", "params_m", "macs_g", "target_iou", "miou", "iou_background",
     "iou_target", "iou_other", "boundary_f1", "best_epoch", "train_time_min", "onnx_latency_ms", "onnx_mb",
-    "pct_of_teacher", "gap_closed",
+    "onnx_target_iou", "int8_target_iou", "int8_latency_ratio", "int8_shipped", "pct_of_teacher", "gap_closed",
 )  # fmt: skip
 _CLASSIFIER_COLUMNS: tuple[str, ...] = (
     "experiment", "status", "role", "model", "params_m", "macs_m", "top1", "top5", "ece", "best_epoch",
-    "train_time_min", "onnx_latency_ms", "onnx_mb", "pct_of_teacher", "gap_closed",
+    "train_time_min", "onnx_latency_ms", "onnx_mb", "onnx_top1", "int8_top1", "int8_latency_ratio", "int8_shipped",
+    "pct_of_teacher", "gap_closed",
 )  # fmt: skip
 _SEQUENCE_COLUMNS: tuple[str, ...] = (
     "experiment", "status", "role", "model", "params_k", "macs_m", "top1", "top5", "ece", "best_epoch",

@@ -22,7 +22,10 @@ from kdlab.experiments.seed_stats import t_interval, verdict
 
 # Columns that vary from seed to seed: mean ± std in the aggregated table. The others (architecture sizes)
 # are the same for every seed of a config and keep one value (their mean).
-SPREAD_COLUMNS: tuple[str, ...] = ("best_epoch", "train_time_min", "onnx_latency_ms")
+SPREAD_COLUMNS: tuple[str, ...] = (
+    "best_epoch", "train_time_min", "onnx_latency_ms", "onnx_target_iou", "int8_target_iou", "onnx_top1",
+    "int8_top1", "int8_latency_ratio",
+)  # fmt: skip
 _FIXED_COLUMNS: tuple[str, ...] = ("params_m", "params_k", "macs_g", "macs_m", "onnx_mb")
 DELTA_COLUMNS: tuple[str, ...] = (
     "baseline",
@@ -116,6 +119,10 @@ def aggregate_rows(
                 agg[f"{column}_mean"], agg[f"{column}_std"] = stat.mean, stat.std
             elif column in _FIXED_COLUMNS:
                 agg[column] = t_interval([row[column] for _, row in ok if row.get(column) is not None]).mean
+            elif column == "int8_shipped":
+                verdicts = [row[column] for _, row in ok if row.get(column) is not None]
+                shipped = sum(v == "yes" for v in verdicts)
+                agg[column] = f"{shipped}/{len(verdicts)} seeds" if verdicts else None
         out.append(agg)
         own_teacher[group] = None
         for _, _, rec in members[:1]:

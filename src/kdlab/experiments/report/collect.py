@@ -206,8 +206,32 @@ def row_columns(layout: ReportLayout) -> tuple[str, ...]:
     return (
         "experiment", "status", "role", layout.arch_column, *(c for c, _ in layout.params_columns),
         *(c for c, _ in layout.macs_columns), *layout.metric_columns, "best_epoch", "train_time_min",
-        "onnx_latency_ms", "onnx_mb", "pct_of_teacher", "gap_closed",
+        "onnx_latency_ms", "onnx_mb", *onnx_score_columns(layout), "pct_of_teacher", "gap_closed",
     )  # fmt: skip
+
+
+def onnx_score_columns(layout: ReportLayout) -> tuple[str, ...]:
+    """The exported file's own validation score (and its INT8 model's), named after the headline metric:
+    onnx_target_iou for people, onnx_top1 for classifiers."""
+    return (f"onnx_{layout.headline}", f"int8_{layout.headline}", "int8_latency_ratio", "int8_shipped")
+
+
+def _onnx_scores(meta: dict[str, Any] | None, layout: ReportLayout) -> dict[str, Any]:
+    """best_model.onnx.json -> the row's ONNX score columns (None where the export recorded none)."""
+    head = layout.headline
+    onnx_col, int8_col, ratio_col, shipped_col = onnx_score_columns(layout)
+    out: dict[str, Any] = dict.fromkeys(onnx_score_columns(layout))
+    accuracy = _get(meta, "accuracy")
+    out[onnx_col] = number(_get(accuracy, "onnx", head)) if isinstance(accuracy, dict) else None
+    int8 = _get(meta, "int8")
+    if isinstance(int8, dict):
+        out[int8_col] = number(_get(int8, "onnx", head))
+        out[ratio_col] = number(_get(int8, "latency", "int8_over_fp32"))
+        drop = number(_get(int8, "drop"))
+        out[shipped_col] = "yes" if int8.get("accepted") else (
+            f"no: −{drop:.4f} > {int8.get('max_drop')}" if drop is not None else "no"
+        )  # fmt: skip
+    return out
 
 
 def layout_for_rows(rows: list[dict[str, Any]]) -> ReportLayout:
@@ -265,6 +289,7 @@ def _base_row(record: RunRecord, files: RunFiles, layout: ReportLayout) -> dict[
         "train_time_min": train_seconds / 60 if train_seconds is not None else None,
         "onnx_latency_ms": number(_find_key(files.onnx_meta, "onnx_ms_per_image_median")),
         "onnx_mb": onnx_mb,
+        **_onnx_scores(files.onnx_meta, layout),
         "pct_of_teacher": None,
         "gap_closed": None,
     }

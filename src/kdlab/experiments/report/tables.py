@@ -49,6 +49,12 @@ _MD_FORMAT: dict[str, tuple[str, str | None]] = {
     "train_time_min": ("train min", "{:.1f}"),
     "onnx_latency_ms": ("ONNX ms", "{:.2f}"),
     "onnx_mb": ("ONNX MB", "{:.1f}"),
+    "onnx_target_iou": ("ONNX target IoU", "{:.4f}"),
+    "onnx_top1": ("ONNX top-1", "{:.4f}"),
+    "int8_target_iou": ("INT8 target IoU", "{:.4f}"),
+    "int8_top1": ("INT8 top-1", "{:.4f}"),
+    "int8_latency_ratio": ("INT8/FP32 ms", "{:.2f}"),
+    "int8_shipped": ("INT8 shipped", None),
     "pct_of_teacher": ("% of teacher", "{:.1f}"),
     "gap_closed": ("gap closed", "{:.2f}"),
     "model": ("model", None),
@@ -82,9 +88,21 @@ def _markdown(cells: pd.DataFrame, numeric: list[bool]) -> str:
     return cells.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True)
 
 
+# Shown in the Markdown table only when some run has a value (INT8 exists only with export.quantize=int8);
+# the CSV and JSON always have them.
+OPTIONAL_COLUMNS = ("int8_target_iou", "int8_top1", "int8_latency_ratio", "int8_shipped")
+
+
+def _shown(frame: pd.DataFrame, column: str) -> bool:
+    if column not in OPTIONAL_COLUMNS:
+        return True
+    cells = [c for c in frame.columns if c == column or c.startswith(f"{column}_")]
+    return any(not _missing(v) for c in cells for v in frame[c])
+
+
 def runs_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
     """The per-run table: one row per run, today's columns."""
-    columns = list(layout.columns)
+    columns = [c for c in layout.columns if _shown(frame, c)]
     cells = pd.DataFrame(
         {_MD_FORMAT[c][0]: [_md_cell(c, v) for v in frame[c]] for c in columns},
         columns=[_MD_FORMAT[c][0] for c in columns],
@@ -106,7 +124,7 @@ def aggregated_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
         cols[header] = cells
         numeric.append(is_number)
 
-    for column in layout.columns:
+    for column in (c for c in layout.columns if _shown(frame, c)):
         label, fmt = _MD_FORMAT[column]
         if column in layout.metric_columns or column in SPREAD_COLUMNS:
 
