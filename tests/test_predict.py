@@ -95,21 +95,64 @@ def test_predictions_load_into_cocoeval_segm(ws, coco_outputs):
     )
 
 
-def test_metrics_are_the_trainers_evaluator_on_the_same_data(ws, coco_outputs):
+def test_metrics_are_the_trainers_evaluator_on_the_same_data(ws, tmp_path, capsys):
+    """metrics.json equals the task's evaluator on the run's validation set pointed at the same file, which
+    holds one person smaller than the config's data.min_box_size: predicted, but not scored (as in training)."""
     from kdlab.data.loaders import build_datasets, build_loader
     from kdlab.tasks import model_from_checkpoint, task_of
 
     model, cfg, _ = model_from_checkpoint(ws["pth"], "checkpoint")
-    _, val = build_datasets(cfg)  # the run's own validation set: the same images and annotations
+    coco = json.loads(ws["ann"].read_text())
+    assert cfg.data.min_box_size > 4
+    tiny = {"id": 10_000, "image_id": coco["images"][0]["id"], "category_id": coco["categories"][0]["id"],
+            "bbox": [2, 2, 4, 4], "area": 16, "iscrowd": 0, "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]]}  # fmt: skip
+    coco["annotations"].append(tiny)
+    ann = tmp_path / "with_tiny.json"
+    ann.write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    code, _, err = predict(
+        ["--model", str(ws["pth"]), "--images", str(ws["images"]), "--coco", str(ann), "--output", str(out)],
+        capsys,
+    )
+    assert code == 0, err
+    assert len(json.loads((out / "predictions.json").read_text())) == len(coco["annotations"])
+
+    data = cfg.data.model_copy(update={"val_annotations": str(ann), "val_images": str(ws["images"])})
+    _, val = build_datasets(cfg.model_copy(update={"data": data}))
     loader = build_loader(val, 2, shuffle=False, seed=0, num_workers=0, pin_memory=False)
     expected, _ = task_of(cfg).build_evaluator(cfg, loader, torch.device("cpu"), None, False)(model.eval())
-    got = json.loads((coco_outputs["pth"] / "metrics.json").read_text())["metrics"]
-    assert got["num_rois"] == expected["num_rois"] > 0
+    got = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert got["num_rois"] == expected["num_rois"] == len(coco["annotations"]) - 1
     for key in ("target_iou", "miou", "iou_background", "iou_target", "iou_other", "boundary_f1"):
         if np.isnan(expected[key]):
             assert got[key] is None
         else:
             assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+def test_coco_with_a_list_of_files_predicts_and_scores_those_only(ws, tmp_path, capsys):
+    gt = COCO(str(ws["ann"]))
+    chosen = sorted(ws["images"].iterdir())[:2]
+    out = tmp_path / "out"
+    args = [
+        "--model",
+        str(ws["onnx"]),
+        "--images",
+        *map(str, chosen),
+        "--coco",
+        str(ws["ann"]),
+        "--output",
+        str(out),
+    ]
+    code, stdout, err = predict(args, capsys)
+    assert code == 0, err
+    ids = {i["id"] for i in gt.dataset["images"] if i["file_name"] in {p.name for p in chosen}}
+    results = json.loads((out / "predictions.json").read_text())
+    assert {r["image_id"] for r in results} == ids
+    assert len(results) == len(gt.getAnnIds(imgIds=list(ids), iscrowd=False))
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["images"] == 2 and 0 < metrics["num_rois"] <= len(results)
+    assert "target_iou" in stdout  # the table
 
 
 def test_boxes_json_whole_image_and_an_image_of_another_size(ws, tmp_path, capsys):
@@ -214,6 +257,7 @@ BAD_INPUTS = {
     "no boxes for an image": (lambda ws, t: ["--model", str(ws["onnx"]), "--images", str(ws["images"]), "--boxes", _write(t / "b.json", {"000000.jpg": []})], "no boxes for 000000.jpg"),
     "no boxes at all": (lambda ws, t: ["--model", str(ws["onnx"]), "--images", str(ws["images"]), "--boxes", _write(t / "b.json", {})], "gives no images"),
     "broken coco": (lambda ws, t: ["--model", str(ws["onnx"]), "--images", str(ws["images"]), "--coco", _write(t / "c.json", "{\"images\": [")], "not valid JSON"),
+    "image not in the coco file": (lambda ws, t: ["--model", str(ws["onnx"]), "--images", str(ws["images"] / "000000.jpg"), _write(t / "x.png", ""), "--coco", str(ws["ann"])], "has no entry in coco file"),
     "coco and boxes": (lambda ws, t: ["--model", str(ws["onnx"]), "--images", str(ws["images"]), "--coco", str(ws["ann"]), "--boxes", str(ws["ann"])], "not allowed with"),
     "pth of another task": (lambda ws, t: ["--model", str(_classification_checkpoint(t / "digits.pth")), "--images", str(ws["images"]), "--whole_image"], "is a classification model"),
 }  # fmt: skip
@@ -236,5 +280,5 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(ws, tmp_path, ca
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".kdlab-predict")]  # no staging left
     assert {p for p in tmp_path.iterdir()} - set(before) <= {
-        tmp_path / n for n in ("trunc", "b.json", "c.json", "digits.pth")
+        tmp_path / n for n in ("trunc", "b.json", "c.json", "digits.pth", "x.png")
     }

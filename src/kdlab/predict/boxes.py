@@ -222,29 +222,28 @@ def coco_boxes(path: Path, selection: ImageSelection, person_category: str) -> B
     people are skipped (COCO has many); an image file missing from --images, or no box at all, is an error."""
     records = read_coco_people(path, person_category, 0.0, keep_images_without_people=True, what="coco")
     source = f"coco file {path}"
-    if selection.folder is not None:
-        chosen = records
-        resolved = _resolve_names([r.file_name for r in records], selection, source)
-    else:
-        resolved = _resolve_names([r.file_name for r in records], selection, source)
-        chosen = [r for r in records if r.file_name in resolved]
-        _require_all_listed(selection, set(resolved.values()), source)
+    with_people = [r for r in records if r.people]
+    if len(with_people) < len(records):
+        log.info(
+            "%d image(s) in %s have no person boxes and are not predicted",
+            len(records) - len(with_people),
+            path,
+        )
+    resolved = _resolve_names([r.file_name for r in with_people], selection, source)
+    chosen = [r for r in with_people if r.file_name in resolved]
+    if selection.folder is None:  # a listed file must be in the COCO file (with or without people)
+        known = _resolve_names([r.file_name for r in records], selection, source)
+        _require_all_listed(selection, set(known.values()), source)
     jobs: list[ImageJob] = []
-    without_people = 0
     for rec in chosen:
-        if not rec.people:
-            without_people += 1
-            continue
         image = resolved[rec.file_name]
         h, w = image_size(image)
         if (h, w) != (rec.height, rec.width):
             raise DataError(f"image file {image} is {w}x{h} but {source} says {rec.width}x{rec.height}")
         jobs.append(ImageJob(rec.image_id, image, h, w, _as_boxes([list(p.box) for p in rec.people])))
-    if without_people:
-        log.info("%d image(s) in %s have no person boxes and are not predicted", without_people, path)
     if not jobs:
         raise DataError(f"{source} has no person boxes for the --images given; nothing to predict")
-    files = {r.file_name: resolved[r.file_name] for r in chosen if r.people}
+    files = {r.file_name: resolved[r.file_name] for r in chosen}
     return BoxPlan(jobs, person_category_id(path, person_category), files)
 
 

@@ -116,22 +116,22 @@ def _check_request(req: PredictRequest) -> None:
         raise KdlabInputError(f"--output {req.output} is a file; give a directory")
 
 
-def _box_plan(req: PredictRequest, model: PeopleModel) -> BoxPlan:
-    selection = select_images(req.images)
-    if req.coco is not None:
-        return coco_boxes(req.coco, selection, model.config.data.person_category)
-    if req.boxes is not None:
-        return json_boxes(req.boxes, selection)
-    return whole_image_boxes(selection)
-
-
 def plan(req: PredictRequest) -> PredictPlan:
-    """Every check, cheapest first; raises KdlabInputError (exit 2) and writes nothing."""
+    """Every check, cheapest first; raises KdlabInputError (exit 2) and writes nothing. --boxes and
+    --whole_image are checked before the model loads; COCO boxes need its config's person category."""
     _check_request(req)
     check_model_file(req.model)
-    select_images(req.images)  # a wrong --images fails before the model is loaded
+    selection = select_images(req.images)
+    boxes = None
+    if req.boxes is not None:
+        boxes = json_boxes(req.boxes, selection)
+    elif req.whole_image:
+        boxes = whole_image_boxes(selection)
     model = load_people_model(req.model, resolve_device(req.device))
-    return PredictPlan(req, model, _box_plan(req, model))
+    if boxes is None:
+        assert req.coco is not None
+        boxes = coco_boxes(req.coco, selection, model.config.data.person_category)
+    return PredictPlan(req, model, boxes)
 
 
 # ------------------------------------------------------------------------------------ the model pass
