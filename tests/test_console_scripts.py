@@ -16,6 +16,7 @@ SCRIPTS = {
     "kdlab-cache": "kdlab.cli.cache:entrypoint",
     "kdlab-synthetic": "kdlab.cli.synthetic:entrypoint",
     "kdlab-average": "kdlab.cli.average:entrypoint",
+    "kdlab-predict": "kdlab.cli.predict:entrypoint",
 }
 
 
@@ -32,7 +33,7 @@ def test_each_script_target_is_a_cli_entrypoint(script: str, target: str) -> Non
     assert callable(getattr(module, attr)) and callable(module.main), script
 
 
-@pytest.mark.parametrize("module", ["kdlab.cli.train", "kdlab.cli.experiments", "kdlab.cli.synthetic", "kdlab.average"])
+@pytest.mark.parametrize("module", ["kdlab.cli.train", "kdlab.cli.experiments", "kdlab.cli.synthetic", "kdlab.average", "kdlab.predict"])
 def test_python_dash_m_help_exits_0(module: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300

@@ -222,6 +222,26 @@ def check_image_files(records: list[Any], images_dir: Path, what: str) -> None:
         )
 
 
+def _dataset_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the train and validation datasets share: sizes, ROI cap, bad-image policy, the ROI window."""
+    return dict(
+        input_size=tuple(cfg.data.input_size),
+        mask_size=tuple(cfg.model.mask_size),
+        max_rois_per_image=cfg.data.max_rois_per_image,
+        skip_bad_images=cfg.data.skip_bad_images,
+        roi_sampling_ratio=cfg.model.roi_sampling_ratio,
+        roi_margin=cfg.model.roi_margin,
+    )
+
+
+def validation_dataset(cfg: ExperimentConfig, records: list[Any], images_dir: str | Path) -> CocoPeopleDataset:
+    """The validation view of `records` (deterministic letterbox, the config's ROI targets): what the trainer
+    evaluates on, also used by `kdlab-predict` to score a model on other annotated images."""
+    return CocoPeopleDataset(
+        records, images_dir, transform=EvalTransform(cfg.data.input_size), **_dataset_options(cfg)
+    )
+
+
 def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeopleDataset]:
     """Train and validation datasets (annotations parsed and validated now, images read lazily)."""
     data = cfg.data
@@ -248,18 +268,11 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeople
     if not data.skip_bad_images:
         check_image_files(train_records, paths.train_images, "train_images")
         check_image_files(val_records, paths.val_images, "val_images")
-    common = dict(
-        input_size=tuple(data.input_size),
-        mask_size=tuple(cfg.model.mask_size),
-        max_rois_per_image=data.max_rois_per_image,
-        skip_bad_images=data.skip_bad_images,
-        roi_sampling_ratio=cfg.model.roi_sampling_ratio,
-        roi_margin=cfg.model.roi_margin,
-    )
     train = CocoPeopleDataset(
-        train_records, paths.train_images, transform=TrainTransform(data.input_size, data.augment), **common
-    )
-    val = CocoPeopleDataset(val_records, paths.val_images, transform=EvalTransform(data.input_size), **common)
+        train_records, paths.train_images, transform=TrainTransform(data.input_size, data.augment),
+        **_dataset_options(cfg),
+    )  # fmt: skip
+    val = validation_dataset(cfg, val_records, paths.val_images)
     log.info(
         "data: %d train images (%d people), %d val images (%d people)",
         len(train_records),

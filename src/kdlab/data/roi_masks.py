@@ -1,4 +1,5 @@
-"""Build each ROI's 3-class target mask (0 background, 1 this person, 2 any other person).
+"""Build each ROI's 3-class target mask (0 background, 1 this person, 2 any other person), and paste a
+predicted one back onto the image's pixels.
 
 Masks are built *after* geometric augmentation, with the same RoIAlign sampling the model uses to crop its
 features, so the target of ROI i lines up pixel for pixel with what the head sees.
@@ -6,7 +7,10 @@ features, so the target of ROI i lines up pixel for pixel with what the head see
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.nn.functional import grid_sample
 from torchvision.ops import roi_align
 
 BACKGROUND, TARGET, OTHER = 0, 1, 2
@@ -57,3 +61,38 @@ def build_roi_masks(
     out[anyone] = OTHER
     out[own] = TARGET
     return out
+
+
+def window_pixel_region(window: torch.Tensor, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the pixels of an `image_size` (H, W) image whose centres lie inside `window`
+    (x1 y1 x2 y2, continuous pixel coordinates: pixel i covers [i, i+1]); empty (x1 <= x0) if none do."""
+    h, w = image_size
+    wx1, wy1, wx2, wy2 = (float(v) for v in window)
+    x0, y0 = max(0, math.ceil(wx1 - 0.5)), max(0, math.ceil(wy1 - 0.5))
+    x1, y1 = min(w, math.floor(wx2 - 0.5) + 1), min(h, math.floor(wy2 - 0.5) + 1)
+    return x0, y0, max(x0, x1), max(y0, y1)
+
+
+def paste_roi_probabilities(
+    probs: torch.Tensor, window: torch.Tensor, image_size: tuple[int, int]
+) -> tuple[tuple[int, int, int, int], torch.Tensor]:
+    """One ROI's class probabilities [C,mask_h,mask_w] over `window` -> the same classes on the image's
+    pixel grid inside the window: ((x0, y0, x1, y1), float [C, y1-y0, x1-x0]).
+
+    The inverse of the RoIAlign crop that builds targets (`build_roi_masks`, aligned=True): mask cell j spans
+    [wx1 + j*bw, wx1 + (j+1)*bw], so each pixel centre is sampled bilinearly at its place in that grid
+    (clamped to the edge cells). Pixels outside the window are left to the caller (the ROI says nothing
+    there). Only the window's region is returned, so large images cost memory for the ROI alone.
+    """
+    x0, y0, x1, y1 = window_pixel_region(window, image_size)
+    channels = probs.shape[0]
+    if x1 <= x0 or y1 <= y0:
+        return (x0, y0, x1, y1), probs.new_zeros((channels, max(0, y1 - y0), max(0, x1 - x0)))
+    wx1, wy1, wx2, wy2 = (float(v) for v in window)
+    xs = (torch.arange(x0, x1, dtype=torch.float32) + 0.5 - wx1) / (wx2 - wx1) * 2 - 1
+    ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5 - wy1) / (wy2 - wy1) * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]  # [1, rh, rw, (x, y)]
+    pasted = grid_sample(
+        probs[None].float(), grid.to(probs.device), mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return (x0, y0, x1, y1), pasted[0]

@@ -42,31 +42,76 @@ def horizontal_flip(sample: Sample) -> Sample:
     )
 
 
+@dataclass(frozen=True)
+class CropWindow:
+    """Where an image lands in the network input: resized to (new_h, new_w), then cropped at (top, left)
+    (negative = padded) to the input size. `fit_crop` applies it; prediction inverts it."""
+
+    height: int  # the original image's size
+    width: int
+    new_h: int
+    new_w: int
+    top: int
+    left: int
+
+
+def crop_window(
+    image_size: tuple[int, int], input_size: tuple[int, int], zoom: float, offset: tuple[float, float]
+) -> CropWindow:
+    """The geometry of `fit_crop` for an image of `image_size` (H, W): aspect-kept fit times `zoom`, the
+    window placed at `offset` in [0,1]^2 inside the slack (0.5, 0.5 = centred)."""
+    in_h, in_w = input_size
+    h, w = image_size
+    scale = min(in_h / h, in_w / w) * zoom
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    top = math.floor((new_h - in_h) * offset[0]) if new_h >= in_h else -math.floor((in_h - new_h) * offset[0])
+    left = (
+        math.floor((new_w - in_w) * offset[1]) if new_w >= in_w else -math.floor((in_w - new_w) * offset[1])
+    )
+    return CropWindow(int(h), int(w), new_h, new_w, top, left)
+
+
+def letterbox_window(image_size: tuple[int, int], input_size: tuple[int, int]) -> CropWindow:
+    """The validation letterbox (`EvalTransform`): fit, no zoom, centred."""
+    return crop_window(image_size, input_size, 1.0, (0.5, 0.5))
+
+
+def crop_image(image: torch.Tensor, window: CropWindow, input_size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [3,H,W] -> [3,in_h,in_w] through `window` (antialiased resize, zero padding)."""
+    image = F.resize(image, [window.new_h, window.new_w], antialias=True)
+    return F.crop(image, window.top, window.left, *input_size)
+
+
+def crop_boxes(boxes: torch.Tensor, window: CropWindow, input_size: tuple[int, int]) -> torch.Tensor:
+    """float [K,4] xyxy in original pixels -> input pixels through `window` (clamped to the input)."""
+    boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(window.height, window.width))
+    boxes = F.resize(boxes, [window.new_h, window.new_w])
+    boxes = F.crop(boxes, window.top, window.left, *input_size)
+    return boxes.as_subclass(torch.Tensor).to(torch.float32)
+
+
+def uncrop_boxes(boxes: torch.Tensor, window: CropWindow) -> torch.Tensor:
+    """The inverse of `crop_boxes` (without its clamping): [..., 4] xyxy input pixels -> original pixels."""
+    sx, sy = window.width / window.new_w, window.height / window.new_h
+    shift = torch.tensor([window.left, window.top, window.left, window.top], dtype=boxes.dtype)
+    scale = torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype)
+    return (boxes + shift) * scale
+
+
 def fit_crop(sample: Sample, input_size: tuple[int, int], zoom: float, offset: tuple[float, float]) -> Sample:
     """Resize so the image fits `input_size` (aspect kept) times `zoom`, then crop/pad to `input_size`.
 
     `offset` in [0,1]^2 chooses where the window sits inside the slack (0.5, 0.5 = centred); where the
     resized image is smaller than the input it is padded with zeros.
     """
-    in_h, in_w = input_size
-    h, w = sample.image.shape[-2:]
-    scale = min(in_h / h, in_w / w) * zoom
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    boxes = tv_tensors.BoundingBoxes(sample.boxes, format="XYXY", canvas_size=(h, w))
+    input_size = (int(input_size[0]), int(input_size[1]))
+    window = crop_window(tuple(sample.image.shape[-2:]), input_size, zoom, offset)
     masks = tv_tensors.Mask(sample.masks.to(torch.uint8))
-    image = F.resize(sample.image, [new_h, new_w], antialias=True)
-    boxes = F.resize(boxes, [new_h, new_w])
-    masks = F.resize(masks, [new_h, new_w], interpolation=F.InterpolationMode.NEAREST)
-    top = math.floor((new_h - in_h) * offset[0]) if new_h >= in_h else -math.floor((in_h - new_h) * offset[0])
-    left = (
-        math.floor((new_w - in_w) * offset[1]) if new_w >= in_w else -math.floor((in_w - new_w) * offset[1])
-    )
-    image = F.crop(image, top, left, in_h, in_w)
-    boxes = F.crop(boxes, top, left, in_h, in_w)
-    masks = F.crop(masks, top, left, in_h, in_w)
+    masks = F.resize(masks, [window.new_h, window.new_w], interpolation=F.InterpolationMode.NEAREST)
+    masks = F.crop(masks, window.top, window.left, *input_size)
     return Sample(
-        image=image,
-        boxes=boxes.as_subclass(torch.Tensor).to(torch.float32),
+        image=crop_image(sample.image, window, input_size),
+        boxes=crop_boxes(sample.boxes, window, input_size),
         masks=masks.as_subclass(torch.Tensor).bool(),
     )
 
