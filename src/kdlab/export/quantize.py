@@ -52,8 +52,8 @@ QUANTIZABLE_OPS = (
 )  # fmt: skip
 
 _NO_GAIN = "no speed gain measured from int8 here (docs/onnx.md INT8), so one rounding step fewer"
-# Measured on the quickstart student and the seed student's sizes (docs/onnx.md "INT8"): quantizing only the
-# Conv/Gemm layers (with their fused Relu) was the fastest variant at 192x192 and 640x640 and lost no IoU.
+# Measured on the quickstart student and the seed student's sizes (docs/onnx.md "INT8"): quantizing also
+# SiLU/Add/Concat was no faster than Conv/Gemm alone (within run-to-run noise) and neither lost IoU.
 DEFAULT_KEEP_FLOAT: dict[str, str] = {
     "RoiAlign": "onnxruntime has no int8 RoiAlign kernel; the crops are float (and carry the box geometry)",
     "Softmax": "by design (not measured quantized): p(fg) gates the target branch, and 2 channels cost "
