@@ -18,14 +18,14 @@ from torchvision.ops import roi_align
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
 from kdlab.config.loader import resolve_config, validate_config
-from kdlab.config.schema import ModelConfig
+from kdlab.config.schema import ExportConfig, ModelConfig
 from kdlab.data.loaders import build_datasets, build_loader
 from kdlab.engine.batches import batch_to_device
 from kdlab.errors import CheckpointError, ConfigError
-from kdlab.export.classification import ClassificationExporter
-from kdlab.export import pipeline
-from kdlab.export.pipeline import ExportParityError, TraceableGroupNorm, export_run_to_onnx
 from kdlab.experiments import export_runs
+from kdlab.export import pipeline
+from kdlab.export.classification import ClassificationExporter
+from kdlab.export.pipeline import ExportParityError, TraceableGroupNorm, export_run_to_onnx
 from kdlab.export.segmentation import (
     SegmentationExporter,
     export_model_to_onnx,
@@ -320,9 +320,7 @@ def test_export_teacher_refuses_a_model_that_is_not_a_segmentation_teacher(tmp_p
 
 
 # ------------------------------------------------------------------ the dynamo exporter, auto, accuracy
-def _export_cfg(run: Path, **changes) -> "ExportConfig":
-    from kdlab.config.schema import ExportConfig
-
+def _export_cfg(run: Path, **changes) -> ExportConfig:
     config = json.loads((run / "config.json").read_text())
     return ExportConfig.model_validate({**config["export"], **changes})
 
@@ -406,3 +404,74 @@ def test_a_named_exporter_that_fails_is_not_replaced(tiny_run, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated exporter failure"):
         export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=1, latency_runs=1,
                            export_cfg=_export_cfg(tiny_run, exporter="torchscript"))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- INT8 in the pipeline
+def _has_qdq(path: Path) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+
+
+def test_int8_within_the_allowed_drop_becomes_best_model_and_fp32_is_kept(tiny_run):
+    ckpt = tiny_run / "checkpoints"
+    meta = export_runs.export_run_to_onnx(
+        tiny_run, export_cfg=_export_cfg(tiny_run, quantize="int8", calibration_images=4, max_int8_iou_drop=1.0),
+        latency_runs=1,
+    )  # fmt: skip
+    int8 = meta["int8"]
+    assert int8["accepted"] is True and meta["precision"] == "int8" and meta["fp32_file"] == "best_model.fp32.onnx"
+    assert _has_qdq(ckpt / "best_model.onnx") and not _has_qdq(ckpt / "best_model.fp32.onnx")
+    assert not (ckpt / "best_model.int8.onnx").exists()
+    assert int8["calibration_images"] == 4 and int8["format"] == "QDQ" and int8["per_channel"] is True
+    assert "RoiAlign" in int8["kept_float"] and int8["quantized_ops"]
+    assert int8["onnx"]["num_rois"] == meta["accuracy"]["onnx"]["num_rois"] > 0  # scored on the same images
+    assert int8["drop"] == pytest.approx(int8["fp32_value"] - int8["int8_value"])
+    assert int8["latency"]["int8_over_fp32"] > 0
+    # The shipped INT8 file carries the run's config like the FP32 one (kdlab-predict reads it from the file).
+    props = {p.key for p in onnx.load(str(ckpt / "best_model.onnx")).metadata_props}
+    assert pipeline.CONFIG_METADATA_KEY in props
+    session = ort.InferenceSession(str(ckpt / "best_model.onnx"), providers=["CPUExecutionProvider"])
+    (masks,) = session.run(["masks"], {"images": np.zeros((2, 3, 64, 64), np.float32), "rois": np.zeros((0, 5), np.float32)})
+    assert masks.shape == (0, 3, 32, 24)
+
+    # A plain re-export replaces both files and leaves no stale INT8/FP32 copy the metadata would not describe.
+    meta = export_runs.export_run_to_onnx(tiny_run, export_cfg=_export_cfg(tiny_run), latency_runs=1)
+    assert meta["precision"] == "fp32" and "int8" not in meta
+    assert not _has_qdq(ckpt / "best_model.onnx") and not (ckpt / "best_model.fp32.onnx").exists()
+
+
+def test_int8_that_loses_too_much_is_kept_aside_and_best_model_stays_fp32(tiny_run, monkeypatch):
+    """The scorer is wrapped so the INT8 file scores 0.2 below its real value: more than the allowed 0.01."""
+    real = export_runs.validation_scorer
+
+    def harsher_on_int8(cfg, max_images=None):
+        score = real(cfg, max_images)
+
+        def wrapped(model):
+            metrics = dict(score(model))
+            if isinstance(model, pipeline.OnnxRuntimeModel) and "int8" in model.path.name:
+                metrics["target_iou"] -= 0.2
+            return metrics
+
+        return wrapped
+
+    monkeypatch.setattr(export_runs, "validation_scorer", harsher_on_int8)
+    ckpt = tiny_run / "checkpoints"
+    meta = export_runs.export_run_to_onnx(
+        tiny_run, export_cfg=_export_cfg(tiny_run, quantize="int8", calibration_images=2), latency_runs=1
+    )
+    int8 = meta["int8"]
+    assert int8["accepted"] is False and meta["precision"] == "fp32"
+    assert int8["drop"] == pytest.approx(0.2, abs=0.05) and int8["file"] == "best_model.int8.onnx"
+    assert "kept aside as best_model.int8.onnx" in int8["warning"]
+    assert not _has_qdq(ckpt / "best_model.onnx") and _has_qdq(ckpt / "best_model.int8.onnx")
+    assert not (ckpt / "best_model.fp32.onnx").exists()
+
+
+def test_runner_quantize_flag_reaches_the_export_config():
+    from kdlab.cli.common import CONFIG_FLAG_KEYS
+    from kdlab.cli.experiments import build_parser
+
+    assert CONFIG_FLAG_KEYS["quantize"] == "export.quantize"
+    assert build_parser().parse_args(["--configs", "x", "--quantize", "int8"]).quantize == "int8"
+    cfg = resolve_config("quickstart_distill", flags={"export.quantize": "int8"})
+    assert cfg.export.quantize == "int8" and cfg.export.max_int8_iou_drop == 0.01

@@ -689,6 +689,20 @@ def export_run_to_onnx(
     return metadata
 
 
+def _copy_metadata_props(source: Path, target: Path) -> None:
+    """Give `target` the metadata_props of `source` it lacks (the resolved config: kdlab-predict and the
+    teacher cache read it from the file itself)."""
+    src, dst = onnx.load(str(source)), onnx.load(str(target))
+    have = {p.key for p in dst.metadata_props}
+    missing = [p for p in src.metadata_props if p.key not in have]
+    if not missing:
+        return
+    for prop in missing:
+        entry = dst.metadata_props.add()
+        entry.key, entry.value = prop.key, prop.value
+    atomic_write(target, lambda tmp: onnx.save(dst, str(tmp)))
+
+
 def _int8_step(
     onnx_path: Path,
     model: nn.Module,
@@ -710,6 +724,7 @@ def _int8_step(
     int8_path = onnx_path.with_name(INT8_FILE)
     calib = calibrate(cfg, export_cfg.calibration_images)
     info = quantize.quantize_int8(onnx_path, int8_path, calib, exporter)
+    _copy_metadata_props(onnx_path, int8_path)
     metric = accuracy["metric"]
     int8_metrics = _numbers(score(OnnxRuntimeModel(int8_path, exporter)))
     ms = interleaved_onnx_latency({"fp32": onnx_path, "int8": int8_path}, exporter, latency_batch, latency_runs)
@@ -720,7 +735,7 @@ def _int8_step(
     accepted = drop <= export_cfg.max_int8_iou_drop
     result: dict[str, Any] = {
         **info,
-        "calibration_images": export_cfg.calibration_images,
+        "calibration_images_requested": export_cfg.calibration_images,
         "metric": metric,
         "onnx": int8_metrics,
         "fp32_value": fp32_value,
