@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_images", type=int, help="synthetic images for the data suite")
     p.add_argument("--onnx_runs", type=int)
     p.add_argument("--onnx_sizes", type=_size, nargs="*", help="extra ONNX resolutions, e.g. 640x640")
+    p.add_argument("--candidates", nargs="+", help="fast_student: the candidates to time (default: all)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no_naive", action="store_true", help="skip the naive reference loop")
     p.add_argument("--no_peak_memory", action="store_true", help="skip the CPU max-RSS subprocess")
@@ -63,6 +64,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         s.workers = tuple(args.workers)
     if args.onnx_sizes is not None:
         s.onnx_sizes = tuple(args.onnx_sizes)
+    if args.candidates:
+        s.extra["fast_student_candidates"] = list(args.candidates)
     s.naive = not args.no_naive
     s.peak_memory = not args.no_peak_memory
     return s

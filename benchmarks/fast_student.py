@@ -140,11 +140,18 @@ def latency_at(
 def run_fast_student_suite(
     s: BenchSettings, candidates: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """Every candidate at `s.size` and each of `s.onnx_sizes`; onnxruntime gets `s.threads` threads (default 1:
-    on a shared machine one thread makes the ratios steadier than the all-core default)."""
+    """Every candidate (or those named in `s.extra["fast_student_candidates"]`) at `s.size` and each of
+    `s.onnx_sizes`; onnxruntime gets `s.threads` threads (default 1: on a shared machine one thread makes the
+    ratios steadier than the all-core default)."""
     sizes = [tuple(s.size)] + [tuple(x) for x in s.onnx_sizes if tuple(x) != tuple(s.size)]
     threads = s.threads or 1
     chosen = CANDIDATES if candidates is None else candidates
+    names = s.extra.get("fast_student_candidates")
+    if names:
+        unknown = [n for n in names if n not in CANDIDATES]
+        if unknown:
+            raise ValueError(f"unknown fast_student candidates {unknown}; known: {', '.join(CANDIDATES)}")
+        chosen = {n: CANDIDATES[n] for n in names}
     return {"sizes": [latency_at(s, size, chosen, threads) for size in sizes]}
 
 
