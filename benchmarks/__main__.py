@@ -1,4 +1,6 @@
-"""`python -m benchmarks --suite kd|data|onnx|all --device cpu|cuda --json PATH` (see docs/performance.md)."""
+"""`python -m benchmarks --suite kd|data|onnx|all|fast_student --device cpu|cuda --json PATH` (see docs/performance.md).
+
+`all` is kd, data and onnx; `fast_student` (a dozen ONNX exports, minutes) runs only when named."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from benchmarks.common import BenchSettings, defaults_for, machine_info, quiet_logs
 
 SUITES = ("kd", "data", "onnx")
+EXTRA_SUITES = ("fast_student",)  # not part of "all"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -24,7 +27,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    p.add_argument("--suite", choices=(*SUITES, *EXTRA_SUITES, "all"), default="all")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--batch_size", type=int)
@@ -41,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_images", type=int, help="synthetic images for the data suite")
     p.add_argument("--onnx_runs", type=int)
     p.add_argument("--onnx_sizes", type=_size, nargs="*", help="extra ONNX resolutions, e.g. 640x640")
+    p.add_argument("--candidates", nargs="+", help="fast_student: the candidates to time (default: all)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no_naive", action="store_true", help="skip the naive reference loop")
     p.add_argument("--no_peak_memory", action="store_true", help="skip the CPU max-RSS subprocess")
@@ -60,6 +64,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         s.workers = tuple(args.workers)
     if args.onnx_sizes is not None:
         s.onnx_sizes = tuple(args.onnx_sizes)
+    if args.candidates:
+        s.extra["fast_student_candidates"] = list(args.candidates)
     s.naive = not args.no_naive
     s.peak_memory = not args.no_peak_memory
     return s
@@ -96,6 +102,10 @@ def _run(s: BenchSettings, suites: tuple[str, ...], device: torch.device) -> dic
             from benchmarks.onnx_suite import run_onnx_suite
 
             result["suites"]["onnx"] = run_onnx_suite(s)
+        if "fast_student" in suites:
+            from benchmarks.fast_student import run_fast_student_suite
+
+            result["suites"]["fast_student"] = run_fast_student_suite(s)
     result["seconds"] = time.perf_counter() - started
     result["summary"] = summary(result)
     return result
@@ -204,6 +214,10 @@ def table(result: dict[str, Any]) -> str:
                  f"{_fmt(r['onnx_student_ms'])} / {_fmt(r['onnx_teacher_ms'])} ms", ""),
                 (f"onnx_student_over_teacher, {size}", _fmt(r["onnx_student_over_teacher"]), "<= 0.5"),
             ]  # fmt: skip
+    if "fast_student" in suites and not (kd or data or onnx):
+        from benchmarks.fast_student import fast_student_table
+
+        return _machine_line(result) + "\n\n" + fast_student_table(suites["fast_student"])
     m = result["machine"]
     head = (
         f"device {s['device']} ({m.get('gpu') or m['processor']}, {m['cpu_count']} CPUs), "
@@ -213,7 +227,20 @@ def table(result: dict[str, Any]) -> str:
     )
     lines = [head, "", "| measurement | value | goal |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    if "fast_student" in suites:
+        from benchmarks.fast_student import fast_student_table
+
+        lines += ["", fast_student_table(suites["fast_student"])]
     return "\n".join(lines)
+
+
+def _machine_line(result: dict[str, Any]) -> str:
+    """The fast-student suite's header: the machine and how many ROIs and runs each model got."""
+    m, fast = result["machine"], result["suites"]["fast_student"]["sizes"][0]
+    return (
+        f"device cpu ({m['processor']}, {m['cpu_count']} CPUs, load {m.get('load_average')}), onnxruntime "
+        f"{fast['ort_threads']} thread(s), 1 image, {fast['rois']} ROIs, {fast['runs']} interleaved runs per model"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,3 +107,24 @@ def test_peak_memory_child_reports_max_rss(tiny_result, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert _positive(report["kd_peak_memory_mib"])
     assert report["kd_peak_memory_mib"] >= report["memory_before_steps_mib"] > 0
+
+
+def test_fast_student_suite_times_candidates_against_the_teacher(tmp_path, capsys):
+    """Two small exports at 64x64 (a B0 'teacher' keeps it to seconds): every row has latencies, parameter and
+    MAC counts, and the half-width candidate is the lighter one."""
+    out = tmp_path / "fast.json"
+    argv = [
+        "--suite", "fast_student", "--size", "64", "64", "--onnx_runs", "1", "--warmup", "0",
+        "--rois_per_image", "1", "--teacher_encoder", "timm-efficientnet-b0", "--candidates", "dec128+head32",
+        "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (size,) = json.loads(out.read_text())["suites"]["fast_student"]["sizes"]
+    assert size["size"] == [64, 64] and size["rois"] == 1
+    assert set(size["models"]) == {"teacher", "dec128+head32"}
+    teacher, fast = size["models"]["teacher"], size["models"]["dec128+head32"]
+    for row in (teacher, fast):
+        assert all(_positive(row[k]) for k in ("ms", "unet_ms", "over_teacher", "params_m"))
+        assert _positive(row["gmacs"]["roi_head"]) and row["gmacs"]["total"] > row["gmacs"]["encoder"]
+    assert fast["params_m"] < teacher["params_m"] and fast["gmacs"]["total"] < teacher["gmacs"]["total"]
+    assert "| dec128+head32 |" in capsys.readouterr().out

@@ -435,3 +435,43 @@ def test_cli_missing_data_file_creates_no_run_dir(
     assert len(lines) == 1 and "/nope.json" in lines[0], lines
     assert not (tmp_path / "quickstart_teacher").exists()
     assert {p.name for p in tmp_path.iterdir()} <= {"data"}
+
+
+def _model_changes(derived: ExperimentConfig, base: ExperimentConfig) -> dict[str, Any]:
+    """The model.* fields where `derived` differs from `base`."""
+    a, b = derived.model.model_dump(), base.model.model_dump()
+    return {k: v for k, v in a.items() if v != b[k]}
+
+
+def test_fast_student_is_a_lighter_b0_distilled_from_the_b3_teacher() -> None:
+    """people_fast_from_b3 changes the student's decoder (the latency lever, docs/people-model.md "A faster
+    student"), keeps what KD needs to match the teacher, and has fewer parameters than people_b0_from_b3."""
+    from kdlab.models.builders import build_model
+    from kdlab.models.roi_unet import count_parameters
+
+    names = ("people_fast_from_b3", "people_b0_from_b3", "people_b3_teacher")
+    fast, b0, teacher = (resolve_config(n) for n in names)
+    assert fast.distillation.enabled and fast.distillation.teacher_experiment == "people_b3_teacher"
+    assert fast.model.encoder == b0.model.encoder == "timm-efficientnet-b0"
+    assert fast.model.decoder_channels != b0.model.decoder_channels
+    assert fast.model.mask_size == teacher.model.mask_size
+    assert fast.model.roi_margin == teacher.model.roi_margin
+    same = ("training", "data", "distillation", "export")
+    assert all(getattr(fast, s) == getattr(b0, s) for s in same)
+    assert count_parameters(build_model(fast.model)) < count_parameters(build_model(b0.model))
+
+
+def test_quickstart_fast_student_makes_the_same_model_change() -> None:
+    """quickstart_fast_distill is quickstart_distill with people_fast_from_b3's change made the same relative way
+    (the decoder widths of the people student, the head at half its student's width), so the quickstart table
+    shows what the fast student costs in accuracy at the same schedule and teacher."""
+    fast, distill = resolve_config("quickstart_fast_distill"), resolve_config("quickstart_distill")
+    people_fast, people_b0 = resolve_config("people_fast_from_b3"), resolve_config("people_b0_from_b3")
+    assert set(_model_changes(people_fast, people_b0)) == {"decoder_channels", "head_channels"}
+    assert set(_model_changes(fast, distill)) == {"decoder_channels", "head_channels"}
+    assert fast.model.decoder_channels == people_fast.model.decoder_channels
+    assert fast.model.head_channels / distill.model.head_channels == (
+        people_fast.model.head_channels / people_b0.model.head_channels
+    )
+    assert fast.training == distill.training and fast.data == distill.data
+    assert fast.distillation == distill.distillation
