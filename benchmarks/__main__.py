@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_images", type=int, help="synthetic images for the data suite")
     p.add_argument("--onnx_runs", type=int)
     p.add_argument("--onnx_sizes", type=_size, nargs="*", help="extra ONNX resolutions, e.g. 640x640")
+    p.add_argument("--base_config", help="named config the models' sizes come from (e.g. people_b0_from_b3)")
+    p.add_argument("--fast_config", help="onnx: the fast student's config (e.g. people_fast_from_b3)")
+    p.add_argument(
+        "--onnx_run", dest="onnx_run_dirs", nargs="+", action="extend", default=[], metavar="RUN_DIR",
+        help="onnx: also report these exported runs' ONNX / PyTorch / INT8 target IoU (best_model.onnx.json)",
+    )  # fmt: skip
     p.add_argument("--candidates", nargs="+", help="fast_student: the candidates to time (default: all)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no_naive", action="store_true", help="skip the naive reference loop")
@@ -54,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     s = defaults_for(args.device)
     for name in ("batch_size", "teacher_encoder", "student_encoder", "amp", "channels_last", "compile", "reps",
-                 "warmup", "rois_per_image", "data_images", "onnx_runs", "threads"):  # fmt: skip
+                 "warmup", "rois_per_image", "data_images", "onnx_runs", "threads", "base_config",
+                 "fast_config"):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
@@ -64,6 +71,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         s.workers = tuple(args.workers)
     if args.onnx_sizes is not None:
         s.onnx_sizes = tuple(args.onnx_sizes)
+    if args.onnx_run_dirs:
+        s.onnx_run_dirs = tuple(args.onnx_run_dirs)
     if args.candidates:
         s.extra["fast_student_candidates"] = list(args.candidates)
     s.naive = not args.no_naive
@@ -209,11 +218,15 @@ def table(result: dict[str, Any]) -> str:
     if onnx:
         for r in [onnx, *onnx.get("other_sizes", [])]:
             size = "×".join(str(v) for v in r["size"])
-            rows += [
-                (f"ONNX student / teacher latency, {size}, {r['rois']} ROIs",
-                 f"{_fmt(r['onnx_student_ms'])} / {_fmt(r['onnx_teacher_ms'])} ms", ""),
-                (f"onnx_student_over_teacher, {size}", _fmt(r["onnx_student_over_teacher"]), "<= 0.5"),
-            ]  # fmt: skip
+            rows.append((f"ONNX teacher latency, {size}, {r['rois']} ROIs", _fmt(r["ms"]["teacher"], " ms"), ""))
+            for role, goal in (("student", ""), ("student_int8", ""), ("fast", "<= 0.5"), ("fast_int8", "<= 0.5")):
+                rows.append((f"{role} / teacher, {size}", _fmt(r[f"{role}_over_teacher"]), goal))
+        for acc in onnx.get("accuracy", []):
+            if "error" in acc:
+                rows.append((f"accuracy of {acc['run']}", acc["error"], ""))
+                continue
+            rows.append((f"{acc['run']}: {acc['metric']} PyTorch / ONNX / INT8 ({acc['images']} val images)",
+                         f"{_fmt(acc['pytorch'])} / {_fmt(acc['onnx'])} / {_fmt(acc['int8'])}", "ONNX = PyTorch"))  # fmt: skip
     if "fast_student" in suites and not (kd or data or onnx):
         from benchmarks.fast_student import fast_student_table
 

@@ -37,6 +37,8 @@ class BenchSettings:
     workers: tuple[int, ...] = (0, 1, 2)
     rois_per_image: int = 3
     base_config: str = "quickstart_distill"  # ROI/mask/head sizes come from here
+    fast_config: str = "quickstart_fast_distill"  # onnx suite: the fast student = base + this config's model changes
+    onnx_run_dirs: tuple[str, ...] = ()  # onnx suite: finished runs whose exported file's accuracy is reported
     data_images: int = 32  # synthetic images for the data suite
     onnx_runs: int = 10
     onnx_sizes: tuple[tuple[int, int], ...] = ()  # extra ONNX resolutions besides `size`, e.g. ((640, 640),)
@@ -50,6 +52,7 @@ class BenchSettings:
         out["size"] = list(self.size)
         out["workers"] = list(self.workers)
         out["onnx_sizes"] = [list(x) for x in self.onnx_sizes]
+        out["onnx_run_dirs"] = list(self.onnx_run_dirs)
         return out
 
 
@@ -62,7 +65,8 @@ def defaults_for(device: str) -> BenchSettings:
     `--threads 2` on a dedicated machine."""
     if device == "cuda":
         return BenchSettings(
-            device="cuda", batch_size=16, size=(640, 640), base_config="people_b0_from_b3", reps=20, warmup=5,
+            device="cuda", batch_size=16, size=(640, 640), base_config="people_b0_from_b3",
+            fast_config="people_fast_from_b3", reps=20, warmup=5,
             workers=(0, 2, 4, 8), data_images=128, onnx_runs=20, onnx_sizes=(),
         )  # fmt: skip
     return BenchSettings(batch_size=2, reps=9, warmup=1, threads=1)

@@ -14,8 +14,16 @@ from benchmarks.__main__ import main
 
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "bench.json"
+    exported = root / "exported_run" / "checkpoints"  # what an export records, for the accuracy rows
+    exported.mkdir(parents=True)
+    (exported / "best_model.onnx.json").write_text(json.dumps({
+        "exporter": "dynamo", "parity": {"max_abs_diff": 2e-6},
+        "accuracy": {"metric": "target_iou", "images": 112, "pytorch": {"target_iou": 0.46}, "onnx": {"target_iou": 0.4601}},
+    }))  # fmt: skip
     argv = [
+        "--onnx_run", str(root / "exported_run"), str(root / "not_exported"),
         "--suite", "all", "--device", "cpu", "--json", str(out), "--size", "64", "64", "--batch_size", "1",
         "--reps", "1", "--warmup", "0", "--workers", "0", "1", "--data_images", "2", "--rois_per_image", "2",
         "--onnx_runs", "1", "--teacher_encoder", "timm-efficientnet-b0", "--student_encoder", "timm-efficientnet-b0",
@@ -57,6 +65,14 @@ def test_data_and_onnx_suites_cover_every_setting(tiny_result):
     assert (
         onnx["size"] == [64, 64] and _positive(onnx["onnx_student_ms"]) and _positive(onnx["onnx_teacher_ms"])
     )
+    # One interleaved run times all five graphs; the fast student is the base with quickstart_fast_distill's change.
+    assert set(onnx["ms"]) == {"teacher", "student", "student_int8", "fast", "fast_int8"}
+    assert all(_positive(onnx[f"{r}_over_teacher"]) for r in ("student", "student_int8", "fast", "fast_int8"))
+    assert list(onnx["models"]["fast_changes"]["decoder_channels"]) == [128, 64, 32, 16, 8]
+    assert onnx["mb"]["student_int8"] < onnx["mb"]["student"]  # int8 weights
+    good, missing = onnx["accuracy"]
+    assert good["run"] == "exported_run" and good["onnx"] == 0.4601 and good["pytorch"] == 0.46
+    assert "not found" in missing["error"]
     assert tiny_result["machine"]["cpu_count"] >= 1 and tiny_result["settings"]["size"] == [64, 64]
 
 
