@@ -1,7 +1,7 @@
 """Fast student: people_b0_from_b3 with the decoder and the ROI head at half width, < half the teacher's time.
 
-Measured in ONNX on CPU at 640x640 with 4 ROIs: 0.37-0.38x the B3 teacher's latency, against 0.64-0.77x for
-people_b0_from_b3 (every decoder stage 128..8 instead of 256..16, head_channels 32 instead of 64).
+Measured in ONNX on CPU at 640x640 with 4 ROIs: 0.37-0.43x the B3 teacher's latency (0.41x by CPU time), against
+0.64-0.84x for people_b0_from_b3 (every decoder stage 128..8 instead of 256..16, head_channels 32 instead of 64).
 
 B0 and B3 share the decoder (256..16) and the ROI head, which dominate at the seed sizes: a smaller encoder
 alone is not enough, and neither is one of the two halvings alone (0.55-0.62x each); see docs/people-model.md,

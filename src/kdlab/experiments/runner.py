@@ -34,7 +34,14 @@ from kdlab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SUITES: dict[str, list[str]] = {
-    "quickstart": ["quickstart_teacher", "quickstart_baseline", "quickstart_distill"],
+    # quickstart_fast_distill: the faster student (docs/people-model.md, "A faster student"), so the table
+    # shows what its lighter decoder costs in accuracy next to the plain distilled B0.
+    "quickstart": [
+        "quickstart_teacher",
+        "quickstart_baseline",
+        "quickstart_distill",
+        "quickstart_fast_distill",
+    ],
     "people": ["people_b3_teacher", "people_b0_baseline", "people_b0_from_b3"],
     "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
     "sequence": ["sequence_teacher", "sequence_student_baseline", "sequence_student_distill"],
