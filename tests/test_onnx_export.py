@@ -475,3 +475,12 @@ def test_runner_quantize_flag_reaches_the_export_config():
     assert build_parser().parse_args(["--configs", "x", "--quantize", "int8"]).quantize == "int8"
     cfg = resolve_config("quickstart_distill", flags={"export.quantize": "int8"})
     assert cfg.export.quantize == "int8" and cfg.export.max_int8_iou_drop == 0.01
+
+
+@pytest.mark.parametrize("task_config", [
+    {"task": "classification", "model": {"name": "resnet18"}},
+    {"task": "sequence", "model": {"name": "gru"}},
+])  # fmt: skip
+def test_int8_for_a_task_without_int8_calibration_is_refused_before_anything_runs(task_config):
+    with pytest.raises(ConfigError, match="export.quantize.* is not implemented for task="):
+        validate_config({**task_config, "export": {"quantize": "int8"}})

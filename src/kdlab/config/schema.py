@@ -585,6 +585,11 @@ def _classification_rules(cfg: ExperimentConfig) -> None:
             "distillation.cwd_weight > 0 needs spatial logits (task=segmentation); classifiers use "
             "the KL+CE loss and distillation.features"
         )
+    if cfg.export.quantize != "none":
+        raise ValueError(
+            f"export.quantize={cfg.export.quantize} is not implemented for task=classification (INT8 calibration "
+            "reads people images); use export.quantize=none"
+        )
 
 
 def _sequence_rules(cfg: ExperimentConfig) -> None:
@@ -593,7 +598,8 @@ def _sequence_rules(cfg: ExperimentConfig) -> None:
         raise ValueError(f"model.name='{name}' does not fit task=sequence; use model.name='{SEQUENCE_MODEL}'")
     for key, value in (("distillation.features", cfg.distillation.features),
                        ("distillation.cwd_weight", cfg.distillation.cwd_weight > 0),
-                       ("export.onnx", cfg.export.onnx)):  # fmt: skip
+                       ("export.onnx", cfg.export.onnx),
+                       ("export.quantize", cfg.export.quantize != "none")):  # fmt: skip
         if value:
             raise ValueError(f"{key} is not implemented for task=sequence; unset it")
 
