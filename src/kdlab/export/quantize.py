@@ -113,31 +113,14 @@ class BatchCalibrationReader(CalibrationDataReader):
 
 def _segmentation_training_batches(cfg: ExperimentConfig, num_images: int) -> list[Batch]:
     """The first `num_images` training images with their ROIs, letterboxed like validation (no augmentation)."""
-    from kdlab.data.loaders import build_datasets, build_loader, raise_if_data_error
+    from kdlab.data.loaders import build_datasets
     from kdlab.data.transforms import EvalTransform
+    from kdlab.export.segmentation import first_batches
 
     train, _ = build_datasets(cfg)
     # Calibration must see the inputs inference sees: the deterministic eval letterbox, not random crops.
     train.transform = EvalTransform(tuple(cfg.data.input_size))
-    batch_size = max(1, min(num_images, cfg.training.batch_size))
-    loader = build_loader(
-        train, batch_size, shuffle=False, seed=cfg.training.seed, num_workers=0, pin_memory=False
-    )
-    batches: list[Batch] = []
-    taken = 0
-    for batch in loader:
-        raise_if_data_error(batch)
-        if batch is None:
-            continue
-        images, rois = batch["images"], batch["rois"]
-        keep = min(images.shape[0], num_images - taken)
-        if keep < images.shape[0]:
-            images, rois = images[:keep], rois[rois[:, 0] < keep]
-        batches.append((images, rois))
-        taken += keep
-        if taken >= num_images:
-            break
-    return batches
+    return first_batches(train, cfg, num_images)
 
 
 def calibration_batches(cfg: ExperimentConfig, exporter: OnnxExporter, num_images: int) -> list[Batch]:

@@ -84,9 +84,14 @@ def _example_inputs(input_size: tuple[int, int]) -> Batch:
 def validation_batches(cfg: ExperimentConfig, num_images: int) -> list[Batch]:
     """The first `num_images` validation images (uint8) with their ROIs, in loader order."""
     _, val = build_datasets(cfg)
+    return first_batches(val, cfg, num_images)
+
+
+def first_batches(dataset: Any, cfg: ExperimentConfig, num_images: int) -> list[Batch]:
+    """The first `num_images` images of a people dataset (uint8) with their ROIs, as (images, rois) batches."""
     batch_size = max(1, min(num_images, cfg.training.batch_size))
     loader = build_loader(
-        val, batch_size, shuffle=False, seed=cfg.training.seed, num_workers=0, pin_memory=False
+        dataset, batch_size, shuffle=False, seed=cfg.training.seed, num_workers=0, pin_memory=False
     )
     batches: list[Batch] = []
     taken = 0
