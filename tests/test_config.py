@@ -444,7 +444,7 @@ def _model_changes(derived: ExperimentConfig, base: ExperimentConfig) -> dict[st
 
 
 def test_fast_student_is_a_lighter_b0_distilled_from_the_b3_teacher() -> None:
-    """people_fast_from_b3 changes the student's decoder (the latency lever, docs/people-model.md "A faster
+    """people_fast_from_b3 halves the student's decoder and head widths (docs/people-model.md, "A faster
     student"), keeps what KD needs to match the teacher, and has fewer parameters than people_b0_from_b3."""
     from kdlab.models.builders import build_model
     from kdlab.models.roi_unet import count_parameters
