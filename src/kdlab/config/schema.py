@@ -339,6 +339,12 @@ class FeaturePairConfig(_Section):
     student: str = Field(description="student module path, e.g. head.shared or unet.encoder[-1]")
     teacher: str = Field(description="teacher module path")
     weight: float = Field(1.0, ge=0.0)
+    method: Literal["mse", "mgd"] = Field(
+        "mse",
+        description="'mse': adapted student vs teacher; 'mgd': masked generative distillation (the adapted "
+        "student feature is masked at random, then a conv generator must regenerate the teacher's)",
+    )
+    mask_ratio: float = Field(0.65, ge=0.0, lt=1.0, description="MGD: share of spatial positions masked")
 
 
 class TeacherCacheConfig(_Section):
@@ -393,6 +399,17 @@ class DistillationConfig(_Section):
     bg_fg_weight: float = Field(0.5, ge=0.0, description="KD weight on the bg/fg head")
     target_weight: float = Field(0.5, ge=0.0, description="KD weight on the target/non-target head")
     cwd_weight: float = Field(0.0, ge=0.0, description="channel-wise distillation on the 3-class logits")
+    logit_standardize: bool = Field(
+        False,
+        description="standardise student and teacher logits over the classes (per pixel) before the softmax "
+        "of every KL term (Sun et al., CVPR 2024)",
+    )
+    dist_weight: float = Field(
+        0.0, ge=0.0, description="DIST (Pearson-correlation relations) on the 3-class logits"
+    )
+    dist_beta: float = Field(1.0, ge=0.0, description="DIST: weight of the inter-class (per-pixel) relation")
+    dist_gamma: float = Field(1.0, ge=0.0, description="DIST: weight of the intra-class (per-ROI) relation")
+    dist_temperature: float = Field(1.0, gt=0.0, description="DIST: softmax temperature (its own, not T)")
     features: list[FeaturePairConfig] = Field(
         default_factory=list, description="feature MSE through 1x1 adapters"
     )
@@ -580,11 +597,12 @@ def _classification_rules(cfg: ExperimentConfig) -> None:
         close = difflib.get_close_matches(name, sorted(timm_model_names()), n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"model.name='{name}' is not a timm model{hint}")
-    if cfg.distillation.cwd_weight > 0:
-        raise ValueError(
-            "distillation.cwd_weight > 0 needs spatial logits (task=segmentation); classifiers use "
-            "the KL+CE loss and distillation.features"
-        )
+    for key, value in (("cwd_weight", cfg.distillation.cwd_weight), ("dist_weight", cfg.distillation.dist_weight)):
+        if value > 0:
+            raise ValueError(
+                f"distillation.{key} > 0 needs spatial logits (task=segmentation); classifiers use "
+                "the KL+CE loss (distillation.logit_standardize) and distillation.features"
+            )
     if cfg.export.quantize != "none":
         raise ValueError(
             f"export.quantize={cfg.export.quantize} is not implemented for task=classification (INT8 calibration "
@@ -598,6 +616,8 @@ def _sequence_rules(cfg: ExperimentConfig) -> None:
         raise ValueError(f"model.name='{name}' does not fit task=sequence; use model.name='{SEQUENCE_MODEL}'")
     for key, value in (("distillation.features", cfg.distillation.features),
                        ("distillation.cwd_weight", cfg.distillation.cwd_weight > 0),
+                       ("distillation.dist_weight", cfg.distillation.dist_weight > 0),
+                       ("distillation.logit_standardize", cfg.distillation.logit_standardize),
                        ("export.onnx", cfg.export.onnx),
                        ("export.quantize", cfg.export.quantize != "none")):  # fmt: skip
         if value:

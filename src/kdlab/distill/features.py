@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kdlab.distill.losses import feature_mse_loss
+from kdlab.distill.mgd import MGDGenerator, mask_rng, random_keep_mask
 from kdlab.errors import ConfigError
 
 _PATH_RE = re.compile(r"^(?P<module>[^\[\]]*)(?:\[(?P<selector>[^\[\]]+)\])?$")
@@ -174,17 +176,26 @@ def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
 
 
 class FeatureDistiller(nn.Module):
-    """Feature-MSE distillation between tapped student and teacher layers.
+    """Feature distillation between tapped student and teacher layers: MSE, or MGD on chosen pairs.
 
-    pairs: (student_path, teacher_path, weight). Call `infer_channels` once (a dry forward pass) before
-    building the optimizer: it creates one `FeatureAdapter` per pair, whose parameters `.parameters()`
-    yields. After both models ran forward, `loss()` returns the weighted sum of per-pair MSE terms (mean
-    over all elements, computed in float32) and the terms keyed 'distill_feat_<i>'. Teacher features are
-    constants (detached; inference-mode tensors are cloned so autograd may save them).
+    pairs: (student_path, teacher_path, weight). `mgd` maps a pair's index to its mask ratio: that pair is
+    distilled by masked generation (`kdlab.distill.mgd`): its adapted student feature is masked and passed
+    through a generator before the MSE. Call `infer_channels` once (a dry forward pass) before building the
+    optimizer: it creates one `FeatureAdapter` per pair (and one `MGDGenerator` per MGD pair), whose
+    parameters `.parameters()` yields. After both models ran forward, `loss()` returns the weighted sum of
+    per-pair MSE terms (mean over all elements, computed in float32) and the terms keyed 'distill_feat_<i>'
+    ('distill_mgd_<i>' for MGD pairs). Teacher features are constants (detached; inference-mode tensors are
+    cloned so autograd may save them). `seed` and `step` (set by the KD task before each student forward)
+    seed the MGD masks.
     """
 
     def __init__(
-        self, student: nn.Module, teacher: nn.Module, pairs: Sequence[tuple[str, str, float]]
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        pairs: Sequence[tuple[str, str, float]],
+        mgd: dict[int, float] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not pairs:
@@ -193,6 +204,13 @@ class FeatureDistiller(nn.Module):
         for s_path, t_path, weight in self.pairs:
             if weight < 0:
                 raise ConfigError(f"feature pair ('{s_path}', '{t_path}') has negative weight {weight}")
+        self.mgd = {int(i): float(r) for i, r in (mgd or {}).items()}
+        for i, ratio in self.mgd.items():
+            if not 0 <= i < len(self.pairs) or not 0.0 <= ratio < 1.0:
+                raise ConfigError(f"MGD pair {i} with mask ratio {ratio}: needs a pair index and 0 <= ratio < 1")
+        self.seed = int(seed)
+        self.step = 0
+        self.generators = nn.ModuleDict()
         # Taps are plain objects, so the student and teacher do not become submodules of the distiller.
         self.student_tap = FeatureTap(student, _unique(s for s, _, _ in self.pairs))
         self.teacher_tap = FeatureTap(teacher, _unique(t for _, t, _ in self.pairs), detach=True)
@@ -201,7 +219,10 @@ class FeatureDistiller(nn.Module):
 
     @property
     def ready(self) -> bool:
-        return len(self.adapters) == len(self.pairs)
+        return len(self.adapters) == len(self.pairs) and len(self.generators) == len(self.mgd)
+
+    def term_name(self, i: int) -> str:
+        return f"distill_mgd_{i}" if i in self.mgd else f"distill_feat_{i}"
 
     @torch.no_grad()
     def infer_channels(
@@ -249,6 +270,9 @@ class FeatureDistiller(nn.Module):
                 raise RuntimeError(f"feature channels changed since adapters were built: {known} -> {wanted}")
             return
         self.adapters = nn.ModuleList(FeatureAdapter(s, t).to(device) for s, t, device in channels)
+        self.generators = nn.ModuleDict(
+            {str(i): MGDGenerator(channels[i][1]).to(channels[i][2]) for i in sorted(self.mgd)}
+        )
 
     @staticmethod
     def _feature(tap: FeatureTap, path: str, side: str) -> torch.Tensor:
@@ -273,11 +297,19 @@ class FeatureDistiller(nn.Module):
         (a forward pass outside a distillation step)."""
         if not self.ready or any(t not in self.teacher_tap.features for _, t, _ in self.pairs):
             return
-        adapted = []
-        for i, adapter in enumerate(self.adapters):
-            student, teacher = self._pair_features(i)
-            adapted.append(adapter(student, teacher.shape[-2:]))
-        self._adapted = adapted
+        self._adapted = [self._adapt_pair(i) for i in range(len(self.pairs))]
+
+    def _adapt_pair(self, i: int) -> torch.Tensor:
+        """Pair i's student feature as compared with the teacher's: adapted, and for MGD masked then
+        regenerated (masks seeded by seed, step, rank and pair: see `kdlab.distill.mgd`)."""
+        student, teacher = self._pair_features(i)
+        adapted = self.adapters[i](student, teacher.shape[-2:])
+        if i not in self.mgd:
+            return adapted
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rng = mask_rng(self.seed, self.step, rank * 4096 + i, adapted.device)
+        keep = random_keep_mask(adapted, self.mgd[i], rng)
+        return self.generators[str(i)](adapted * keep)
 
     def loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of feature MSE terms and the terms by name; consumes (clears) the stored features.
@@ -292,18 +324,16 @@ class FeatureDistiller(nn.Module):
         try:
             total: torch.Tensor | None = None
             parts: dict[str, torch.Tensor] = {}
-            for i, ((s_path, t_path, weight), adapter) in enumerate(
-                zip(self.pairs, self.adapters, strict=True)
-            ):
-                student, teacher = self._pair_features(i)
-                adapted = adapted_now[i] if adapted_now is not None else adapter(student, teacher.shape[-2:])
+            for i, (s_path, t_path, weight) in enumerate(self.pairs):
+                _, teacher = self._pair_features(i)
+                adapted = adapted_now[i] if adapted_now is not None else self._adapt_pair(i)
                 if adapted.shape != teacher.shape:
                     raise RuntimeError(
                         f"feature pair {i} ('{s_path}' -> '{t_path}'): adapted student shape "
                         f"{tuple(adapted.shape)} != teacher shape {tuple(teacher.shape)}"
                     )
-                term = F.mse_loss(adapted.float(), teacher.float())
-                parts[f"distill_feat_{i}"] = term
+                term = feature_mse_loss(adapted, teacher)  # graph-connected 0 for an empty batch (0 ROIs)
+                parts[self.term_name(i)] = term
                 total = weight * term if total is None else total + weight * term
         finally:
             self.clear()

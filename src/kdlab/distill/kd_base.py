@@ -22,6 +22,7 @@ from torch import nn
 
 from kdlab.config.schema import DistillationConfig, LossConfig
 from kdlab.distill.features import FeatureDistiller, unwrap_model
+from kdlab.distill.logit_standardization import standardize_logits
 from kdlab.distill.schedules import Schedule
 from kdlab.distill.teacher import FrozenTeacher
 
@@ -108,6 +109,10 @@ class KDTaskBase:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
+    def kl_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What a KL term softens: the logits, standardised over the classes with `logit_standardize`."""
+        return standardize_logits(logits, dim=1) if self.dcfg.logit_standardize else logits
+
     def set_progress(self, step: int, total_steps: int) -> None:
         self.step = step
         self.progress = step / max(1, total_steps)
@@ -125,6 +130,8 @@ class KDTaskBase:
         temperature = self.temperature.value(self.progress)
         alpha = self.alpha.value(self.progress)
         teachers = self.teacher_outputs(batch)  # first: see the module docstring
+        if self.feature_distiller is not None:
+            self.feature_distiller.step = self.step  # seeds the MGD masks of this step
         student = model(*self.inputs(batch))
         losses = self.base_losses(student, batch)
         base = losses[self.base_key]

@@ -3,7 +3,8 @@
 The shared machinery is `kd_base`: teachers first under inference_mode (their input normalisation lives in
 their own buffers, so each teacher sees the batch normalised its way), several teachers mix in
 probability space, temperature and alpha follow their schedules, feature pairs go through
-`FeatureDistiller` (weight 1 in the distillation part), every term is logged.
+`FeatureDistiller` (weight 1 in the distillation part), every term is logged. With
+`distillation.logit_standardize` both sides' logits are standardised over the classes before the KL.
 """
 
 from __future__ import annotations
@@ -32,5 +33,6 @@ class ClassificationKDTask(KDTaskBase):
     def distill_terms(
         self, student: Any, teachers: list[tuple[Any, float]], batch: dict[str, Any], temperature: float
     ) -> Terms:
-        target = mix_teacher_probs([teacher_probs(t, temperature) for t, _ in teachers], [w for _, w in teachers])
-        return {"distill_kl": (kd_kl_loss(student, target, temperature), 1.0)}
+        probs = [teacher_probs(self.kl_logits(t), temperature) for t, _ in teachers]
+        target = mix_teacher_probs(probs, [w for _, w in teachers])
+        return {"distill_kl": (kd_kl_loss(self.kl_logits(student), target, temperature), 1.0)}

@@ -83,7 +83,8 @@ def build_kd_task(
     distiller = None
     if d.features:
         pairs = [(f.student, f.teacher, f.weight) for f in d.features]
-        distiller = FeatureDistiller(model, frozen[0][0].model, pairs)
+        mgd = {i: f.mask_ratio for i, f in enumerate(d.features) if f.method == "mgd"}
+        distiller = FeatureDistiller(model, frozen[0][0].model, pairs, mgd, seed=cfg.training.seed)
         distiller.infer_channels(model, frozen[0][0].model.to("cpu"), *example_inputs)
         frozen[0][0].to(device)
     for teacher, _ in frozen if not d.self_distillation else []:

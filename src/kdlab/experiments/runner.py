@@ -42,6 +42,17 @@ SUITES: dict[str, list[str]] = {
         "quickstart_distill",
         "quickstart_fast_distill",
     ],
+    # The distillation methods compared on the quickstart data and teacher (docs/distillation-methods.md):
+    # every student shares the baseline's schedule, seed and so initial weights. Not part of CI.
+    "quickstart_methods": [
+        "quickstart_teacher",
+        "quickstart_baseline",
+        "quickstart_distill",
+        "quickstart_kd_ls",
+        "quickstart_dist",
+        "quickstart_cwd",
+        "quickstart_mgd",
+    ],
     "people": ["people_b3_teacher", "people_b0_baseline", "people_b0_from_b3"],
     "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
     "sequence": ["sequence_teacher", "sequence_student_baseline", "sequence_student_distill"],
