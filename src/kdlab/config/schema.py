@@ -402,7 +402,7 @@ class DistillationConfig(_Section):
     logit_standardize: bool = Field(
         False,
         description="standardise student and teacher logits over the classes (per pixel) before the softmax "
-        "of every KL term (Sun et al., CVPR 2024)",
+        "of every KL term on 3 or more classes (Sun et al., CVPR 2024); 2-class heads keep the plain KL",
     )
     dist_weight: float = Field(
         0.0, ge=0.0, description="DIST (Pearson-correlation relations) on the 3-class logits"

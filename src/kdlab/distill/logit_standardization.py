@@ -13,7 +13,9 @@ match the shape of the teacher's logits, not their scale, which a smaller model 
 recipe that uses `dim=-1` would) mixes pixels and gives another value.
 
 With C = 2 classes a standardised logit pair is always (−1, +1) (or (0, 0) for a tie): only the teacher's
-decision survives, not its confidence. Our bg/fg and target/non-target heads have 2 classes (docs/distillation-methods.md).
+decision survives, not its confidence, and the gradient grows as 1 / |z1 − z0| near a tie. So the KD tasks
+apply the switch to heads of 3 or more classes only: the people model's 3-class logits, not its 2-class
+bg/fg and target heads (`KDTaskBase.kl_logits`, docs/distillation-methods.md).
 """
 
 from __future__ import annotations
