@@ -1,6 +1,8 @@
-"""`python -m benchmarks --suite kd|data|onnx|all|fast_student --device cpu|cuda --json PATH` (see docs/performance.md).
+"""`python -m benchmarks --suite kd|data|onnx|all|fast_student|methods --device cpu|cuda --json PATH` (see
+docs/performance.md).
 
-`all` is kd, data and onnx; `fast_student` (a dozen ONNX exports, minutes) runs only when named."""
+`all` is kd, data and onnx; `fast_student` (a dozen ONNX exports, minutes) and `methods` (each distillation
+method's KD step over the plain KD step's) run only when named."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from benchmarks.common import BenchSettings, defaults_for, machine_info, quiet_logs
 
 SUITES = ("kd", "data", "onnx")
-EXTRA_SUITES = ("fast_student",)  # not part of "all"
+EXTRA_SUITES = ("fast_student", "methods")  # not part of "all"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -115,6 +117,10 @@ def _run(s: BenchSettings, suites: tuple[str, ...], device: torch.device) -> dic
             from benchmarks.fast_student import run_fast_student_suite
 
             result["suites"]["fast_student"] = run_fast_student_suite(s)
+        if "methods" in suites:
+            from benchmarks.methods import run_methods_suite
+
+            result["suites"]["methods"] = run_methods_suite(s)
     result["seconds"] = time.perf_counter() - started
     result["summary"] = summary(result)
     return result
@@ -227,7 +233,8 @@ def table(result: dict[str, Any]) -> str:
                 continue
             rows.append((f"{acc['run']}: {acc['metric']} PyTorch / ONNX / INT8 ({acc['images']} val images)",
                          f"{_fmt(acc['pytorch'])} / {_fmt(acc['onnx'])} / {_fmt(acc['int8'])}", "ONNX = PyTorch"))  # fmt: skip
-    if "fast_student" in suites and not (kd or data or onnx):
+    methods = suites.get("methods")
+    if "fast_student" in suites and not (kd or data or onnx or methods):
         from benchmarks.fast_student import fast_student_table
 
         return _machine_line(result) + "\n\n" + fast_student_table(suites["fast_student"])
@@ -235,11 +242,18 @@ def table(result: dict[str, Any]) -> str:
     head = (
         f"device {s['device']} ({m.get('gpu') or m['processor']}, {m['cpu_count']} CPUs), "
         f"{s['size'][0]}×{s['size'][1]}, batch {s['batch_size']}, {s['rois_per_image']} ROIs/image, "
-        f"{s['teacher_encoder']} → {s['student_encoder']}, amp {kd['amp'] if kd else s['amp']}, "
+        f"{s['teacher_encoder']} → {s['student_encoder']}, amp {(kd or methods or s)['amp']}, "
         f"channels_last {s['channels_last']}, compile {s['compile']}, {s['reps']} reps after {s['warmup']} warm-up"
     )
-    lines = [head, "", "| measurement | value | goal |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines = [head]
+    if rows or not methods:
+        lines += ["", "| measurement | value | goal |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    if methods:
+        from benchmarks.methods import methods_table
+
+        lines += ["", "Distillation methods: KD training step over the plain KD step (one interleaved run)", "",
+                  methods_table(methods)]  # fmt: skip
     if "fast_student" in suites:
         from benchmarks.fast_student import fast_student_table
 

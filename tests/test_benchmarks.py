@@ -144,3 +144,27 @@ def test_fast_student_suite_times_candidates_against_the_teacher(tmp_path, capsy
         assert _positive(row["gmacs"]["roi_head"]) and row["gmacs"]["total"] > row["gmacs"]["encoder"]
     assert fast["params_m"] < teacher["params_m"] and fast["gmacs"]["total"] < teacher["gmacs"]["total"]
     assert "| dec128+head32 |" in capsys.readouterr().out
+
+
+def test_methods_suite_times_every_method_against_plain_kd(tmp_path, capsys):
+    """Every case of `benchmarks.methods.CASES` at 64x64 with B0 as the teacher: positive finite ratios over the
+    plain KD step, the reference's exactly 1, and the CLI writes the suite to the JSON."""
+    from benchmarks.methods import CASES, REFERENCE
+
+    out = tmp_path / "methods.json"
+    argv = [
+        "--suite", "methods", "--device", "cpu", "--json", str(out), "--size", "64", "64", "--batch_size", "1",
+        "--reps", "1", "--warmup", "0", "--rois_per_image", "1", "--teacher_encoder", "timm-efficientnet-b0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["suites"]) == {"methods"}
+    methods = result["suites"]["methods"]
+    assert list(methods["cases"]) == [case for case, _ in CASES] and CASES[0][0] == REFERENCE == "kd"
+    for case, _ in CASES:
+        assert _positive(methods[f"{case}_over_kd"]), case
+        assert _positive(methods[f"{case}_over_kd_per_rep_median"]), case
+        assert _positive(methods[f"{case}_step_ms"]) and len(methods["times_s"][case]) == 1
+    assert methods["kd_over_kd"] == 1.0 and methods["kd_over_kd_per_rep_median"] == 1.0
+    assert "excluded" in methods["grad_share_steps"]
+    assert "| mgd (quickstart_mgd) |" in capsys.readouterr().out
