@@ -173,6 +173,28 @@ def test_sigterm_saves_last_pth_mid_epoch_and_prints_the_resume_command(referenc
     assert_same_weights(_last(ref_run), _last(run))
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_stops_gracefully(tmp_path):
+    """Slurm (and `kill -- -PGID`) signal every process of the job: the loader workers must not die of it
+    and take the run down with exit 1; the main process saves last.pth and exits 143."""
+    args = _args(tmp_path, "group") + ["--set", "data.num_workers=1"]
+    args[args.index("training.checkpoint_every_steps=1")] = "training.checkpoint_every_steps=1000"
+    run = tmp_path / "group" / "quickstart_baseline"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_advanced.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    untrained = run / "checkpoints" / "untrained_model.pth"
+    deadline = time.monotonic() + 120
+    while not untrained.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.5)  # the first batches are being loaded by the worker
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "killed by signal" not in err
+    assert _last(run).is_file()
+
+
 def _signal_at_step(monkeypatch, step: int, signals: list[int]) -> None:
     """Send `signals` to this process (one after the other) at the start of optimizer step `step`: the real
     handlers installed by StopSignals see them, exactly as for a Ctrl-C in a terminal."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -356,3 +355,16 @@ def test_dist_logit_standardisation_and_mgd_train_and_resume_bit_identical(train
     resumed = torch.load(copy / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
     for key, value in last["task_state_dict"].items():
         assert torch.equal(value, resumed["task_state_dict"][key]), key
+
+
+def test_logit_standardize_applies_to_classifier_kl():
+    from kdlab.distill.kd_classification import ClassificationKDTask
+
+    cfg = resolve_config("digits_student_distill", ["distillation.logit_standardize=true"])
+    task = ClassificationKDTask(cfg.distillation, cfg.training.loss, [], cached=True)
+    g = torch.Generator().manual_seed(9)
+    s, t = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g) * 4
+    value = task.distill_terms(s, [(t, 1.0)], {}, 2.0)["distill_kl"][0]
+    expected = kd_kl_loss(standardize_logits(s), teacher_probs(standardize_logits(t), 2.0), 2.0)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert abs(value.item() - kd_kl_loss(s, teacher_probs(t, 2.0), 2.0).item()) > 1e-3

@@ -8,6 +8,7 @@ once per image, never once per ROI.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,6 +284,14 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeople
     return train, val
 
 
+def _worker_ignores_sigterm(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM to the main process. A SIGTERM sent to the whole process group (Slurm
+    pre-emption, `kill -- -PGID`, `pkill -f`) would otherwise kill the workers first, and the main process
+    would fail with "DataLoader worker ... killed by signal" instead of saving last.pth and exiting 143.
+    Workers still end with the main process (the loader shuts them down; they watch their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -306,4 +315,5 @@ def build_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=False,
+        worker_init_fn=_worker_ignores_sigterm if num_workers > 0 else None,
     )

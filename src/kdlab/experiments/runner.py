@@ -52,6 +52,7 @@ SUITES: dict[str, list[str]] = {
         "quickstart_dist",
         "quickstart_cwd",
         "quickstart_mgd",
+        "quickstart_kd_dist",
     ],
     "people": ["people_b3_teacher", "people_b0_baseline", "people_b0_from_b3"],
     "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
