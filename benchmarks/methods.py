@@ -32,13 +32,14 @@ from kdlab.models.builders import build_model
 
 REFERENCE = "kd"
 # (case, named config whose `distillation` section the case uses). The first is the reference. Add a case with
-# one line, e.g. the chosen method: ("best", "quickstart_best").
+# one line.
 CASES: tuple[tuple[str, str], ...] = (
     (REFERENCE, "quickstart_distill"),  # the seed's per-pixel KL on the three heads
     ("kd_ls", "quickstart_kd_ls"),  # KL on class-standardised logits
     ("dist", "quickstart_dist"),  # DIST on the 3-class logits, no KL
     ("cwd", "quickstart_cwd"),  # channel-wise distillation on the logits, no KL
     ("mgd", "quickstart_mgd"),  # masked generative distillation on a decoder feature (+ its generator)
+    ("kd_dist", "quickstart_kd_dist"),  # the KL on the three heads + DIST on the logits
 )
 
 

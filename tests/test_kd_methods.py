@@ -368,3 +368,22 @@ def test_logit_standardize_applies_to_classifier_kl():
     expected = kd_kl_loss(standardize_logits(s), teacher_probs(standardize_logits(t), 2.0), 2.0)
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
     assert abs(value.item() - kd_kl_loss(s, teacher_probs(t, 2.0), 2.0).item()) > 1e-3
+
+
+def test_methods_suite_students_share_the_baselines_schedule_and_initial_weights():
+    from kdlab.experiments.runner import expand_configs
+
+    names = expand_configs(["quickstart_methods"])
+    assert names[:2] == ["quickstart_teacher", "quickstart_baseline"]
+    baseline = resolve_config("quickstart_baseline")
+    students = [resolve_config(n) for n in names[2:]]
+    assert len(students) == 6
+    for cfg in students:
+        assert cfg.distillation.enabled and cfg.distillation.teacher_experiment == "quickstart_teacher"
+        assert cfg.training == baseline.training, cfg.name  # schedule, seed (so initial weights), loss
+        assert cfg.model == baseline.model and cfg.data == baseline.data, cfg.name
+        assert cfg.distillation.alpha == 0.7, cfg.name
+    methods = {(c.distillation.final_weight > 0, c.distillation.logit_standardize, c.distillation.dist_weight > 0,
+                c.distillation.cwd_weight > 0, any(f.method == "mgd" for f in c.distillation.features))
+               for c in students}  # fmt: skip
+    assert len(methods) == 6  # six different methods
