@@ -39,6 +39,7 @@ from kdlab.experiments.run_dir import (
     run_dir_for,
     run_dir_of,
 )
+from kdlab.experiments.run_lock import acquire_run_lock, release_run_lock
 from kdlab.tasks import TaskDefinition, task_of
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,10 @@ def prepare_run(request: RunRequest, inputs: CheckedInputs, proc: Process) -> Pa
     run_dir = run_dir_of(inputs.resume_path, cfg)
     if proc.ctx.is_main:
         resuming = inputs.resume_path is not None or inputs.auto_fresh
+        if run_dir.is_dir():
+            acquire_run_lock(run_dir)  # before anything in it is touched (--overwrite removes it)
         prepare_run_dir(run_dir, request.overwrite, resuming=resuming)
+        acquire_run_lock(run_dir)  # held until the process ends: one writer per run directory
         write_json_atomic(run_dir / "config.json", cfg.model_dump(mode="json"))
         log.info("run directory: %s", run_dir.resolve())
     distributed.barrier()
@@ -227,8 +231,12 @@ def execute(request: RunRequest) -> dict[str, Any]:
     if request.test_only:
         return evaluate_only(request.config, inputs, proc)
     run_dir = prepare_run(request, inputs, proc)
-    trainer = build_trainer(request, inputs, proc, run_dir)
-    return summarise(request.config, trainer.fit(), run_dir, proc)
+    try:
+        trainer = build_trainer(request, inputs, proc, run_dir)
+        return summarise(request.config, trainer.fit(), run_dir, proc)
+    finally:
+        if proc.ctx.is_main:
+            release_run_lock(run_dir)
 
 
 def evaluate_only(cfg: ExperimentConfig, inputs: CheckedInputs, proc: Process) -> dict[str, Any]:
