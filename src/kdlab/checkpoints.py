@@ -9,7 +9,9 @@ pickled code.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import zipfile
 from collections.abc import Callable
@@ -22,32 +24,98 @@ from torch import nn
 
 from kdlab.atomic_io import TMP_MARKER, atomic_write
 from kdlab.config.schema import ExperimentConfig
-from kdlab.errors import CheckpointError
+from kdlab.errors import CheckpointError, CheckpointWriteError
 from kdlab.file_hash import file_sha256
 
 __all__ = [
-    "FAULT_ENV", "ModelBuilder", "file_sha256", "load_checkpoint", "load_weights", "model_from_checkpoint",
-    "remove_stale_temp_files", "save_checkpoint_atomic", "strict_load",
+    "ENOSPC_FAULT_ENV", "FAULT_ENV", "ModelBuilder", "file_sha256", "load_checkpoint", "load_weights",
+    "model_from_checkpoint", "remove_stale_temp_files", "save_checkpoint_atomic", "strict_load",
 ]  # fmt: skip
 
 # Fault injection for the crash tests: with KDLAB_FAULT_KILL_IN_SAVE=N the process SIGKILLs itself during
-# its N-th checkpoint write, after the temp file is complete and before the rename.
+# its N-th checkpoint write, after the temp file is complete and before the rename. With
+# KDLAB_FAULT_ENOSPC_IN_SAVE=N its N-th checkpoint write fails as on a full disk: half the temp file is
+# written, then OSError(ENOSPC) is raised.
 FAULT_ENV = "KDLAB_FAULT_KILL_IN_SAVE"
+ENOSPC_FAULT_ENV = "KDLAB_FAULT_ENOSPC_IN_SAVE"
 _saves_in_process = 0
 
+# torch.save to a path writes through a C++ zip writer, so a full disk (or any failed write) reaches Python
+# as a RuntimeError: measured on a full tmpfs with torch 2.15, "[enforce fail at inline_container.cc:671] .
+# unexpected pos 576 vs 534" (the disk fills during the write) and "basic_ios::clear: iostream error" (it
+# was full already); older versions say "PytorchStreamWriter failed writing file data/0: file write
+# failed". Any other RuntimeError is a bug and is not caught.
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "unexpected pos", "file write failed",
+                         "iostream error", "cannot be opened")  # fmt: skip
 
-def save_checkpoint_atomic(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write `payload` to `path` via a temp file in the same directory, fsync, then rename into place."""
+
+def save_checkpoint_atomic(payload: dict[str, Any], path: str | Path, *, retry: str = "rerun") -> Path:
+    """Write `payload` to `path` via a temp file in the same directory, fsync, then rename into place.
+
+    A write that fails (disk full, quota, I/O error) raises CheckpointWriteError: one line naming the file,
+    the reason and what to do (`retry` says how to continue, e.g. "rerun ... with --resume auto"). The temp
+    file is removed and the file at `path`, if any, is left as it was."""
     global _saves_in_process
     _saves_in_process += 1
+    path = Path(path)
     kill_at = os.environ.get(FAULT_ENV)
+    enospc_at = os.environ.get(ENOSPC_FAULT_ENV)
+    existed = path.is_file()
 
     def write(tmp: Path) -> None:
         torch.save(payload, tmp)
         if kill_at is not None and int(kill_at) == _saves_in_process:
             os.kill(os.getpid(), signal.SIGKILL)
+        if enospc_at is not None and int(enospc_at) == _saves_in_process:
+            os.truncate(tmp, tmp.stat().st_size // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
-    return atomic_write(path, write, fsync_dir=True)
+    try:
+        return atomic_write(path, write, fsync_dir=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise CheckpointWriteError(_write_failure(path, reason, existed, retry)) from exc
+    except RuntimeError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not any(marker in message for marker in _TORCH_WRITE_FAILURES):
+            raise
+        reason = _torch_write_reason(path.parent, _payload_bytes(payload), message)
+        raise CheckpointWriteError(_write_failure(path, reason, existed, retry)) from exc
+
+
+def _write_failure(path: Path, reason: str, existed: bool, retry: str) -> str:
+    kept = f"the previous {path.name} is intact" if existed else f"no {path.name} was written"
+    return (
+        f"could not write checkpoint {path}: {reason}; {kept}. Free disk space on {path.parent} and {retry}"
+    )
+
+
+def _torch_write_reason(directory: Path, needed: int, message: str) -> str:
+    """torch's zip writer gives no errno: compare the free space with the checkpoint's size instead."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return f"the write failed ({message})"
+    if free < needed:
+        return f"No space left on device (the checkpoint needs about {_size(needed)}, {_size(free)} free)"
+    return f"the write failed ({message}; {_size(free)} free)"
+
+
+def _payload_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_payload_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_payload_bytes(v) for v in value)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} KiB"
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:

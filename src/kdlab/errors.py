@@ -29,3 +29,7 @@ class KdlabRunFailure(Exception):
 
 class NonFiniteLossError(KdlabRunFailure):
     """Too many non-finite (NaN/inf) training steps in a row; the last good checkpoint is kept."""
+
+
+class CheckpointWriteError(KdlabRunFailure):
+    """A checkpoint could not be written (disk full, quota, I/O error); the file it would replace is intact."""

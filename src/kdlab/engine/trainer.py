@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 Evaluator = Callable[[nn.Module], tuple[dict[str, float], dict[str, torch.Tensor] | None]]
 # Draws the evaluator's picture data into a directory; returns (file name, RGB array) per picture.
 PictureWriter = Callable[[dict[str, Any], Path], list[tuple[str, Any]]]
+# What a failed checkpoint write (disk full) tells the user to do once there is space again.
+RETRY_AFTER_WRITE_FAILURE = "rerun the same command with --resume auto"
 
 
 class Trainer(TrainerCheckpoints):
@@ -154,7 +156,11 @@ class Trainer(TrainerCheckpoints):
         try:
             with StopSignals() as self._stop:
                 if fresh and self.dist.is_main:
-                    save_checkpoint_atomic(self._base_payload(), self.ckpt_dir / "untrained_model.pth")
+                    save_checkpoint_atomic(
+                        self._base_payload(),
+                        self.ckpt_dir / "untrained_model.pth",
+                        retry=RETRY_AFTER_WRITE_FAILURE,
+                    )
                 if self.teacher_eval_model is not None and self.teacher_metrics is None:
                     self._evaluate_teacher()
                 if self.state.stopped_early is not None:
@@ -171,9 +177,28 @@ class Trainer(TrainerCheckpoints):
             raise
         finally:
             self._stop = None
+            summary = self._close_run(status)
+        return summary
+
+    def _close_run(self, status: str) -> dict[str, Any]:
+        """summary.json with the final status, then close the logs. When the run is already failing or
+        stopping (a checkpoint write hit a full disk, a signal), an OSError here (the same full disk) is
+        logged, not raised: it would replace the run's one-line error with a traceback."""
+        summary: dict[str, Any] = {}
+        try:
             summary = self.write_summary(status)
+        except OSError as exc:
+            if status == "completed":
+                raise
+            log.warning("summary.json not updated to status %r: %s", status, exc)
+        finally:
             if self.logger is not None:
-                self.logger.close()
+                try:
+                    self.logger.close()
+                except OSError as exc:
+                    if status == "completed":
+                        raise
+                    log.warning("closing the run's logs failed: %s", exc)
         return summary
 
     def _evaluate_teacher(self) -> None:
@@ -273,7 +298,9 @@ class Trainer(TrainerCheckpoints):
 
     def _save_last(self) -> None:
         if self.dist.is_main:
-            save_checkpoint_atomic(self._full_payload(), self.ckpt_dir / "last.pth")
+            save_checkpoint_atomic(
+                self._full_payload(), self.ckpt_dir / "last.pth", retry=RETRY_AFTER_WRITE_FAILURE
+            )
 
     def _stop_if_requested(self, epoch: int, at_epoch_end: bool = False) -> None:
         """After a step (or an epoch) a stop signal saves last.pth, then raises TrainingInterrupted."""
@@ -404,12 +431,15 @@ class Trainer(TrainerCheckpoints):
                 best = self._base_payload()
                 best["best_metric"] = value
                 best["monitor"] = {"name": self.best_metric_name, "mode": mode, "value": value}
-                save_checkpoint_atomic(best, self.ckpt_dir / self.top_k.entries[rank - 1]["file"])
+                best_path = self.ckpt_dir / self.top_k.entries[rank - 1]["file"]
+                save_checkpoint_atomic(best, best_path, retry=RETRY_AFTER_WRITE_FAILURE)
             log.info(
                 "epoch %d: %s %s=%.4f -> %s", epoch + 1, "new best" if rank == 1 else f"top-{rank}",
                 self.best_metric_name, value, self.top_k.entries[rank - 1]["file"],
             )  # fmt: skip
-        if tcfg.lr_schedule == "plateau" and self.plateau.update(value, mode, tcfg.lr_patience, tcfg.lr_gamma):
+        if tcfg.lr_schedule == "plateau" and self.plateau.update(
+            value, mode, tcfg.lr_patience, tcfg.lr_gamma
+        ):
             step = self.state.global_step
             for group, base, fn in zip(
                 self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
@@ -498,6 +528,7 @@ class Trainer(TrainerCheckpoints):
         if self.dist.is_main:
             full = self._full_payload()
             if (epoch + 1) % tcfg.save_every == 0 or last_epoch:
-                save_checkpoint_atomic(full, self.ckpt_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth")
-            save_checkpoint_atomic(full, self.ckpt_dir / "last.pth")
+                epoch_path = self.ckpt_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth"
+                save_checkpoint_atomic(full, epoch_path, retry=RETRY_AFTER_WRITE_FAILURE)
+            save_checkpoint_atomic(full, self.ckpt_dir / "last.pth", retry=RETRY_AFTER_WRITE_FAILURE)
             self.write_summary("running")
