@@ -61,3 +61,8 @@ def write_text_atomic(path: str | Path, text: str, *, fsync: bool = True) -> Pat
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_json_atomic_nosync(path: str | Path, data: Any) -> Path:
+    """`write_json_atomic` without the fsync: for status files rewritten every few seconds."""
+    return write_text_atomic(path, json.dumps(data, default=str) + "\n", fsync=False)

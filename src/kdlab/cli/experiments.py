@@ -20,7 +20,8 @@ log = logging.getLogger("kdlab.cli.experiments")
 def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(
         prog="run_experiments.py",
-        description="Run experiments in series (teachers first), export each to ONNX, write a comparison report.",
+        description="Run experiments (teachers first; in series, side by side with --parallel/--gpus, or as Slurm "
+        "jobs), export each to ONNX, write a comparison report.",
     )
     p.add_argument(
         "--configs",
@@ -71,6 +72,38 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--skip_training", action="store_true", help="do not train; export/report existing runs")
     p.add_argument("--fail_fast", action="store_true", help="stop at the first failed experiment")
     p.add_argument("--no_export", action="store_true", help="skip the ONNX export after training")
+    p.add_argument(
+        "--parallel", type=int, metavar="N",
+        help="run N experiments at once (CPU: each child gets its share of the cores; with --gpus: at most N)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads_per_run", type=int, metavar="T",
+        help="CPU threads of each child (default: the cores / --parallel; torch's own choice for one run). "
+        "CPU results depend on it: keep it fixed to compare runs across --parallel settings",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpus", metavar="IDS",
+        help="'all' or ids like 0,1,2,3: run experiments side by side, each pinned (CUDA_VISIBLE_DEVICES) to "
+        "training.devices_per_run GPUs (torchrun when more than 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--executor", choices=["local", "slurm", "submitit_local"], default="local",
+        help="local processes (default), Slurm jobs through submitit (pip install kdlab[slurm]), or "
+        "submitit's local executor (the same job path on this machine)",
+    )  # fmt: skip
+    p.add_argument("--slurm_partition", help="--executor slurm: the partition of every job")
+    p.add_argument(
+        "--slurm_gpus_per_run", type=int, metavar="G",
+        help="--executor slurm: GPUs per job (default training.devices_per_run)",
+    )  # fmt: skip
+    p.add_argument(
+        "--slurm_timeout_min",
+        type=int,
+        default=24 * 60,
+        metavar="MIN",
+        help="--executor slurm: job time limit",
+    )
+    p.add_argument("--slurm_cpus_per_run", type=int, metavar="C", help="--executor slurm: CPUs per job")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -123,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         skip_training=args.skip_training,
         export=(args.export_onnx or not args.skip_training) and not args.no_export,
         export_requested=args.export_onnx,
+        gpus=args.gpus,
+        parallel=args.parallel,
+        threads_per_run=args.threads_per_run,
+        executor=args.executor,
+        slurm=slurm_options(args),
     )
     report_md = paths.get("markdown")
     if report_md is not None and report_md.is_file():
@@ -131,6 +169,24 @@ def main(argv: list[str] | None = None) -> int:
         if key in paths:
             print(f"{label}: {paths[key]}")
     return status
+
+
+def slurm_options(args) -> dict:
+    """The --slurm_* flags for the submitit launcher; they are refused without a submitit executor."""
+    from kdlab.errors import ConfigError
+
+    given = {name: getattr(args, f"slurm_{name}") for name in ("partition", "gpus_per_run", "cpus_per_run")}
+    if args.executor == "local":
+        used = [f"--slurm_{k}" for k, v in given.items() if v is not None]
+        if used:
+            raise ConfigError(f"{', '.join(used)} need --executor slurm (or submitit_local)")
+        return {}
+    for name in ("gpus_per_run", "cpus_per_run"):
+        if given[name] is not None and given[name] < (0 if name == "gpus_per_run" else 1):
+            raise ConfigError(f"--slurm_{name} must be >= {0 if name == 'gpus_per_run' else 1}")
+    if args.slurm_timeout_min <= 0:
+        raise ConfigError("--slurm_timeout_min must be > 0")
+    return {**given, "timeout_min": args.slurm_timeout_min}
 
 
 def entrypoint() -> None:

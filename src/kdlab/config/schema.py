@@ -262,6 +262,9 @@ class EMAConfig(_Section):
 
 class TrainingConfig(_Section):
     epochs: int = Field(50, gt=0)
+    devices_per_run: int = Field(
+        1, ge=1, description="run_experiments.py --gpus: GPUs this run takes; more than 1 runs it under torchrun"
+    )
     batch_size: int = Field(8, gt=0)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)

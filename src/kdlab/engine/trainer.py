@@ -31,6 +31,7 @@ from kdlab.engine.device import resolve_amp_dtype
 from kdlab.engine.ema import ModelEMA
 from kdlab.engine.monitor import EarlyStopping, PlateauState, TopK, default_mode, worst_value
 from kdlab.engine.optim import build_optimizer, build_scheduler
+from kdlab.engine.progress_file import ProgressFile
 from kdlab.engine.run_logger import RunLogger
 from kdlab.engine.state import EpochProgress, TrainerCheckpoints, TrainState
 from kdlab.engine.stop_signals import StopSignals, TrainingInterrupted
@@ -113,6 +114,7 @@ class Trainer(TrainerCheckpoints):
         self.state = TrainState(best_metric=worst)
         self.progress = EpochProgress()
         self.logger: RunLogger | None = None
+        self.progress_file: ProgressFile | None = None  # rank 0: logs/progress.json for the runner's live lines
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._consecutive_nonfinite = 0
         self._stop: StopSignals | None = None
@@ -152,6 +154,7 @@ class Trainer(TrainerCheckpoints):
                 wandb=self.cfg.logging.wandb, config=self.cfg.model_dump(mode="json"),
             )  # fmt: skip
             remove_stale_temp_files(self.ckpt_dir)
+            self.progress_file = ProgressFile(self.run_dir, self.tcfg.epochs)
         status = "failed"
         try:
             with StopSignals() as self._stop:
@@ -398,6 +401,8 @@ class Trainer(TrainerCheckpoints):
                 interval_images += pending_images
             pending, pending_images = [], 0
             self.state.batches_done = i + 1
+            if self.progress_file is not None:
+                self.progress_file.batch(epoch, i + 1, n_batches, force=i + 1 == n_batches)
             if step_norm is not None and self.state.global_step % tcfg.log_every_steps == 0 and interval:
                 elapsed = time.perf_counter() - t_interval
                 values = self._reduced_means(interval, interval_counts)

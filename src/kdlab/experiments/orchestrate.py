@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -42,16 +43,21 @@ def export_finished(results: list[Any]) -> None:
             log.error("%s: ONNX export failed: %s", result.name, exc)
 
 
-def merge_with_previous(results: list[RunResult], path: Path) -> list[RunResult]:
-    """Earlier runs recorded in experiment_runs.json stay in the table; this invocation's results replace
-    entries of the same name (an export-only pass keeps the original training record and adds the export)."""
-    previous: list[RunResult] = []
-    if path.is_file():
-        try:
-            previous = [RunResult(**entry) for entry in json.loads(path.read_text())]
-        except (json.JSONDecodeError, TypeError) as exc:
-            log.warning("ignoring unreadable %s: %s", path, exc)
-    merged = {r.name: r for r in previous}
+def read_runs(path: Path) -> list[RunResult]:
+    """The runs recorded in experiment_runs.json ([] when there is none or it cannot be read)."""
+    if not path.is_file():
+        return []
+    try:
+        return [RunResult(**entry) for entry in json.loads(path.read_text())]
+    except (json.JSONDecodeError, TypeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return []
+
+
+def merge_runs(previous: list[RunResult], results: list[RunResult]) -> list[RunResult]:
+    """Earlier runs stay in the table; this invocation's results replace entries of the same name (an
+    export-only pass keeps the original training record and adds the export)."""
+    merged = {r.name: copy.copy(r) for r in previous}
     for r in results:
         earlier = merged.get(r.name)
         if r.status == "exists" and earlier is not None and earlier.status == "completed":
@@ -87,12 +93,20 @@ def orchestrate(
     seeds: list[int] | None = None,
     seed_teachers: bool = False,
     resume_path: str | None = None,
+    gpus: str | None = None,
+    parallel: int | None = None,
+    threads_per_run: int | None = None,
+    executor: str = "local",
+    slurm: dict[str, Any] | None = None,
 ) -> tuple[int, dict[str, Path]]:
     """Returns (exit status, paths of the written files by kind: "runs_json", "csv", "markdown", ...).
 
     `export_requested`: --export_onnx was given. `resume_path`: --resume PATH, valid for one planned run only.
+    `gpus`/`parallel`: several runs at once on this machine; `executor` "slurm"/"submitit_local": submitit
+    jobs, with `slurm` holding partition, gpus_per_run, timeout_min, cpus_per_run.
     """
     from kdlab.experiments.report import RunRecord, collect_rows, write_report
+    from kdlab.experiments.scheduler import SlotPool, parse_gpus
 
     planned = plan_runs(configs, set_items, flags, sweeps, seeds=seeds, seed_teachers=seed_teachers)
     if resume_path is not None:
@@ -105,12 +119,34 @@ def orchestrate(
                     "drop --export_onnx or those configs"
                 )
     out = output_dir or Path(planned[0].config.output_dir)
+    gpu_ids = parse_gpus(gpus)
+    launcher = None
+    if executor != "local":
+        if gpu_ids is not None:
+            raise ConfigError(
+                f"--gpus places runs on this machine; with --executor {executor} use --slurm_gpus_per_run"
+            )
+        from kdlab.experiments.slurm import SubmititLauncher
+
+        launcher = SubmititLauncher(executor, out / ".submitit", **(slurm or {}))
+    else:
+        SlotPool(gpu_ids, parallel, threads=threads_per_run)  # checks the flags before anything runs
+    runs_json = out / "experiment_runs.json"
+    previous = read_runs(runs_json)
+    order = {p.run_name: i for i, p in enumerate(planned)}
+    done: list[RunResult] = []
+
+    def record(result: RunResult) -> None:  # each run's result on disk as it ends: a killed runner loses none
+        done.append(result)
+        write_runs_json(merge_runs(previous, sorted(done, key=lambda r: order[r.name])), runs_json)
+
     results = run_all(
-        planned, flags_argv, out, resume=resume, fail_fast=fail_fast, skip_training=skip_training
-    )
+        planned, flags_argv, out, resume=resume, fail_fast=fail_fast, skip_training=skip_training,
+        gpus=gpu_ids, parallel=parallel, threads_per_run=threads_per_run, launcher=launcher, on_result=None if skip_training else record,
+    )  # fmt: skip
     if export:
         export_finished(results)
-    all_runs = merge_with_previous(results, out / "experiment_runs.json")
+    all_runs = merge_runs(previous, results)
     write_runs_json(all_runs, out / "experiment_runs.json")
     records = [
         RunRecord(

@@ -44,7 +44,11 @@ def _describe(holder: dict[str, Any]) -> str:
     if not holder:
         return "an unknown process"
     since = holder.get("started")
-    when = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if isinstance(since, int | float) else ""
+    when = (
+        f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+        if isinstance(since, int | float)
+        else ""
+    )
     return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}{when}"
 
 
@@ -92,3 +96,23 @@ def release_run_lock(run_dir: Path) -> None:
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)
+
+
+def run_dir_holder(run_dir: Path) -> str | None:
+    """Who holds `<run_dir>/.lock` right now ("pid 12 on host h, since ..."), or None when it is free or absent.
+
+    A probe for the runner: it takes the lock without blocking and drops it at once, so it never keeps it."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe(_holder(fd))
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

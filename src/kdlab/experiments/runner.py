@@ -1,4 +1,4 @@
-"""Run several experiments in series, each as its own process, then export and compare them.
+"""Run several experiments, each as its own process (in series, or several at once), then export and compare them.
 
 Each experiment runs `python -m kdlab.cli.train ...` (the CLI behind train_advanced.py) through an argument
 list (never a shell); its output is streamed live and into `<run>/logs/stdout.txt`; its true exit status is
@@ -14,13 +14,13 @@ data order (both come from `training.seed`), so their difference is a paired com
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
-import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from kdlab.atomic_io import write_json_atomic
 from kdlab.config.loader import parse_set_items, resolve_config
 from kdlab.config.schema import ExperimentConfig
 from kdlab.errors import ConfigError
+from kdlab.experiments.run_lock import run_dir_holder
+from kdlab.experiments.scheduler import ChildSpec, Launcher, ProcessLauncher, Slot, SlotPool, schedule
 
 log = logging.getLogger(__name__)
 
@@ -226,27 +228,6 @@ def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
         return "".join(deque(fh, maxlen=lines))
 
 
-def stream_process(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> int:
-    """Run `command` (an argument list, no shell), echo its output live and copy it into `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w", encoding="utf-8") as sink:
-        proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=1, text=True,
-            errors="replace",
-        )  # fmt: skip
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                sink.write(line)
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
-            raise
-        return proc.wait()
-
-
 def child_command(
     run: PlannedRun, flags_argv: list[str], teacher_ckpt: Path | None, resume: str | None
 ) -> list[str]:
@@ -271,6 +252,159 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def finished_before(run: PlannedRun) -> bool:
+    """A run that already trained to its planned epochs (summary.json says completed, best_model.pth exists):
+    `--resume` does not train it again."""
+    run_dir = run.run_dir()
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        summary.get("status") == "completed"
+        and summary.get("epochs") == run.config.training.epochs
+        and (run_dir / "checkpoints" / "best_model.pth").is_file()
+    )
+
+
+def with_torchrun(command: list[str], devices: int) -> list[str]:
+    """A training command launched under torchrun on `devices` local processes (one per GPU), when > 1."""
+    if devices <= 1:
+        return command
+    assert command[1:3] == ["-m", TRAIN_MODULE]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}"]
+    return launch + ["-m", TRAIN_MODULE, *command[3:]]
+
+
+class SuiteBook:
+    """The runner's side of the scheduler (kdlab.experiments.scheduler.RunBook): commands, logs, results."""
+
+    def __init__(
+        self, planned: list[PlannedRun], flags_argv: list[str], output_dir: Path, resume: bool, fail_fast: bool,
+        on_result: Callable[[RunResult], None] | None, gpus_for: Callable[[int], int] | None = None,
+    ) -> None:  # fmt: skip
+        self.by_name = {p.run_name: p for p in planned}
+        self.order = {p.run_name: i for i, p in enumerate(planned)}
+        self.flags_argv, self.output_dir = flags_argv, output_dir
+        self.resume, self.fail_fast = resume, fail_fast
+        self.on_result = on_result
+        self.gpus_for = gpus_for  # cluster jobs: the GPUs a run's job asks for
+        self.env = child_env()
+        self.results: dict[str, RunResult] = {}
+        self.commands: dict[str, tuple[list[str], str | None]] = {}
+
+    def _record(self, result: RunResult) -> RunResult:
+        self.results[result.name] = result
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
+
+    def _result(self, run: PlannedRun, status: str, code: int | None, seconds: float, command: list[str],
+                tail: str = "") -> RunResult:  # fmt: skip
+        return RunResult(
+            run.run_name, run.config_name, str(run.run_dir()), status, code, seconds, command, tail,
+            run.config.model_dump(mode="json"), seed=run.seed, group=run.group or run.run_name,
+        )  # fmt: skip
+
+    def teacher_of(self, run: PlannedRun) -> str | None:
+        return run.depends_on if run.depends_on in self.by_name else None
+
+    def blocked(self, run: PlannedRun) -> str | None:
+        teacher = self.teacher_of(run)
+        if teacher is None:
+            return None
+        result = self.results.get(teacher)
+        if result is None:
+            return "wait"
+        if result.status not in ("completed", "exists"):
+            return f"teacher experiment {teacher} {result.status}"
+        ckpt = Path(result.run_dir) / "checkpoints" / "best_model.pth"
+        return None if ckpt.is_file() else f"teacher experiment {teacher} left no {ckpt}"
+
+    def devices_of(self, run: PlannedRun) -> int:
+        return run.config.training.devices_per_run
+
+    def prepare(self, run: PlannedRun, slot: Slot | None) -> ChildSpec | RunResult:
+        run_dir = run.run_dir()
+        if self.resume and run.resume_from is None and finished_before(run):
+            log.info(
+                "%s: already trained to %d epochs; not rerun (--resume)",
+                run.run_name,
+                run.config.training.epochs,
+            )
+            return self._record(self._result(run, "exists", None, 0.0, []))
+        holder = run_dir_holder(run_dir)
+        if holder is not None:
+            message = f"run directory {run_dir} is in use by {holder}; not started"
+            log.error("%s: %s", run.run_name, message)
+            return self._record(self._result(run, "failed", None, 0.0, [], message))
+        teacher = self.teacher_of(run)
+        teacher_ckpt = self.by_name[teacher].run_dir() / "checkpoints" / "best_model.pth" if teacher else None
+        resume_arg = run.resume_from or ("auto" if self.resume else None)
+        devices = len(slot.gpus) if slot is not None and slot.gpus else 0
+        if self.gpus_for is not None:
+            devices = self.gpus_for(self.devices_of(run))
+        command = with_torchrun(child_command(run, self.flags_argv, teacher_ckpt, resume_arg), devices)
+        self.commands[run.run_name] = (command, resume_arg)
+        where = slot.label if slot is not None else f"a cluster job ({devices} GPU)"
+        visible = slot.env().get("CUDA_VISIBLE_DEVICES") if slot is not None else None
+        header = f"# kdlab runner: {run.run_name} on {where}" + (
+            f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        )
+        log.info(
+            "[%d/%d] %s: %s", self.order[run.run_name] + 1, len(self.order), run.run_name, " ".join(command)
+        )
+        env = {**self.env, **(slot.env() if slot is not None else {})}
+        staging = self.output_dir / ".runner" / f"{run.run_name}.stdout.txt"
+        return ChildSpec(command, env, staging, devices=devices, header=header)
+
+    def skip(self, run: PlannedRun, reason: str) -> RunResult:
+        log.error("skipping %s: %s", run.run_name, reason)
+        return self._record(self._result(run, "skipped", None, 0.0, [], reason))
+
+    def finish(self, run: PlannedRun, code: int, seconds: float, slot: Slot | None) -> RunResult:
+        command, resume_arg = self.commands.get(run.run_name, ([], None))
+        run_dir = run.run_dir()
+        staging = self.output_dir / ".runner" / f"{run.run_name}.stdout.txt"
+        final_log = keep_child_log(staging, run_dir, append=bool(resume_arg))
+        status = {0: "completed", 130: "interrupted", 143: "interrupted"}.get(code, "failed")
+        teacher = self.teacher_of(run)
+        if status == "failed" and teacher and self.results.get(teacher, None) is not None:
+            if self.results[teacher].status not in ("completed", "exists"):  # a cluster job cancelled with it
+                status = "skipped"
+        result = self._result(
+            run, status, code, seconds, command, _tail(final_log) if status != "completed" else ""
+        )
+        log.info("%s: %s (exit %d) in %.1f s", run.run_name, status, code, seconds)
+        return self._record(result)
+
+    def stops(self, result: RunResult) -> bool:
+        if result.status == "interrupted":
+            return True
+        if result.status == "failed" and self.fail_fast:
+            log.error("--fail_fast: stopping after %s failed", result.name)
+            return True
+        return False
+
+
+def keep_child_log(staging: Path, run_dir: Path, append: bool) -> Path:
+    """Move a child's log from the runner's staging area into `<run>/logs/stdout.txt` (appended to the earlier
+    one when the run resumed); it stays in staging when the run never made its directory."""
+    if not staging.is_file():
+        return staging
+    if not run_dir.is_dir():
+        return staging
+    final_log = run_dir / "logs" / "stdout.txt"
+    final_log.parent.mkdir(parents=True, exist_ok=True)
+    if final_log.exists() and append:
+        with final_log.open("a") as out, staging.open() as inp:
+            shutil.copyfileobj(inp, out)
+        staging.unlink()
+    else:
+        shutil.move(staging, final_log)
+    return final_log
+
+
 def run_all(
     planned: list[PlannedRun],
     flags_argv: list[str],
@@ -278,63 +412,37 @@ def run_all(
     resume: bool = False,
     fail_fast: bool = False,
     skip_training: bool = False,
+    *,
+    gpus: list[int] | None = None,
+    parallel: int | None = None,
+    threads_per_run: int | None = None,
+    launcher: Launcher | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
 ) -> list[RunResult]:
-    """Train every planned run in order (or, with skip_training, just collect the existing ones)."""
-    results: dict[str, RunResult] = {}
-    env = child_env()
-    for i, run in enumerate(planned):
-        run_dir = run.run_dir()
-        config_dump = run.config.model_dump(mode="json")
-        ids = {"seed": run.seed, "group": run.group or run.run_name}
-        if skip_training:
-            exists = (run_dir / "checkpoints" / "best_model.pth").is_file()
-            results[run.run_name] = RunResult(
+    """Train every planned run (or, with skip_training, just collect the existing ones), in plan order.
+
+    `parallel`/`gpus` run several at once on this machine (kdlab.experiments.scheduler); `launcher` replaces
+    local processes with cluster jobs (kdlab.experiments.slurm). `on_result` is called as each run ends."""
+    if skip_training:
+        results = []
+        for run in planned:
+            run_dir = run.run_dir()
+            best = run_dir / "checkpoints" / "best_model.pth"
+            exists = best.is_file()
+            results.append(RunResult(
                 run.run_name, run.config_name, str(run_dir), "exists" if exists else "missing", None, 0.0, [],
-                "" if exists else f"no {run_dir / 'checkpoints' / 'best_model.pth'}", config_dump, **ids,
-            )  # fmt: skip
-            continue
-        teacher_ckpt = None
-        if run.depends_on and run.depends_on in results:
-            teacher = results[run.depends_on]
-            if teacher.status != "completed":
-                log.error("skipping %s: its teacher %s %s", run.run_name, run.depends_on, teacher.status)
-                results[run.run_name] = RunResult(
-                    run.run_name, run.config_name, str(run_dir), "skipped", None, 0.0, [],
-                    f"teacher experiment {run.depends_on} {teacher.status}", config_dump, **ids,
-                )  # fmt: skip
-                continue
-            teacher_ckpt = Path(teacher.run_dir) / "checkpoints" / "best_model.pth"
-        has_last = (run_dir / "checkpoints" / "last.pth").is_file()
-        resume_arg = run.resume_from or ("auto" if resume and has_last else None)
-        command = child_command(run, flags_argv, teacher_ckpt, resume_arg)
-        log.info("[%d/%d] %s: %s", i + 1, len(planned), run.run_name, " ".join(command))
-        staging = output_dir / ".runner" / f"{run.run_name}.stdout.txt"
-        started = time.perf_counter()
-        code = stream_process(command, staging, env)
-        duration = time.perf_counter() - started
-        final_log = run_dir / "logs" / "stdout.txt"
-        if run_dir.is_dir():
-            final_log.parent.mkdir(parents=True, exist_ok=True)
-            if final_log.exists() and resume_arg:
-                with final_log.open("a") as out, staging.open() as inp:
-                    shutil.copyfileobj(inp, out)
-                staging.unlink()
-            else:
-                shutil.move(staging, final_log)
-        else:
-            final_log = staging
-        status = {0: "completed", 130: "interrupted", 143: "interrupted"}.get(code, "failed")
-        results[run.run_name] = RunResult(
-            run.run_name, run.config_name, str(run_dir), status, code, duration, command,
-            _tail(final_log) if status != "completed" else "", config_dump, **ids,
-        )  # fmt: skip
-        log.info("%s: %s (exit %d) in %.1f s", run.run_name, status, code, duration)
-        if status == "interrupted":
-            break
-        if status == "failed" and fail_fast:
-            log.error("--fail_fast: stopping after %s failed", run.run_name)
-            break
-    return list(results.values())
+                "" if exists else f"no {best}", run.config.model_dump(mode="json"),
+                seed=run.seed, group=run.group or run.run_name,
+            ))  # fmt: skip
+        return results
+    gpus_for = getattr(launcher, "gpus_for", None)
+    book = SuiteBook(planned, flags_argv, output_dir, resume, fail_fast, on_result, gpus_for=gpus_for)
+    if launcher is None:
+        launcher, pool = ProcessLauncher(), SlotPool(gpus, parallel, threads=threads_per_run)
+    else:
+        pool = None if launcher.expresses_dependencies else SlotPool(None, parallel, threads=threads_per_run)
+    schedule(planned, book, launcher, pool)
+    return sorted(book.results.values(), key=lambda r: book.order[r.name])
 
 
 def write_runs_json(results: list[RunResult], path: Path) -> None:
