@@ -301,7 +301,11 @@ def digits_args(out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def digits_two_seeds(tmp_path_factory):
     out = tmp_path_factory.mktemp("seeds") / "runs"
-    code = run_cli(experiments_main, ["--configs", "digits", "--seeds", "3", "4", *digits_args(out)])
+    # Two at a time: the seed tests below also hold for the parallel runner (test_runner_parallel.py checks
+    # the order and the overlap on this same suite).
+    code = run_cli(
+        experiments_main, ["--configs", "digits", "--seeds", "3", "4", "--parallel", "2", *digits_args(out)]
+    )
     return code, out
 
 
@@ -530,3 +534,22 @@ def test_the_aliases_plan_teacher_first_and_the_distilled_alias_learns_from_the_
     assert [p.run_name for p in planned] == [student, teacher, distilled]
     assert planned[2].depends_on == teacher
     assert planned[0].config.model.encoder == planned[2].config.model.encoder  # the report's baseline pairing
+
+
+def _started_at(run_dir: Path) -> float:
+    """When the runner started the run: the time on the first line of its log."""
+    header = (run_dir / "logs" / "stdout.txt").read_text().splitlines()[0]
+    assert header.startswith("# kdlab runner: "), header
+    return float(header.rsplit(" at ", 1)[1])
+
+
+def test_in_parallel_students_start_after_their_teacher_and_other_runs_overlap_it(digits_two_seeds):
+    _, out = digits_two_seeds
+    teacher = out / "digits_teacher"
+    teacher_done = (teacher / "summary.json").stat().st_mtime
+    best_written = (teacher / "checkpoints" / "best_model.pth").stat().st_mtime
+    for seed in (3, 4):
+        assert _started_at(out / f"digits_student_distill__seed-{seed}") >= max(best_written, teacher_done) - 0.01
+    # the baselines need no teacher: with two slots the first one runs beside it
+    assert _started_at(out / "digits_student_baseline__seed-3") < teacher_done
+    assert "on cpu#" in (out / "digits_student_baseline__seed-3" / "logs" / "stdout.txt").read_text()

@@ -120,8 +120,9 @@ def orchestrate(
                 )
     out = output_dir or Path(planned[0].config.output_dir)
     gpu_ids = parse_gpus(gpus)
+    SlotPool(gpu_ids, parallel, threads=threads_per_run)  # checks the flags before anything runs
     launcher = None
-    if executor != "local":
+    if executor != "local" and not skip_training:
         if gpu_ids is not None:
             raise ConfigError(
                 f"--gpus places runs on this machine; with --executor {executor} use --slurm_gpus_per_run"
@@ -129,8 +130,6 @@ def orchestrate(
         from kdlab.experiments.slurm import SubmititLauncher
 
         launcher = SubmititLauncher(executor, out / ".submitit", **(slurm or {}))
-    else:
-        SlotPool(gpu_ids, parallel, threads=threads_per_run)  # checks the flags before anything runs
     runs_json = out / "experiment_runs.json"
     previous = read_runs(runs_json)
     order = {p.run_name: i for i, p in enumerate(planned)}

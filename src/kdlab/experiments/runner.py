@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -282,6 +283,7 @@ class SuiteBook:
     def __init__(
         self, planned: list[PlannedRun], flags_argv: list[str], output_dir: Path, resume: bool, fail_fast: bool,
         on_result: Callable[[RunResult], None] | None, gpus_for: Callable[[int], int] | None = None,
+        job_kind: str | None = None,
     ) -> None:  # fmt: skip
         self.by_name = {p.run_name: p for p in planned}
         self.order = {p.run_name: i for i, p in enumerate(planned)}
@@ -289,6 +291,7 @@ class SuiteBook:
         self.resume, self.fail_fast = resume, fail_fast
         self.on_result = on_result
         self.gpus_for = gpus_for  # cluster jobs: the GPUs a run's job asks for
+        self.job_kind = job_kind  # "Slurm job", "submitit local job"; None for a plain child process
         self.env = child_env()
         self.results: dict[str, RunResult] = {}
         self.commands: dict[str, tuple[list[str], str | None]] = {}
@@ -346,16 +349,19 @@ class SuiteBook:
             devices = self.gpus_for(self.devices_of(run))
         command = with_torchrun(child_command(run, self.flags_argv, teacher_ckpt, resume_arg), devices)
         self.commands[run.run_name] = (command, resume_arg)
-        where = slot.label if slot is not None else f"a cluster job ({devices} GPU)"
+        where = slot.label if slot is not None else f"{devices} GPU"
+        if self.job_kind:
+            where += f" as a {self.job_kind}"
         visible = slot.env().get("CUDA_VISIBLE_DEVICES") if slot is not None else None
         header = f"# kdlab runner: {run.run_name} on {where}" + (
             f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
-        )
+        ) + f" at {time.time():.3f}"
         log.info(
             "[%d/%d] %s: %s", self.order[run.run_name] + 1, len(self.order), run.run_name, " ".join(command)
         )
         env = {**self.env, **(slot.env() if slot is not None else {})}
         staging = self.output_dir / ".runner" / f"{run.run_name}.stdout.txt"
+        keep_child_log(staging, run_dir, append=True)  # what a killed runner's child wrote is kept, not overwritten
         return ChildSpec(command, env, staging, devices=devices, header=header)
 
     def skip(self, run: PlannedRun, reason: str) -> RunResult:
@@ -436,7 +442,8 @@ def run_all(
             ))  # fmt: skip
         return results
     gpus_for = getattr(launcher, "gpus_for", None)
-    book = SuiteBook(planned, flags_argv, output_dir, resume, fail_fast, on_result, gpus_for=gpus_for)
+    book = SuiteBook(planned, flags_argv, output_dir, resume, fail_fast, on_result, gpus_for=gpus_for,
+                     job_kind=getattr(launcher, "job_kind", None))  # fmt: skip
     if launcher is None:
         launcher, pool = ProcessLauncher(), SlotPool(gpus, parallel, threads=threads_per_run)
     else:

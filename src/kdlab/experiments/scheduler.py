@@ -254,7 +254,7 @@ class Running:
     started_wall: float = field(default_factory=time.time)
     echo: LogEcho | None = None
     last_line: str = ""
-    last_print: float = 0.0
+    last_print: float = float("-inf")
 
     def status_line(self) -> str:
         where = self.slot.label if self.slot is not None else "job"
@@ -269,7 +269,7 @@ class Running:
 
 class LiveLines:
     """One line per running experiment. On a terminal the block is redrawn in place (on stderr, where the
-    log goes); otherwise a run's line is printed when it changes epoch, at most once per `quiet_s`."""
+    log goes); otherwise a run's line is printed when it reaches a new epoch, at most once per `quiet_s`."""
 
     def __init__(self, stream: Any = None, quiet_s: float = 30.0) -> None:
         self.stream = stream or sys.stderr
@@ -294,13 +294,11 @@ class LiveLines:
             return
         now = time.perf_counter()
         for r, line in zip(running, lines, strict=True):
-            epoch_part = line.split(" batch ")[0]
-            if epoch_part != r.last_line.split(" batch ")[0] or now - r.last_print >= self.quiet_s * 10:
-                if now - r.last_print >= self.quiet_s or r.last_print == 0.0 or "epoch" not in r.last_line:
-                    self.stream.write(line + "\n")
-                    self.stream.flush()
-                    r.last_print = now
-                    r.last_line = line
+            key = line.split(" batch ")[0]  # the run and its epoch: a new epoch is news, a new batch is not
+            if key != r.last_line and now - r.last_print >= self.quiet_s:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+                r.last_line, r.last_print = key, now
 
 
 class RunBook(Protocol):
@@ -365,8 +363,6 @@ def schedule(runs: list[Any], book: RunBook, launcher: Launcher, pool: SlotPool 
                 if book.stops(prepared):
                     return False
                 continue
-            if live is not None:
-                live.clear()
             log.info("starting %s on %s", run.run_name, slot.label if slot else "the cluster")
             handle = launcher.start(run.run_name, prepared, after)
             handles[run.run_name] = handle
@@ -378,6 +374,8 @@ def schedule(runs: list[Any], book: RunBook, launcher: Launcher, pool: SlotPool 
 
     try:
         while pending or running:
+            if live is not None:
+                live.clear()  # the runner's log lines of this round go above the block, which is redrawn below
             if not stopping and not start_ready():
                 stopping = True
             if stopping:
@@ -400,8 +398,6 @@ def schedule(runs: list[Any], book: RunBook, launcher: Launcher, pool: SlotPool 
                 running.remove(child)
                 if pool is not None and child.slot is not None:
                     pool.release(child.slot)
-                if live is not None:
-                    live.clear()
                 result = book.finish(child.plan, code, time.perf_counter() - child.started, child.slot)
                 if book.stops(result):
                     stopping = True

@@ -77,6 +77,7 @@ class SubmititLauncher:
             ) from None
         self.cluster = "local" if cluster == "submitit_local" else cluster
         self.expresses_dependencies = self.cluster == "slurm"
+        self.job_kind = "Slurm job" if self.cluster == "slurm" else "submitit local job"
         self.executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=self.cluster)
         self.partition = partition
         self.gpus_per_run = gpus_per_run
