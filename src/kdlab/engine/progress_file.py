@@ -7,6 +7,7 @@ Only host-side counters go in: writing it never waits for the device.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -48,8 +49,6 @@ class ProgressFile:
 
 def read_progress(run_dir: Path, newer_than: float = 0.0) -> dict | None:
     """The run's last progress record, or None when there is none written after `newer_than` (a time.time())."""
-    import json
-
     path = Path(run_dir) / "logs" / PROGRESS_FILE
     try:
         if path.stat().st_mtime < newer_than:

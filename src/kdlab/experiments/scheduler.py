@@ -255,6 +255,7 @@ class Running:
     echo: LogEcho | None = None
     last_line: str = ""
     last_print: float = float("-inf")
+    stopped: bool = False  # sent its SIGTERM (the suite is stopping)
 
     def status_line(self) -> str:
         where = self.slot.label if self.slot is not None else "job"
@@ -381,12 +382,12 @@ def schedule(runs: list[Any], book: RunBook, launcher: Launcher, pool: SlotPool 
             if stopping:
                 pending.clear()
                 for other in running:
-                    if not getattr(other, "stopped", False):
+                    if not other.stopped:
                         log.warning(
                             "stopping %s (SIGTERM: it saves last.pth; continue with --resume)", other.name
                         )
                         launcher.terminate(other.handle)
-                        other.stopped = True  # type: ignore[attr-defined]
+                        other.stopped = True
             for child in list(running):
                 if child.echo is not None:
                     child.echo.pump()
