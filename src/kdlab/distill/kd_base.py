@@ -151,9 +151,11 @@ class KDTaskBase:
         total = alpha * distill_total + (1.0 - alpha) * base
         losses.update({name: value for name, (value, _) in terms.items()})
         losses.update({"distill_total": distill_total, "total": total, "loss": total})
+        # Logged beside the losses, so on their device (the trainer stacks every term of a log interval), and
+        # made by a fill, not a host-to-device copy, which would wait for the step's queued kernels.
         if self.uses_temperature:
-            losses["temperature"] = torch.tensor(temperature)
-        losses["alpha"] = torch.tensor(alpha)
+            losses["temperature"] = total.new_full((), temperature, dtype=torch.float32)
+        losses["alpha"] = total.new_full((), alpha, dtype=torch.float32)
         every = self.dcfg.grad_share_every
         if every > 0 and self.step % every == 0 and torch.is_grad_enabled():
             contributions = {self.base_key: (1.0 - alpha) * base}

@@ -35,25 +35,42 @@ class TrainState:
     images_seen: int = 0
     batches_done: int = 0  # batches of the current, unfinished epoch already trained (mid-epoch last.pth)
     nonfinite_steps: int = 0  # optimizer steps skipped because the loss or gradients were NaN/inf
+    amp_overflow_steps: int = 0  # fp16 steps the grad scaler skipped (scaled gradients overflowed)
     stopped_early: dict[str, int] | None = None  # {"epoch", "best_epoch"} once early stopping ended the run
 
 
 @dataclass
-class EpochProgress:
-    """Running sums of the epoch in progress; saved in a mid-epoch last.pth so a resumed epoch's row
-    (metrics.csv) matches an uninterrupted one."""
+class LossSums:
+    """Running sums of the task's loss terms over some steps (a log interval, an epoch), kept on the device
+    of the losses: adding reads nothing back to the host."""
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    images: int = 0
-    seconds: float = 0.0
-    skipped: int = 0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for key, value in losses.items():
             v = value.detach().float()
             self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
             self.counts[key] = self.counts.get(key, 0) + 1
+
+    def stacked_means(self) -> tuple[list[str], torch.Tensor]:
+        """(sorted keys, their means stacked in one tensor on the losses' device): what one all-reduce
+        averages over ranks and one host read turns into numbers."""
+        keys = sorted(self.sums)
+        return keys, torch.stack([self.sums[k] / self.counts[k] for k in keys])
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+
+@dataclass
+class EpochProgress(LossSums):
+    """Running sums of the epoch in progress; saved in a mid-epoch last.pth so a resumed epoch's row
+    (metrics.csv) matches an uninterrupted one."""
+
+    images: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
 
     def to_payload(self) -> dict[str, Any]:
         return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": dict(self.counts),
@@ -105,8 +122,22 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and torch.cuda.is_available():  # resumed on CPU: the CUDA states have no use
+        _restore_cuda_rng_states(state["cuda"])
+
+
+def _restore_cuda_rng_states(saved: list[torch.Tensor]) -> None:
+    """Each visible device gets its saved state; a resume on a machine (or CUDA_VISIBLE_DEVICES) with another
+    GPU count restores the devices both have and warns once."""
+    visible = torch.cuda.device_count()
+    for index in range(min(len(saved), visible)):
+        torch.cuda.set_rng_state(saved[index], index)
+    if len(saved) != visible:
+        log.warning(
+            "the checkpoint holds RNG states for %d CUDA devices and %d are visible: restored the first %d; "
+            "the RNG of the other devices is not restored, so a bit-exact resume is not guaranteed",
+            len(saved), visible, min(len(saved), visible),
+        )  # fmt: skip
 
 
 class TrainerCheckpoints:
@@ -142,6 +173,7 @@ class TrainerCheckpoints:
                 "images_seen": self.state.images_seen,
                 "batches_done": self.state.batches_done,
                 "nonfinite_steps": self.state.nonfinite_steps,
+                "amp_overflow_steps": self.state.amp_overflow_steps,
                 "epoch_progress": self.progress.to_payload() if self.state.batches_done else None,
                 "monitor": {"name": self.best_metric_name, "mode": self.monitor_mode},
                 "plateau_state": self.plateau.to_payload(),
@@ -185,6 +217,7 @@ class TrainerCheckpoints:
         self.state.images_seen = int(payload.get("images_seen", 0))
         self.state.batches_done = int(payload.get("batches_done", 0))
         self.state.nonfinite_steps = int(payload.get("nonfinite_steps", 0))
+        self.state.amp_overflow_steps = int(payload.get("amp_overflow_steps", 0))
         self.progress = EpochProgress.from_payload(payload.get("epoch_progress"), self.device)
         self.state.last_metrics = dict(payload.get("metrics", {}))
         self._resume_monitor(payload)
@@ -264,6 +297,7 @@ class TrainerCheckpoints:
             "timings": {
                 "train_seconds": self.state.train_seconds,
                 "nonfinite_steps_skipped": self.state.nonfinite_steps,
+                "amp_overflow_steps_skipped": self.state.amp_overflow_steps,
                 "images_seen": self.state.images_seen,
                 "train_images_per_sec": self.state.images_seen / self.state.train_seconds
                 if self.state.train_seconds > 0

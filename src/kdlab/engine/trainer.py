@@ -29,13 +29,14 @@ from kdlab.engine.batches import autocast_for, batch_size_of, batch_to_device
 from kdlab.engine.compile import compile_forward
 from kdlab.engine.device import resolve_amp_dtype
 from kdlab.engine.ema import ModelEMA
+from kdlab.engine.launch import resume_command
 from kdlab.engine.monitor import EarlyStopping, PlateauState, TopK, default_mode, worst_value
 from kdlab.engine.optim import build_optimizer, build_scheduler
 from kdlab.engine.progress_file import ProgressFile
 from kdlab.engine.run_logger import RunLogger
-from kdlab.engine.state import EpochProgress, TrainerCheckpoints, TrainState
+from kdlab.engine.state import EpochProgress, LossSums, TrainerCheckpoints, TrainState
 from kdlab.engine.stop_signals import StopSignals, TrainingInterrupted
-from kdlab.engine.tasks import Task
+from kdlab.engine.tasks import Task, misplaced_loss_terms
 from kdlab.errors import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class Trainer(TrainerCheckpoints):
         self.progress_file: ProgressFile | None = None  # rank 0: logs/progress.json for the runner's live lines
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._consecutive_nonfinite = 0
+        self.skipped_by_scaler = False  # the last optimizer_step was an fp16 overflow the scaler skipped
+        self._loss_dict_checked = False
         self._stop: StopSignals | None = None
         self._stop_agreed = False
         self.dist = distributed.current()
@@ -128,7 +131,9 @@ class Trainer(TrainerCheckpoints):
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+            ids = None
+            if device.type == "cuda":
+                ids = [device.index if device.index is not None else torch.cuda.current_device()]
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
 
     @property
@@ -240,6 +245,12 @@ class Trainer(TrainerCheckpoints):
             with self._autocast():
                 losses = self.task(self.train_model, batch)
             self.scaler.scale(losses["loss"] / self.tcfg.grad_accum_steps).backward()
+        if not self._loss_dict_checked:  # once per run: the contract costs no host read
+            wrong = misplaced_loss_terms(losses, self.device)
+            if wrong:
+                details = "; ".join(f"{k} is {v}" for k, v in sorted(wrong.items()))
+                raise TypeError(f"the {type(self.task).__name__} loss dict breaks the task contract: {details}")
+            self._loss_dict_checked = True
         return losses
 
     def optimizer_step(self, losses: list[dict[str, torch.Tensor]] | None = None) -> torch.Tensor | None:
@@ -247,7 +258,10 @@ class Trainer(TrainerCheckpoints):
 
         With `losses` (the accumulation window's loss dicts) a non-finite loss or gradient skips the step
         (no weight, optimizer, EMA or LR change) and returns None. That check reads one flag back to the
-        host per optimizer step; the fp16 grad scaler already does the same."""
+        host per optimizer step; the fp16 grad scaler already does the same. A step the fp16 scaler skips
+        (inf/NaN gradients after scaling: it lowers its scale and tries again) is no step either: it returns
+        None with `skipped_by_scaler` set and is counted in `state.amp_overflow_steps`."""
+        self.skipped_by_scaler = False
         self.scaler.unscale_(self.optimizer)
         max_norm = self.tcfg.grad_clip_norm if self.tcfg.grad_clip_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
@@ -255,26 +269,40 @@ class Trainer(TrainerCheckpoints):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()  # an fp16 scaler lowers its scale after an overflow
             return None
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        # The scaler lowers its scale exactly when it skipped the step (it only ever raises it otherwise); its
+        # step already read its overflow flag back to the host, so these reads wait for nothing more.
+        if scale is not None and self.scaler.get_scale() < scale:
+            self.skipped_by_scaler = True
+            self.state.amp_overflow_steps += 1
+            return None
         if self.ema is not None:
             self.ema.update(self.model)
         self.scheduler.step()
         self.state.global_step += 1
         return grad_norm
 
-    def _all_finite(self, losses: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor) -> bool:
+    def step_flags(self, losses: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor) -> torch.Tensor:
+        """[non-finite step, stop requested] as floats on the device, max-reduced over ranks so every rank
+        skips (and stops) together; no host read happens here."""
         total = torch.stack([d["loss"].detach().float() for d in losses]).sum()
         bad = ~torch.isfinite(total)
         if not self.scaler.is_enabled():  # with fp16, inf gradients are the scaler's business
             bad = bad | ~torch.isfinite(grad_norm)
-        flags = torch.stack(
-            [bad.float(), torch.tensor(float(self._stop_requested_locally()), device=bad.device)]
-        )
-        distributed.all_reduce_max_(flags)  # every rank skips (and stops) together
-        self._stop_agreed = bool(flags[1])
-        return not bool(flags[0])
+        stop = torch.full((), float(self._stop_requested_locally()), device=bad.device)
+        return distributed.all_reduce_max_(torch.stack([bad.float(), stop]))
+
+    def _all_finite(self, losses: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor) -> bool:
+        bad, stop = self.step_flags(losses, grad_norm).tolist()  # the step's one host read
+        self._stop_agreed = bool(stop)
+        return not bool(bad)
+
+    def new_loss_sums(self) -> LossSums:
+        """Empty running sums for a log interval."""
+        return LossSums()
 
     def _stop_requested_locally(self) -> bool:
         return self._stop is not None and self._stop.requested
@@ -323,7 +351,7 @@ class Trainer(TrainerCheckpoints):
         raise TrainingInterrupted(
             signum,
             f"stopped by {signal.Signals(signum).name} after step {self.state.global_step} ({where}); "
-            f"saved {last}; resume with: python train_advanced.py --resume {last}",
+            f"saved {last}; resume with: {resume_command(last)}",
         )
 
     def _train_one_epoch(self, epoch: int) -> None:
@@ -347,8 +375,7 @@ class Trainer(TrainerCheckpoints):
         self.model.train()
         self._stop_agreed = False
         prog = self.progress
-        interval: dict[str, torch.Tensor] = {}
-        interval_counts: dict[str, int] = {}
+        interval = self.new_loss_sums()
         pending: list[dict[str, torch.Tensor]] = []
         pending_images = 0
         grad_norm = torch.zeros((), device=self.device)
@@ -386,17 +413,17 @@ class Trainer(TrainerCheckpoints):
             if not boundary or not pending:
                 continue
             step_norm = self.optimizer_step(pending)
-            if step_norm is None:
+            if step_norm is None and self.skipped_by_scaler:
+                log.debug("epoch %d: fp16 overflow, step skipped by the grad scaler (scale now %g)",
+                          epoch + 1, self.scaler.get_scale())  # fmt: skip
+            elif step_norm is None:
                 self._note_nonfinite(epoch)
             else:
                 self._consecutive_nonfinite = 0
                 grad_norm = step_norm
                 for losses in pending:
                     prog.add(losses)
-                    for key, value in losses.items():
-                        v = value.detach().float()
-                        interval[key] = interval.get(key, 0) + v
-                        interval_counts[key] = interval_counts.get(key, 0) + 1
+                    interval.add(losses)
                 prog.images += pending_images
                 interval_images += pending_images
             pending, pending_images = [], 0
@@ -405,13 +432,13 @@ class Trainer(TrainerCheckpoints):
                 self.progress_file.batch(epoch, i + 1, n_batches, force=i + 1 == n_batches)
             if step_norm is not None and self.state.global_step % tcfg.log_every_steps == 0 and interval:
                 elapsed = time.perf_counter() - t_interval
-                values = self._reduced_means(interval, interval_counts)
+                values = self._reduced_means(interval)
                 values["grad_norm"] = float(grad_norm)
                 values["lr"] = self.optimizer.param_groups[0]["lr"]
                 values["images_per_sec"] = interval_images * self.dist.world_size / max(elapsed, 1e-9)
                 self._log_scalars(values, self.state.global_step, prefix="train/")
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_sec']:.1f}")
-                interval, interval_counts, interval_images = {}, {}, 0
+                interval, interval_images = self.new_loss_sums(), 0
                 t_interval = time.perf_counter()
             if i + 1 < n_batches:
                 every = tcfg.checkpoint_every_steps
@@ -462,10 +489,9 @@ class Trainer(TrainerCheckpoints):
                 self.state.stopped_early = {"epoch": epoch + 1, "best_epoch": self.state.best_epoch}
                 log.info("stopped early at epoch %d (best %d)", epoch + 1, self.state.best_epoch)
 
-    def _reduced_means(self, sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
+    def _reduced_means(self, sums: LossSums) -> dict[str, float]:
         """Means of logged loss terms, averaged over ranks under DDP (one all-reduce per log interval)."""
-        keys = sorted(sums)
-        stacked = torch.stack([sums[k] / counts[k] for k in keys])
+        keys, stacked = sums.stacked_means()
         if self.dist.enabled:
             distributed.all_reduce_sum_(stacked).div_(self.dist.world_size)
         return dict(zip(keys, stacked.tolist(), strict=True))
@@ -480,13 +506,15 @@ class Trainer(TrainerCheckpoints):
         self.state.images_seen += prog.images * self.dist.world_size
         row: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.global_step}
         if prog.sums:
-            row.update({f"train_{k}": v for k, v in self._reduced_means(prog.sums, prog.counts).items()})
+            row.update({f"train_{k}": v for k, v in self._reduced_means(prog).items()})
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["grad_norm"] = float(grad_norm)
         row["train_images_per_sec"] = prog.images * self.dist.world_size / max(epoch_seconds, 1e-9)
         row["epoch_seconds"] = epoch_seconds
         if self.state.nonfinite_steps:
             row["nonfinite_steps"] = self.state.nonfinite_steps
+        if self.state.amp_overflow_steps:
+            row["amp_overflow_steps"] = self.state.amp_overflow_steps
         if prog.skipped:
             log.warning(
                 "epoch %d: %d batches had only unreadable images and were skipped", epoch + 1, prog.skipped

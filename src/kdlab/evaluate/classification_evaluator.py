@@ -39,21 +39,39 @@ class ClassificationEvaluator:
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
         self.show_progress = show_progress
+        self.reduce_across_ranks = (
+            True  # False: one rank alone over the whole set (see SegmentationEvaluator)
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast_for(self.device, self.autocast_dtype)
 
     def __call__(self, model: nn.Module, desc: str = "val") -> tuple[dict[str, float], None]:
+        metrics, images_seen = self.accumulate(model, desc)
+        if self.reduce_across_ranks and distributed.current().enabled:  # each rank saw its shard
+            images_seen = int(
+                distributed.all_reduce_sum_(self.reduction_inputs(metrics, images_seen)["images"])[0]
+            )
+            metrics.merge_across_ranks()
+        result = metrics.compute()
+        result["images"] = images_seen
+        return result, None
+
+    def accumulate(self, model: nn.Module, desc: str = "val") -> tuple[ClassificationMetrics, int]:
+        """This process's pass over its loader: (per-sample values on the device, images seen)."""
         metrics = ClassificationMetrics(self.num_classes)
         images_seen = 0
-        for raw, batch in eval_batches(model, self.loader, self.device, self.channels_last, desc, self.show_progress):
+        for raw, batch in eval_batches(
+            model, self.loader, self.device, self.channels_last, desc, self.show_progress
+        ):
             with self._autocast():
                 out = model(batch[self.input_key])
             logits = out[self.output_key] if self.output_key else out
             metrics.update(logits.float(), batch["labels"])
             images_seen += raw[self.input_key].shape[0]
-        images_seen = int(distributed.all_reduce_sum_(torch.tensor([float(images_seen)]))[0])
-        metrics.merge_across_ranks()
-        result = metrics.compute()
-        result["images"] = images_seen
-        return result, None
+        return metrics, images_seen
+
+    def reduction_inputs(self, metrics: ClassificationMetrics, images_seen: int) -> dict[str, torch.Tensor]:
+        """What the all-reduce sums over ranks, on this evaluator's device (the process group's: NCCL reduces
+        only CUDA tensors). The per-sample values travel by `all_gather_object` (`merge_across_ranks`)."""
+        return {"images": torch.full((1,), float(images_seen), dtype=torch.float64, device=self.device)}

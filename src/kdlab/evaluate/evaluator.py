@@ -35,6 +35,9 @@ class SegmentationEvaluator:
         self.num_vis_images = num_vis_images
         self.show_progress = show_progress
         self.roi_margin = roi_margin  # the head's window is the box grown by this (pictures crop it)
+        # Under DDP each rank evaluates its shard and the sums are reduced; False for a pass that one rank runs
+        # alone over the whole set (scoring an export), where the other ranks take no part in a collective.
+        self.reduce_across_ranks = True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast_for(self.device, self.autocast_dtype)
@@ -42,11 +45,41 @@ class SegmentationEvaluator:
     def __call__(
         self, model: nn.Module, desc: str = "val"
     ) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
-        metrics = SegmentationMetrics()
-        vis: dict[str, list[torch.Tensor]] = {"images": [], "rois": [], "windows": [], "masks": [], "preds": []}
+        metrics, images_seen, vis_out = self.accumulate(model, desc)
+        if self.reduce_across_ranks and distributed.current().enabled:  # each rank saw its shard: sum them
+            state = {
+                k: distributed.all_reduce_sum_(v.clone())
+                for k, v in self.reduction_inputs(metrics, images_seen).items()
+            }
+            images_seen = int(state.pop("images")[0])
+            metrics.load_state_tensors(state)
+        result = metrics.compute()
+        result["images"] = images_seen
+        return result, vis_out
+
+    def reduction_inputs(self, metrics: SegmentationMetrics, images_seen: int) -> dict[str, torch.Tensor]:
+        """What the all-reduce sums over ranks: the metric sums and the image count, on this evaluator's device
+        (the process group's: NCCL reduces only CUDA tensors), also for a rank whose shard held no ROI."""
+        count = torch.full((1,), float(images_seen), dtype=torch.float64, device=self.device)
+        return {**metrics.state_tensors(), "images": count}
+
+    def accumulate(
+        self, model: nn.Module, desc: str = "val"
+    ) -> tuple[SegmentationMetrics, int, dict[str, torch.Tensor] | None]:
+        """This process's pass over its loader: (metric sums on the device, images seen, picture data)."""
+        metrics = SegmentationMetrics(device=self.device)
+        vis: dict[str, list[torch.Tensor]] = {
+            "images": [],
+            "rois": [],
+            "windows": [],
+            "masks": [],
+            "preds": [],
+        }
         vis_count = 0
         images_seen = 0
-        for raw, batch in eval_batches(model, self.loader, self.device, self.channels_last, desc, self.show_progress):
+        for raw, batch in eval_batches(
+            model, self.loader, self.device, self.channels_last, desc, self.show_progress
+        ):
             with self._autocast():
                 outputs = model(batch["images"], batch["rois"])
             logits = outputs["logits"].float()
@@ -63,13 +96,5 @@ class SegmentationEvaluator:
                 vis["masks"].append(raw["masks"][sel])
                 vis["preds"].append(logits.argmax(1)[sel.to(logits.device)].to(torch.uint8).cpu())
                 vis_count += take
-        if distributed.current().enabled:  # each rank saw its shard: sum the running sums over ranks
-            state = {k: distributed.all_reduce_sum_(v.clone()) for k, v in metrics.state_tensors().items()}
-            metrics.load_state_tensors(state)
-            images_seen = int(
-                distributed.all_reduce_sum_(torch.tensor([images_seen], dtype=torch.float64))[0]
-            )
-        result = metrics.compute()
-        result["images"] = images_seen
         vis_out = {k: torch.cat(v) for k, v in vis.items()} if vis_count else None
-        return result, vis_out
+        return metrics, images_seen, vis_out

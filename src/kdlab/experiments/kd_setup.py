@@ -78,16 +78,16 @@ def build_kd_task(
         frozen = [(FrozenTeacher(ema.module), 1.0)]  # type: ignore[union-attr]
         eval_model = None
     else:
-        frozen = [(t.teacher.to(device), t.weight) for t in teachers]
+        frozen = [(t.teacher, t.weight) for t in teachers]
         eval_model = frozen[0][0] if d.evaluate_teacher and frozen else None
     distiller = None
-    if d.features:
+    if d.features:  # sized by one dry pass on the CPU example inputs, before the teachers move to the device
         pairs = [(f.student, f.teacher, f.weight) for f in d.features]
         mgd = {i: f.mask_ratio for i, f in enumerate(d.features) if f.method == "mgd"}
         distiller = FeatureDistiller(model, frozen[0][0].model, pairs, mgd, seed=cfg.training.seed)
-        distiller.infer_channels(model, frozen[0][0].model.to("cpu"), *example_inputs)
-        frozen[0][0].to(device)
-    for teacher, _ in frozen if not d.self_distillation else []:
+        distiller.infer_channels(model, frozen[0][0].model, *example_inputs)
+    for teacher, _ in frozen if not d.self_distillation else []:  # the EMA teacher moves with the trainer's EMA
+        teacher.to(device)
         if cfg.training.channels_last:  # the input is channels_last: no layout conversion at every conv
             teacher.to(memory_format=torch.channels_last)
         if cfg.training.compile:

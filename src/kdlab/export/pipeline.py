@@ -466,9 +466,15 @@ def interleaved_onnx_latency(
 Scorer = Callable[[nn.Module], dict[str, float]]  # model -> the task's validation metrics (its evaluator)
 
 
+def host_array(x: torch.Tensor) -> np.ndarray:
+    """A float32 numpy copy of a model input, wherever the tensor lives (onnxruntime reads host memory)."""
+    return np.ascontiguousarray(x.detach().float().cpu().numpy())
+
+
 class OnnxRuntimeModel(nn.Module):
     """An ONNX file behind the model's call signature (CPU onnxruntime), so the task's own evaluator scores
-    the exported file exactly as it scores the PyTorch model: same data, same metrics code."""
+    the exported file exactly as it scores the PyTorch model: same data, same metrics code. The outputs come
+    back on the device of the inputs, where the evaluator's targets are (a CUDA evaluator on a GPU box)."""
 
     def __init__(self, path: str | Path, exporter: OnnxExporter) -> None:
         super().__init__()
@@ -477,12 +483,10 @@ class OnnxRuntimeModel(nn.Module):
         self.session = ort_session(path)
 
     def forward(self, *inputs: torch.Tensor) -> Any:
-        feed = {
-            name: np.ascontiguousarray(x.detach().float().cpu().numpy())
-            for name, x in zip(self.exporter.input_names, inputs, strict=True)
-        }
+        feed = {name: host_array(x) for name, x in zip(self.exporter.input_names, inputs, strict=True)}
         outputs = self.session.run(list(self.exporter.output_names), feed)
-        return self.exporter.as_model_outputs(tuple(torch.from_numpy(o) for o in outputs))
+        device = inputs[0].device
+        return self.exporter.as_model_outputs(tuple(torch.from_numpy(o).to(device) for o in outputs))
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
@@ -501,6 +505,7 @@ def onnx_accuracy(
     return {
         "metric": metric,
         "data": "validation",
+        "device": getattr(score, "device", None),  # where the evaluator ran (onnxruntime itself runs on the CPU)
         "images": int(onnx_metrics.get("images", 0)),
         "onnx": onnx_metrics,
         "pytorch": torch_metrics,
