@@ -50,7 +50,7 @@ def test_compiled_forward_that_fails_on_first_call_falls_back_once(monkeypatch, 
     def lazily_broken(fn, **kwargs):
         def run(*args, **kw):
             calls.append(1)
-            raise RuntimeError("backend compiler failed")
+            raise torch._dynamo.exc.InternalTorchDynamoError("backend compiler failed")  # a compiler error
 
         return run
 

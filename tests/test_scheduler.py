@@ -24,6 +24,16 @@ from kdlab.experiments.slurm import slurm_parameters
 from tests.helpers import error_lines
 
 
+@pytest.fixture(autouse=True)
+def no_visible_gpus(monkeypatch):
+    """These tests place runs on made-up GPU ids: on a GPU box the runner's own CUDA_VISIBLE_DEVICES and device
+    count would change which ids are valid and what the children get (tests/test_gpu_visible_devices.py)."""
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
 def test_cpu_slots_share_the_cores_and_a_single_slot_leaves_threads_to_torch():
     pool = SlotPool(None, parallel=2, cpus=8)
     a, b = pool.acquire(1), pool.acquire(1)

@@ -301,7 +301,8 @@ class TrainingConfig(_Section):
     grad_clip_norm: float | None = Field(1.0, gt=0.0)
     grad_accum_steps: int = Field(1, gt=0)
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
-        "auto", description="auto = bf16 on CUDA when supported, else fp16 on CUDA, off on CPU"
+        "auto", description="auto = bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 with a grad "
+        "scaler on older GPUs, off on CPU; fp16 on CPU is refused (use bf16 or off)"
     )
     channels_last: bool = True
     compile: bool = Field(
@@ -464,6 +465,11 @@ class ExportConfig(_Section):
     accuracy_images: int | None = Field(
         None, gt=0,
         description="validation images the exported file is scored on with onnxruntime (null = all of them)",
+    )  # fmt: skip
+    latency_runs: int | None = Field(
+        None, gt=0,
+        description="timed onnxruntime and PyTorch runs of the export's latency figures, after 3 warm-up runs "
+        "(null = 20)",
     )  # fmt: skip
     quantize: Literal["none", "int8"] = Field(
         "none", description="'int8': also write an onnxruntime static INT8 (QDQ, per-channel) model"

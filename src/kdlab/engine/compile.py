@@ -2,13 +2,16 @@
 
 The module object stays the same (its `forward` attribute is replaced), so state_dict keys, checkpoints,
 EMA and ONNX export see the plain module: no `_orig_mod.` prefixes. Compilation is lazy in PyTorch, so
-failure can come either from `torch.compile` itself or from the first call that traces the graph; in both
-cases a warning is logged once and the module runs eagerly from then on. A deep copy of the module (EMA,
-export copies) gets the plain eager forward bound to the copy, never a forward that runs the original.
+failure can come either from `torch.compile` itself or from a call that traces (or retraces) the graph; in both
+cases a warning is logged once and the module runs eagerly from then on. Only the compiler stack's own
+exceptions (dynamo's, inductor's) count as such a failure: an out-of-memory error or an error raised by the
+model's code propagates unchanged, and the compiled forward stays. A deep copy of the module (EMA, export
+copies) gets the plain eager forward bound to the copy, never a forward that runs the original.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable
@@ -20,8 +23,30 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def compiler_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the compiler failed", as far as the installed torch has them: every
+    TorchDynamoException (Unsupported, BackendCompilerFailed, InternalTorchDynamoError, TorchRuntimeError, ...;
+    recent inductor's InductorError is one) and inductor's own compile/lowering errors, which older torch may
+    raise unwrapped. torch.OutOfMemoryError and the model's errors are not among them."""
+    import torch._dynamo.exc as dynamo_exc
+
+    found: list[type[BaseException]] = [dynamo_exc.TorchDynamoException]
+    try:
+        import torch._inductor.exc as inductor_exc
+    except ImportError:  # a torch without inductor
+        inductor_exc = None
+    names = ("InductorError", "LoweringException", "CppCompileError", "CppWrapperCodegenError")
+    for module, name in [(inductor_exc, n) for n in names] + [(dynamo_exc, "TritonUnavailableError")]:
+        cls = getattr(module, name, None) if module is not None else None
+        if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, tuple(found)):
+            found.append(cls)
+    return tuple(found)
+
+
 class _CompiledForward:
-    """Calls the compiled forward; on its first failure logs a warning and falls back to `eager` for good."""
+    """Calls the compiled forward; when the compiler fails, logs a warning once and falls back to `eager` for
+    good. Any other exception (out of memory, a bug in the model) propagates and the compiled forward stays."""
 
     def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any], what: str) -> None:
         self.compiled: Callable[..., Any] | None = compiled
@@ -32,7 +57,7 @@ class _CompiledForward:
         if self.compiled is not None:
             try:
                 return self.compiled(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            except compiler_errors() as exc:  # only the compiler's failures mean: run eagerly
                 log.warning(
                     "torch.compile of the %s failed (%s); running it eagerly", self.what, _first_line(exc)
                 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from kdlab.errors import ConfigError
@@ -17,14 +19,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """True where the GPU computes in bf16 natively (Ampere, compute capability 8.0, and newer; ROCm).
+
+    `torch.cuda.is_bf16_supported()` alone also says yes where bf16 is only emulated (V100, T4): much slower
+    than fp16 there. Newer torch answers the native question with `including_emulation=False`; older torch
+    is asked through the device's compute capability."""
+    try:
+        has_keyword = "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters
+    except (TypeError, ValueError):  # a signature torch does not expose
+        has_keyword = False
+    if has_keyword:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if torch.version.hip:
+        return bool(torch.cuda.is_bf16_supported())
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA when supported (fp16 otherwise); off on CPU unless asked for explicitly."""
+    """The autocast dtype of a run: `auto` is bf16 on a CUDA device with native bf16, fp16 (with the trainer's
+    grad scaler) on older GPUs, off elsewhere; `bf16`/`fp16`/`off` are taken as given. fp16 on the CPU is
+    refused (ConfigError) rather than silently replaced: CPU autocast is a bf16 feature."""
     if amp == "off":
         return None
     if amp == "bf16":
         return torch.bfloat16
     if amp == "fp16":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        if device.type == "cpu":
+            raise ConfigError(
+                "training.amp=fp16 needs a CUDA device but this run is on cpu; "
+                "set training.amp=bf16 (CPU autocast), off, or auto (off on cpu)"
+            )
+        return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     return None

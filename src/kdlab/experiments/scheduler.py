@@ -36,7 +36,8 @@ TERMINATE_GRACE_S = 120.0  # a child given SIGTERM saves last.pth; after this lo
 
 @dataclass(frozen=True)
 class Slot:
-    """What one running child gets: GPU ids (pinned through CUDA_VISIBLE_DEVICES) or a share of the CPU threads."""
+    """What one running child gets: GPUs (indices into the runner's visible devices, pinned through the child's
+    CUDA_VISIBLE_DEVICES, see `child_visible_devices`) or a share of the CPU threads."""
 
     gpus: tuple[int, ...] = ()
     threads: int | None = None  # None: leave the thread count to torch (a single CPU slot)
@@ -51,7 +52,7 @@ class Slot:
     def env(self) -> dict[str, str]:
         out: dict[str, str] = {}
         if self.gpus:
-            out["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpus))
+            out["CUDA_VISIBLE_DEVICES"] = child_visible_devices(self.gpus)
         if self.threads is not None:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 out[var] = str(self.threads)
@@ -65,14 +66,44 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _parent_visible_devices() -> list[str] | None:
+    """The entries of the runner's own CUDA_VISIBLE_DEVICES (ids, `GPU-...`/`MIG-...` UUIDs), None when unset."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [entry.strip() for entry in value.split(",") if entry.strip() != ""]
+
+
+def child_visible_devices(gpus: tuple[int, ...] | list[int]) -> str:
+    """CUDA_VISIBLE_DEVICES for a child given `gpus`, indices into the runner's visible devices (torch's numbering
+    in the runner): the matching entries of the runner's own CUDA_VISIBLE_DEVICES, or the indices themselves (the
+    physical ids) when the runner has none. A child reads its mask against the physical devices, so passing the
+    runner's indices on as they are would pin it to the wrong GPUs under a runner started with a mask."""
+    parent = _parent_visible_devices()
+    if parent is None:
+        return ",".join(map(str, gpus))
+    missing = [i for i in gpus if i >= len(parent)]
+    if missing:
+        raise ConfigError(
+            f"GPU {missing[0]} is not visible to the runner (CUDA_VISIBLE_DEVICES={','.join(parent)}); "
+            f"give --gpus ids below {len(parent)}"
+        )
+    return ",".join(parent[i] for i in gpus)
+
+
 def parse_gpus(spec: str | None) -> list[int] | None:
-    """`--gpus 0,1,3` -> [0, 1, 3]; `--gpus all` -> every visible CUDA device; None -> no GPUs (CPU slots)."""
+    """`--gpus 0,1,3` -> [0, 1, 3]; `--gpus all` -> every visible CUDA device; None -> no GPUs (CPU slots).
+
+    Ids are indices into the runner's visible devices as torch numbers them (under CUDA_VISIBLE_DEVICES=2,3,
+    `--gpus 0` is physical GPU 2); an id beyond them is a ConfigError. Where torch sees no CUDA device (a
+    CPU-only build, no driver), explicit ids are checked against the runner's CUDA_VISIBLE_DEVICES when it has
+    one, else passed on unchecked with a warning."""
     if spec is None:
         return None
-    if spec.strip() == "all":
-        import torch
+    import torch
 
-        count = torch.cuda.device_count()
+    count = torch.cuda.device_count()
+    if spec.strip() == "all":
         if count == 0:
             raise ConfigError("--gpus all: this machine has no visible CUDA device; drop --gpus (CPU runs)")
         return list(range(count))
@@ -84,6 +115,21 @@ def parse_gpus(spec: str | None) -> list[int] | None:
         raise ConfigError(f"--gpus expects 'all' or device ids >= 0 like 0,1,3, got '{spec}'")
     if len(set(ids)) != len(ids):
         raise ConfigError(f"--gpus lists a device twice: '{spec}'; give each id once")
+    parent = _parent_visible_devices()
+    visible = count if count > 0 else (len(parent) if parent is not None else None)
+    if visible is None:
+        log.warning(
+            "--gpus %s: torch sees no CUDA device here; the ids are passed to the runs unchecked", spec
+        )
+        return ids
+    beyond = [i for i in ids if i >= visible]
+    if beyond:
+        mask = f", CUDA_VISIBLE_DEVICES={','.join(parent)}" if parent is not None else ""
+        hint = f"use 0..{visible - 1} or 'all'" if visible > 0 else "drop --gpus (CPU runs)"
+        raise ConfigError(
+            f"--gpus {spec}: device {beyond[0]} is not visible to the runner ({visible} visible{mask}); "
+            f"ids index the visible devices: {hint}"
+        )
     return ids
 
 
