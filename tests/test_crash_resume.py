@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -167,8 +168,9 @@ def test_sigterm_saves_last_pth_mid_epoch_and_prints_the_resume_command(referenc
     assert payload["global_step"] == payload["batches_done"]
     assert payload["epoch_progress"] is not None  # the partial epoch's sums, for an exact resume
 
-    command = errors[0].split("resume with: ", 1)[1].split()
-    assert command[:2] == ["python", "train_advanced.py"]
+    command = shlex.split(errors[0].split("resume with: ", 1)[1])
+    # the command this run was started with (the interpreter by name, the script as given), plus --resume
+    assert command[0] == Path(sys.executable).name and command[1] == str(ROOT / "train_advanced.py")
     assert run_cli(train_main, [*command[2:], "--no_progress"]) == 0  # the printed command, in-process
     assert_same_weights(_last(ref_run), _last(run))
 
