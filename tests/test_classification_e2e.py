@@ -19,6 +19,8 @@ TINY = [
     "data.classification.max_train_samples=64",
     "data.classification.val_fraction=0.1",
     "training.log_every_steps=1",
+    "export.exporter=torchscript",  # the runner's children export: see tests/test_runner.py TINY_SET
+    "export.latency_runs=1",
 ]
 
 

@@ -24,6 +24,9 @@ TINY_SET = [
     "data.synthetic.train_images=8", "data.synthetic.val_images=4", "data.synthetic.image_size=64,64",
     "data.input_size=64,64", "data.num_workers=0", "model.roi_size=16,12", "model.mask_size=32,24",
     "model.head_channels=16", "training.num_vis_images=1", "training.log_every_steps=1",
+    # the runner's children export in their own process, where conftest's patches do not reach: TorchScript
+    # (2 s, dynamo takes ~25 s) and one timed latency run
+    "export.exporter=torchscript", "export.latency_runs=1",
 ]  # fmt: skip
 
 
@@ -88,6 +91,10 @@ def test_quickstart_suite_trains_exports_and_reports(quickstart_suite):
         assert "epoch 1/1" in (run / "logs" / "stdout.txt").read_text()
         assert (run / "checkpoints" / "best_model.onnx").is_file()
         assert r["export"]["ok"]
+        # exported and scored by the process that trained the run, on its device (issue 26, item 9)
+        assert "--export_onnx" in r["command"]
+        assert json.loads((run / "summary.json").read_text())["export"] == r["export"]
+        assert r["export"]["scored_on"] == "cpu"
     for name in ("experiment_comparison.csv", "experiment_comparison.md", "experiment_comparison.png",
                  "training_curves.png"):  # fmt: skip
         assert (out / name).is_file(), name

@@ -41,6 +41,11 @@ def build_parser() -> OneLineArgumentParser:
         "export.max_int8_iou_drop)",
     )  # fmt: skip
     p.add_argument(
+        "--export_onnx", action="store_true",
+        help="export.onnx=true, and a failed export is recorded in summary.json (export.ok=false) and logged "
+        "instead of failing the run (how run_experiments.py exports each run in the process that trained it)",
+    )  # fmt: skip
+    p.add_argument(
         "--allow_teacher_change",
         action="store_true",
         help="resume although the teacher file changed since the run started",
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = {key: getattr(args, flag) for flag, key in CONFIG_FLAG_KEYS.items()}
     if args.teacher_checkpoint:
         flags["distillation.enabled"] = True
+    if args.export_onnx:
+        flags["export.onnx"] = True
     if args.config:
         cfg = resolve_config(args.config, args.set_items, flags)
     elif args.resume and args.resume != "auto":
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 test_only=args.test_only,
                 show_progress=not args.no_progress,
                 allow_teacher_change=args.allow_teacher_change,
+                export_in_run=args.export_onnx,
             )
         )
     finally:

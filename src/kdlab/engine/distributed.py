@@ -24,10 +24,13 @@ class DistContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    group: bool = False  # a process group is joined (torchrun), even one of a single process
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this process trains under DDP and reduces across ranks: under torchrun, one process
+        included (`--nproc_per_node 1` runs the same NCCL path as eight)."""
+        return self.group or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +41,9 @@ SINGLE = DistContext()
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun (torch.distributed.run) sets TORCHELASTIC_RUN_ID for its workers, and WORLD_SIZE; a launcher
+    that sets only WORLD_SIZE > 1 (srun with the env:// variables) counts too."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_distributed(device_type: str) -> DistContext:
@@ -46,7 +51,7 @@ def init_distributed(device_type: str) -> DistContext:
     if not launched_by_torchrun():
         return SINGLE
     ctx = DistContext(
-        int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+        int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]), group=True
     )
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
@@ -59,7 +64,9 @@ def init_distributed(device_type: str) -> DistContext:
 
 def current() -> DistContext:
     if dist.is_available() and dist.is_initialized():
-        return DistContext(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
+        return DistContext(
+            dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size(), group=True
+        )
     return SINGLE
 
 

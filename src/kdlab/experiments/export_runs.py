@@ -15,23 +15,36 @@ from kdlab.config.schema import ExperimentConfig, ExportConfig
 from kdlab.tasks import task_of
 
 
-def validation_scorer(cfg: ExperimentConfig, max_images: int | None = None) -> Callable[[nn.Module], dict[str, Any]]:
+def scoring_device(cfg: ExperimentConfig) -> torch.device:
+    """Where a process that did not train scores an export (the runner's --export_onnx --skip_training pass):
+    the run's `training.device`, with "auto" meaning this process's current CUDA device when there is one."""
+    from kdlab.engine.device import resolve_device
+
+    return resolve_device(cfg.training.device)
+
+
+def validation_scorer(
+    cfg: ExperimentConfig, max_images: int | None = None, device: torch.device | None = None
+) -> Callable[[nn.Module], dict[str, Any]]:
     """model -> the task's validation metrics on the first `max_images` validation images (None: all), computed
-    by the same evaluator training uses (no pictures). PyTorch models are scored on the GPU when there is one
-    (in float32, no autocast) and handed back on the CPU; an ONNX file (`OnnxRuntimeModel`) runs in onnxruntime."""
+    by the same evaluator training uses (no pictures), on `device` (default `scoring_device(cfg)`; a training
+    process passes its own). PyTorch models are scored there in float32 (no autocast) and handed back on the
+    CPU; an ONNX file (`OnnxRuntimeModel`) runs in onnxruntime and returns its outputs on that device. This
+    process scores the whole set alone: under torchrun that is rank 0, with no collective call."""
     task = task_of(cfg)
     _, val = task.build_datasets(cfg)
     if max_images is not None and max_images < len(val):
         val = torch.utils.data.Subset(val, range(max_images))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device if device is not None else scoring_device(cfg)
     loader = task.build_loader(
         val, cfg.training.batch_size, shuffle=False, seed=cfg.training.seed, num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
     )  # fmt: skip
     quiet = cfg.model_copy(update={"training": cfg.training.model_copy(update={"num_vis_images": 0})})
     evaluator = task.build_evaluator(quiet, loader, device, None, True)
+    evaluator.reduce_across_ranks = False
 
-    def score(model: nn.Module) -> dict[str, Any]:
+    def score(model: nn.Module) -> dict[str, Any]:  # `score.device` names where it scores
         has_weights = any(True for _ in model.parameters())
         if has_weights:
             model.to(device)
@@ -43,6 +56,7 @@ def validation_scorer(cfg: ExperimentConfig, max_images: int | None = None) -> C
                 model.cpu()
         return metrics
 
+    score.device = str(device)  # type: ignore[attr-defined]
     return score
 
 
@@ -50,11 +64,12 @@ def export_run_to_onnx(
     run_dir: str | Path,
     opset: int | None = None,
     export_cfg: ExportConfig | None = None,
+    device: torch.device | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """<run_dir>/checkpoints/best_model.pth -> best_model.onnx (+ .json) via `kdlab.export.pipeline`, scored on
-    `export.accuracy_images` validation images. `export_cfg` (e.g. the runner's resolved config's, with
-    --quantize) replaces the checkpoint's `export` section."""
+    `export.accuracy_images` validation images on `device` (see `validation_scorer`). `export_cfg` (e.g. the
+    runner's resolved config's, with --quantize) replaces the checkpoint's `export` section."""
     from kdlab.export.pipeline import export_run_to_onnx as export_with
 
     checkpoint = Path(run_dir) / "checkpoints" / "best_model.pth"
@@ -64,5 +79,23 @@ def export_run_to_onnx(
     if exporter is not None and isinstance(config, dict):
         cfg = ExperimentConfig.model_validate(config)
         chosen = export_cfg or cfg.export
-        score = validation_scorer(cfg, chosen.accuracy_images)
+        score = validation_scorer(cfg, chosen.accuracy_images, device)
+        if chosen.latency_runs is not None:
+            options.setdefault("latency_runs", chosen.latency_runs)
     return export_with(run_dir, exporter, opset=opset, score=score, export_cfg=export_cfg, **options)
+
+
+def export_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a run's record (summary.json's `export`, experiment_runs.json) keeps of an export's metadata."""
+    return {
+        "ok": True,
+        "parity_max_abs_diff": meta["parity"]["max_abs_diff"],
+        "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"],
+        "exporter": meta["exporter"],
+        "precision": meta["precision"],
+        "scored_on": (meta.get("accuracy") or {}).get("device"),
+    }
+
+
+def failed_export_record(exc: BaseException) -> dict[str, Any]:
+    return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

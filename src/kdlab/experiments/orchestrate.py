@@ -16,13 +16,19 @@ log = logging.getLogger(__name__)
 
 
 def export_finished(results: list[Any]) -> None:
-    """Export every finished run's student to ONNX; a failure is recorded on the run, never raised.
-    A task without an exporter is skipped (logged); an explicit --export_onnx naming one is refused earlier."""
+    """Export every finished run's student to ONNX that its own process did not export (runs trained earlier,
+    the --export_onnx --skip_training pass), in this process on the run's `training.device`; a failure is
+    recorded on the run, never raised. A task without an exporter is skipped (logged); an explicit
+    --export_onnx naming one is refused earlier."""
     from kdlab.config.schema import ExportConfig
-    from kdlab.experiments.export_runs import export_run_to_onnx
+    from kdlab.experiments.export_runs import export_record, export_run_to_onnx, failed_export_record
 
     for result in results:
         if result.status not in ("completed", "exists"):
+            continue
+        if result.export is not None:  # exported by the process that trained it
+            if not result.export.get("ok"):
+                log.error("%s: ONNX export failed: %s", result.name, result.export.get("error"))
             continue
         exporter = task_of(result.config).exporter()
         if exporter is None:
@@ -32,14 +38,12 @@ def export_finished(results: list[Any]) -> None:
             planned_export = (result.config or {}).get("export")
             export_cfg = ExportConfig.model_validate(planned_export) if planned_export else None
             meta = export_run_to_onnx(result.run_dir, export_cfg=export_cfg)
-            result.export = {"ok": True, "parity_max_abs_diff": meta["parity"]["max_abs_diff"],
-                             "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"],
-                             "exporter": meta["exporter"], "precision": meta["precision"]}  # fmt: skip
+            result.export = export_record(meta)
             log.info(
                 "%s: exported best_model.onnx (parity %.2e)", result.name, meta["parity"]["max_abs_diff"]
             )
         except Exception as exc:  # recorded per run; the overall status turns non-zero
-            result.export = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            result.export = failed_export_record(exc)
             log.error("%s: ONNX export failed: %s", result.name, exc)
 
 
@@ -142,6 +146,7 @@ def orchestrate(
     results = run_all(
         planned, flags_argv, out, resume=resume, fail_fast=fail_fast, skip_training=skip_training,
         gpus=gpu_ids, parallel=parallel, threads_per_run=threads_per_run, launcher=launcher, on_result=None if skip_training else record,
+        export=export,
     )  # fmt: skip
     if export:
         export_finished(results)

@@ -230,9 +230,10 @@ def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
 
 
 def child_command(
-    run: PlannedRun, flags_argv: list[str], teacher_ckpt: Path | None, resume: str | None
+    run: PlannedRun, flags_argv: list[str], teacher_ckpt: Path | None, resume: str | None, export: bool = False
 ) -> list[str]:
-    """The training argument list of one run; `resume` is "auto" or a checkpoint path."""
+    """The training argument list of one run; `resume` is "auto" or a checkpoint path; `export`: the child
+    exports its student to ONNX after training (`--export_onnx`), on its own device, in its own job."""
     command = [sys.executable, "-m", TRAIN_MODULE, "--config", run.config_name, "--no_progress"]
     if run.set_items:
         command += ["--set", *run.set_items]
@@ -241,7 +242,25 @@ def child_command(
         command += ["--teacher_checkpoint", str(teacher_ckpt)]
     if resume:
         command += ["--resume", resume]
+    if export:
+        command += ["--export_onnx"]
     return command
+
+
+def exports_in_run(run: PlannedRun) -> bool:
+    """Whether the run's task ships as ONNX (the sequence task has no exporter)."""
+    from kdlab.tasks import task_of
+
+    return task_of(run.config).exporter() is not None
+
+
+def recorded_export(run_dir: Path) -> dict[str, Any] | None:
+    """The export outcome a child wrote into summary.json (`export`), if any."""
+    try:
+        export = json.loads((run_dir / "summary.json").read_text()).get("export")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return export if isinstance(export, dict) else None
 
 
 def child_env() -> dict[str, str]:
@@ -283,7 +302,7 @@ class SuiteBook:
     def __init__(
         self, planned: list[PlannedRun], flags_argv: list[str], output_dir: Path, resume: bool, fail_fast: bool,
         on_result: Callable[[RunResult], None] | None, gpus_for: Callable[[int], int] | None = None,
-        job_kind: str | None = None,
+        job_kind: str | None = None, export: bool = False,
     ) -> None:  # fmt: skip
         self.by_name = {p.run_name: p for p in planned}
         self.order = {p.run_name: i for i, p in enumerate(planned)}
@@ -292,6 +311,7 @@ class SuiteBook:
         self.on_result = on_result
         self.gpus_for = gpus_for  # cluster jobs: the GPUs a run's job asks for
         self.job_kind = job_kind  # "Slurm job", "submitit local job"; None for a plain child process
+        self.export = export  # each child exports its run to ONNX after training (scored on its own device)
         self.env = child_env()
         self.results: dict[str, RunResult] = {}
         self.commands: dict[str, tuple[list[str], str | None]] = {}
@@ -347,7 +367,8 @@ class SuiteBook:
         devices = len(slot.gpus) if slot is not None and slot.gpus else 0
         if self.gpus_for is not None:
             devices = self.gpus_for(self.devices_of(run))
-        command = with_torchrun(child_command(run, self.flags_argv, teacher_ckpt, resume_arg), devices)
+        export = self.export and exports_in_run(run)
+        command = with_torchrun(child_command(run, self.flags_argv, teacher_ckpt, resume_arg, export), devices)
         self.commands[run.run_name] = (command, resume_arg)
         where = slot.label if slot is not None else f"{devices} GPU"
         if self.job_kind:
@@ -374,6 +395,7 @@ class SuiteBook:
         staging = self.output_dir / ".runner" / f"{run.run_name}.stdout.txt"
         final_log = keep_child_log(staging, run_dir, append=bool(resume_arg))
         status = {0: "completed", 130: "interrupted", 143: "interrupted"}.get(code, "failed")
+        export = recorded_export(run_dir) if "--export_onnx" in command and status == "completed" else None
         teacher = self.teacher_of(run)
         if status == "failed" and teacher and self.results.get(teacher, None) is not None:
             if self.results[teacher].status not in ("completed", "exists"):  # a cluster job cancelled with it
@@ -381,6 +403,7 @@ class SuiteBook:
         result = self._result(
             run, status, code, seconds, command, _tail(final_log) if status != "completed" else ""
         )
+        result.export = export
         log.info("%s: %s (exit %d) in %.1f s", run.run_name, status, code, seconds)
         return self._record(result)
 
@@ -424,11 +447,13 @@ def run_all(
     threads_per_run: int | None = None,
     launcher: Launcher | None = None,
     on_result: Callable[[RunResult], None] | None = None,
+    export: bool = False,
 ) -> list[RunResult]:
     """Train every planned run (or, with skip_training, just collect the existing ones), in plan order.
 
     `parallel`/`gpus` run several at once on this machine (kdlab.experiments.scheduler); `launcher` replaces
-    local processes with cluster jobs (kdlab.experiments.slurm). `on_result` is called as each run ends."""
+    local processes with cluster jobs (kdlab.experiments.slurm). `on_result` is called as each run ends.
+    `export`: each trained run exports itself to ONNX in its own process (`--export_onnx`)."""
     if skip_training:
         results = []
         for run in planned:
@@ -443,7 +468,7 @@ def run_all(
         return results
     gpus_for = getattr(launcher, "gpus_for", None)
     book = SuiteBook(planned, flags_argv, output_dir, resume, fail_fast, on_result, gpus_for=gpus_for,
-                     job_kind=getattr(launcher, "job_kind", None))  # fmt: skip
+                     job_kind=getattr(launcher, "job_kind", None), export=export)  # fmt: skip
     if launcher is None:
         launcher, pool = ProcessLauncher(), SlotPool(gpus, parallel, threads=threads_per_run)
     else:

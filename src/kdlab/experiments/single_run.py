@@ -53,6 +53,9 @@ class RunRequest:
     test_only: bool = False
     show_progress: bool = True
     allow_teacher_change: bool = False
+    # The runner's children: export after training (export.onnx on), and a failed export is recorded in
+    # summary.json and logged, not raised, so the run (and, under Slurm, its students' afterok) stands.
+    export_in_run: bool = False
 
 
 @dataclass
@@ -213,14 +216,28 @@ def build_trainer(request: RunRequest, inputs: CheckedInputs, proc: Process, run
     return trainer
 
 
-def summarise(cfg: ExperimentConfig, summary: dict[str, Any], run_dir: Path, proc: Process) -> dict[str, Any]:
+def summarise(
+    cfg: ExperimentConfig, summary: dict[str, Any], run_dir: Path, proc: Process, record_failure: bool = False
+) -> dict[str, Any]:
+    """The run's summary, with the ONNX export when `export.onnx` is on: made here, in the process (and on the
+    device, and under Slurm in the job) that trained the run. Its outcome goes into summary.json's `export`,
+    where the runner reads it; a failed export is recorded there, then raised (the run trained; the export
+    did not work), or with `record_failure` only logged."""
     summary["run_dir"] = str(run_dir)
-    if cfg.export.onnx and proc.ctx.is_main:
-        from kdlab.experiments.export_runs import export_run_to_onnx
+    if cfg.export.onnx and proc.ctx.is_main and summary.get("status") == "completed":
+        from kdlab.experiments.export_runs import export_record, export_run_to_onnx, failed_export_record
 
-        meta = export_run_to_onnx(run_dir, opset=cfg.export.opset, export_cfg=cfg.export)
-        summary["onnx"] = {"parity_max_abs_diff": meta["parity"]["max_abs_diff"],
-                           "onnx_ms_per_image": meta["latency"]["onnx_ms_per_image_median"]}  # fmt: skip
+        try:
+            meta = export_run_to_onnx(run_dir, opset=cfg.export.opset, export_cfg=cfg.export, device=proc.device)
+        except Exception as exc:
+            summary["export"] = failed_export_record(exc)
+            write_json_atomic(run_dir / "summary.json", summary)
+            if not record_failure:
+                raise
+            log.error("%s: ONNX export failed: %s", cfg.name, exc)
+            return summary
+        summary["export"] = export_record(meta)
+        write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
 
@@ -233,7 +250,7 @@ def execute(request: RunRequest) -> dict[str, Any]:
     run_dir = prepare_run(request, inputs, proc)
     try:
         trainer = build_trainer(request, inputs, proc, run_dir)
-        return summarise(request.config, trainer.fit(), run_dir, proc)
+        return summarise(request.config, trainer.fit(), run_dir, proc, record_failure=request.export_in_run)
     finally:
         if proc.ctx.is_main:
             release_run_lock(run_dir)
