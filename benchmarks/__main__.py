@@ -1,8 +1,9 @@
-"""`python -m benchmarks --suite kd|data|onnx|all|fast_student|methods --device cpu|cuda --json PATH` (see
+"""`python -m benchmarks --suite kd|data|onnx|all|fast_student|methods|gpu --device cpu|cuda --json PATH` (see
 docs/performance.md).
 
 `all` is kd, data and onnx; `fast_student` (a dozen ONNX exports, minutes) and `methods` (each distillation
-method's KD step over the plain KD step's) run only when named."""
+method's KD step over the plain KD step's) run only when named. `gpu` is the GPU acceptance check
+(benchmarks/gpu.py): pass/fail items, `--out DIR`, exit code 0 only when every item passed."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from benchmarks.common import BenchSettings, defaults_for, machine_info, quiet_logs
 
 SUITES = ("kd", "data", "onnx")
-EXTRA_SUITES = ("fast_student", "methods")  # not part of "all"
+EXTRA_SUITES = ("fast_student", "methods", "gpu")  # not part of "all"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -31,7 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--suite", choices=(*SUITES, *EXTRA_SUITES, "all"), default="all")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="write the results here (gpu: default <out>/gpu_acceptance.json)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="gpu: the working directory (default: a fresh temp dir)"
+    )
+    p.add_argument("--items", nargs="+", metavar="ITEM", help="gpu: run only these items (default: all)")
     p.add_argument("--batch_size", type=int)
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
     p.add_argument("--teacher_encoder")
@@ -224,8 +234,15 @@ def table(result: dict[str, Any]) -> str:
     if onnx:
         for r in [onnx, *onnx.get("other_sizes", [])]:
             size = "×".join(str(v) for v in r["size"])
-            rows.append((f"ONNX teacher latency, {size}, {r['rois']} ROIs", _fmt(r["ms"]["teacher"], " ms"), ""))
-            for role, goal in (("student", ""), ("student_int8", ""), ("fast", "<= 0.5"), ("fast_int8", "<= 0.5")):
+            rows.append(
+                (f"ONNX teacher latency, {size}, {r['rois']} ROIs", _fmt(r["ms"]["teacher"], " ms"), "")
+            )
+            for role, goal in (
+                ("student", ""),
+                ("student_int8", ""),
+                ("fast", "<= 0.5"),
+                ("fast_int8", "<= 0.5"),
+            ):
                 rows.append((f"{role} / teacher, {size}", _fmt(r[f"{role}_over_teacher"]), goal))
         for acc in onnx.get("accuracy", []):
             if "error" in acc:
@@ -273,6 +290,10 @@ def _machine_line(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.suite == "gpu":
+        from benchmarks.gpu import run_acceptance
+
+        return run_acceptance(args.device, args.out, args.json, args.items)
     s = settings_from_args(args)
     suites = SUITES if args.suite == "all" else (args.suite,)
     result = run(s, suites)

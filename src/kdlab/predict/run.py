@@ -355,6 +355,7 @@ def _metadata(plan: PredictPlan, num_rois: int) -> dict[str, Any]:
         "roi_margin": model.roi_margin, "box_source": source,
         "box_file": str(req.coco or req.boxes) if source != "whole_image" else None,
         "num_images": len(plan.boxes.jobs), "num_rois": num_rois,
+        "device": str(model.device),  # where the model ran (an .onnx file: onnxruntime on the CPU)
     }  # fmt: skip
 
 
