@@ -1,12 +1,17 @@
 """Aggregation over seeds: when configs ran over several seeds (`--seeds`), one row per config with mean ± std
 over its seeds and, for a distilled config, the paired difference from its baseline (same seed) with a
-Student-t interval and a verdict (see `seed_stats`).
+Student-t interval, a verdict against an equivalence margin, the probability of improvement, a power hint,
+the gap closed with Fieller's interval and, given per-image sums, a paired bootstrap (see `seed_stats`).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from kdlab.evaluate.report_layout import ReportLayout
 from kdlab.experiments.report.collect import (
@@ -18,7 +23,18 @@ from kdlab.experiments.report.collect import (
     split_seed,
     teacher_checkpoints,
 )
-from kdlab.experiments.seed_stats import t_interval, verdict
+from kdlab.experiments.seed_stats import (
+    EQUIVALENCE_MARGIN,
+    gap_closed,
+    paired_bootstrap,
+    power_hint,
+    prob_improvement,
+    seeds_for_power,
+    t_interval,
+    verdict,
+)
+
+log = logging.getLogger(__name__)
 
 # Columns that vary from seed to seed: mean ± std in the aggregated table. The others (architecture sizes)
 # are the same for every seed of a config and keep one value (their mean).
@@ -35,12 +51,26 @@ DELTA_COLUMNS: tuple[str, ...] = (
     "delta_high",
     "delta_n",
     "verdict",
+    "p_improve",
+    "boot_low",
+    "boot_high",
+    "boot_p_improve",
+    "power_seeds",
+    "power_hint",
 )
+# Headline metrics that are ratios of summed intersections and unions, so that the bootstrap can recompute
+# them from per-image sums: metric -> the classes averaged (None: every class with a union, i.e. mIoU).
+# Class ids as in kdlab.evaluate.metrics: 0 background, 1 target, 2 other.
+SUMMED_HEADLINES: dict[str, tuple[int, ...] | None] = {
+    "miou": None, "iou_background": (0,), "iou_target": (1,), "iou_other": (2,),
+}  # fmt: skip
+PerImageSums = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
 def aggregated_columns(layout: ReportLayout) -> tuple[str, ...]:
     """The columns of the per-config table: each metric as <m>_mean and <m>_std, n after status, the paired
-    difference from the baseline (delta_*) and its verdict before gap_closed, which gets its interval."""
+    difference from the baseline (delta_*), its verdict, p_improve, the bootstrap (boot_*) and the power hint
+    before gap_closed, which gets its interval."""
     out: list[str] = []
     for column in layout.columns:
         if column in layout.metric_columns or column in SPREAD_COLUMNS:
@@ -65,17 +95,33 @@ def _sweep_part(group: str) -> str:
 
 
 def aggregate_rows(
-    rows: list[dict[str, Any]], records: list[RunRecord], layout: ReportLayout | None = None
+    rows: list[dict[str, Any]],
+    records: list[RunRecord],
+    layout: ReportLayout | None = None,
+    *,
+    equivalence_margin: float = EQUIVALENCE_MARGIN,
+    per_image: PerImageSums | None = None,
 ) -> list[dict[str, Any]]:
     """One row per config (the runs of one group, i.e. config and sweep value, over seeds), in first-seen order.
 
     Runs without a result (failed, skipped) are named in `status` and left out of every mean; n counts the
-    runs with a result. Distilled configs get the paired difference on the headline metric from their
-    baseline (the first student config of the same architecture, preferring the same sweep value):
-    distilled − baseline on each seed both have, its mean, std, 95% Student-t interval and verdict.
-    gap_closed = (mean distilled − mean baseline) / (mean teacher − mean baseline), its interval the paired
-    difference's interval over the same denominator; None when the teacher's margin over the baseline is not
-    beyond the baseline's own 95% half-width (or, with one baseline seed, not above 0).
+    runs with a result. Distilled configs get, on the headline metric, from their baseline (the first student
+    config of the same architecture, preferring the same sweep value), over the seeds both have:
+    - delta_*: the paired difference distilled − baseline, its mean, std, n and 95% Student-t interval (none
+      for n < 2 or a zero spread);
+    - verdict: `seed_stats.verdict` against ±`equivalence_margin` (report.equivalence_margin);
+    - p_improve: P(mean Δ > 0) from the t distribution (`seed_stats.prob_improvement`);
+    - power_seeds / power_hint: how many paired seeds a two-sided 95% t-test needs to detect a Δ of
+      max(|mean Δ|, margin) with 80% power at the observed sd of the differences (`seed_stats.seeds_for_power`,
+      None beyond 100 seeds) and the one-line hint that says it (`seed_stats.power_hint`); both None for
+      n < 2 or a zero spread;
+    - gap_closed = mean paired Δ / (teacher mean − baseline mean), with Fieller's 95% interval
+      gap_closed_low/high that carries the uncertainty of the teacher and baseline means; None unless the
+      teacher's lead exceeds its own 95% uncertainty (`seed_stats.gap_closed`);
+    - boot_low/boot_high/boot_p_improve: the paired hierarchical bootstrap over seeds and test images
+      (`seed_stats.paired_bootstrap`, 2000 replicates, seed 0) when `per_image` (run name -> (inter, union)
+      arrays [n_images, n_classes]) holds both arms of every paired seed and the headline is a ratio of summed
+      intersections and unions (`SUMMED_HEADLINES`); else None.
     """
     layout = layout or layout_for_rows(rows)
     head, arch = layout.headline, layout.arch_column
@@ -91,12 +137,14 @@ def aggregate_rows(
         group_dirs[group] = [rec.run_dir for _, _, rec in members if rec is not None and rec.run_dir]
     out: list[dict[str, Any]] = []
     values: dict[str, dict[int | None, float]] = {}  # group -> seed -> headline
+    run_names: dict[str, dict[int | None, str]] = {}  # group -> seed -> run name (runs with a result)
     own_teacher: dict[str, str | None] = {}
     for group, members in groups.items():
         ok = [(seed, row) for seed, row, _ in members if has_result(row, head)]
         # A run that failed before writing its config has an inferred role; one with a result knows better.
         first = ok[0][1] if ok else members[0][1]
         values[group] = {seed: row[head] for seed, row in ok}
+        run_names[group] = {seed: row["experiment"] for seed, row in ok}
         bad = [(seed, row["status"]) for seed, row, _ in members if not has_result(row, head)]
         statuses = {row["status"] for _, row, _ in members}
         if not bad:
@@ -161,18 +209,46 @@ def aggregate_rows(
         if not candidates:
             continue
         baseline = candidates[0]["experiment"]
-        paired = [values[group][s] - values[baseline][s] for s in values[group] if s in values[baseline]]
-        diff = t_interval(paired)
+        seeds = [s for s in values[group] if s in values[baseline]]
+        diffs = {s: values[group][s] - values[baseline][s] for s in seeds}
+        diff = t_interval(list(diffs.values()))
         row.update(baseline=baseline, delta_mean=diff.mean, delta_std=diff.std, delta_low=diff.low,
-                   delta_high=diff.high, delta_n=diff.n, verdict=verdict(diff))  # fmt: skip
-        if teacher_mean is None:
+                   delta_high=diff.high, delta_n=diff.n, verdict=verdict(diff, equivalence_margin),
+                   p_improve=prob_improvement(list(diffs.values())))  # fmt: skip
+        if diff.std and diff.mean is not None:  # n >= 2 and a non-zero spread
+            target = max(abs(diff.mean), equivalence_margin)
+            row["power_seeds"] = seeds_for_power(diff.std, target)
+            row["power_hint"] = power_hint(diff.std, target)
+        if per_image is not None and seeds:
+            row.update(_bootstrap(per_image, head, [run_names[group][s] for s in seeds],
+                                  [run_names[baseline][s] for s in seeds], group))  # fmt: skip
+        if teacher_mean is None or ref is None:
             continue
-        base_stat = t_interval(list(values[baseline].values()))
-        margin = teacher_mean - base_stat.mean
-        # The gap is only defined when the teacher beats the baseline beyond the baseline's own noise:
-        # otherwise the ratio of two differences indistinguishable from 0 would read as a result.
-        if margin > max(base_stat.half_width or 0.0, 1e-12):
-            row["gap_closed"] = (row[f"{head}_mean"] - base_stat.mean) / margin
-            if diff.low is not None and diff.high is not None:
-                row["gap_closed_low"], row["gap_closed_high"] = diff.low / margin, diff.high / margin
+        gap = gap_closed(diffs, values[baseline], list(values[ref].values()))
+        row.update(gap_closed=gap.point, gap_closed_low=gap.low, gap_closed_high=gap.high)
     return out
+
+
+def _bootstrap(
+    per_image: PerImageSums, head: str, distilled: list[str], baseline: list[str], group: str
+) -> dict[str, float | None]:
+    """boot_low, boot_high, boot_p_improve of the paired bootstrap (None where it cannot be computed)."""
+    none: dict[str, float | None] = {"boot_low": None, "boot_high": None, "boot_p_improve": None}
+    if head not in SUMMED_HEADLINES:
+        log.warning("report: no bootstrap for %s: %s is not a ratio of summed intersections and unions",
+                    group, head)  # fmt: skip
+        return none
+    missing = [name for name in (*distilled, *baseline) if name not in per_image]
+    if missing:
+        log.warning("report: no bootstrap for %s: no per-image sums of %s", group, ", ".join(missing))
+        return none
+    try:
+        boot = paired_bootstrap(
+            [per_image[name] for name in distilled],
+            [per_image[name] for name in baseline],
+            classes=SUMMED_HEADLINES[head],
+        )
+    except ValueError as exc:  # a report must not die on one odd input
+        log.warning("report: no bootstrap for %s (%s)", group, exc)
+        return none
+    return {"boot_low": boot.low, "boot_high": boot.high, "boot_p_improve": boot.p_improve}

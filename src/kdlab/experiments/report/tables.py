@@ -12,6 +12,7 @@ import pandas as pd
 
 from kdlab.evaluate.report_layout import ReportLayout
 from kdlab.experiments.report.aggregate import SPREAD_COLUMNS
+from kdlab.experiments.seed_stats import EQUIVALENCE_MARGIN, MAX_SEEDS
 
 MISSING = "—"
 
@@ -154,6 +155,21 @@ def aggregated_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
                 (f"{MISSING} (n={r['delta_n']:.0f})" if _missing(r["verdict"]) else str(r["verdict"]))
                 for r in records
             ], False)  # fmt: skip
+            add("P(Δ>0)", [
+                MISSING if _missing(r["p_improve"]) else f"{r['p_improve']:.2f}" for r in records
+            ], True)  # fmt: skip
+            if any(not _missing(r["boot_low"]) for r in records):
+                add("bootstrap 95% CI (P(Δ>0))", [
+                    MISSING if _missing(r["boot_low"]) else
+                    f"[{_signed(r['boot_low'], '{:.4f}')}, {_signed(r['boot_high'], '{:.4f}')}] "
+                    f"({r['boot_p_improve']:.2f})"
+                    for r in records
+                ], True)  # fmt: skip
+            add("seeds for 80% power", [
+                MISSING if _missing(r["power_hint"]) else
+                (f">{MAX_SEEDS}" if _missing(r["power_seeds"]) else f"{r['power_seeds']:.0f}")
+                for r in records
+            ], True)  # fmt: skip
             add("gap closed", [
                 MISSING if _missing(r["gap_closed"]) else
                 f"{r['gap_closed']:.2f}" + ("" if _missing(r["gap_closed_low"]) else
@@ -175,16 +191,23 @@ def intro(layout: ReportLayout, runs: int, completed: int) -> str:
     )
 
 
-def seed_method(layout: ReportLayout) -> str:
+def seed_method(layout: ReportLayout, equivalence_margin: float = EQUIVALENCE_MARGIN) -> str:
     """How the per-config table over seeds is computed."""
-    label = layout.headline_label
+    label, m = layout.headline_label, f"{equivalence_margin:g}"
     return (
         "One row per config over its seeds: mean ± std (ddof=1) over the n runs with a result; failed or skipped "
         f"seeds are named in status and left out. Δ {label} (paired) = distilled − baseline on the same seed "
         "(same initial weights and data order), averaged over the seeds both have; 95% CI = mean ± "
-        "t(0.975, n−1)·sd/√n (Student t over seeds). Verdict: gain when the interval lies above 0, hurts when "
-        f"below, else no detectable difference; none with n < 2. Gap closed = (mean distilled − mean baseline) / "
-        "(mean teacher − mean baseline), its interval the Δ interval over the same denominator; "
-        f"{MISSING} when the teacher's margin over the baseline is within the baseline's own 95% interval. "
+        "t(0.975, n−1)·sd/√n (Student t over seeds); none with n < 2 or when every paired Δ is the same. "
+        f"Verdict: gain when the interval lies above 0, hurts when below, equivalent within ±{m} when it lies "
+        f"inside (−{m}, +{m}) (report.equivalence_margin), else inconclusive; inconclusive (zero spread) when "
+        "every paired Δ is the same (identical or rounded runs: no evidence). P(Δ>0) = the Student-t probability "
+        "that the mean Δ over seeds is above 0. Bootstrap (when per-image sums exist): 2000 paired resamples of "
+        "seeds, then test images with the same indices for both arms, IoU recomputed from the summed "
+        "intersections and unions; percentile 95% interval and the share of resamples with Δ > 0. Seeds for 80% "
+        "power: how many paired seeds a two-sided 95% t-test needs to detect a Δ of max(|mean Δ|, margin) at the "
+        "observed sd (power_hint in the CSV says it in words). Gap closed = mean paired Δ / (mean teacher − "
+        "mean baseline), with Fieller's 95% interval, which carries the uncertainty of the teacher and baseline "
+        f"means; {MISSING} when the teacher's margin over the baseline is within its own 95% uncertainty. "
         "Per-seed rows: experiment_comparison_runs.csv and experiment_runs.json."
     )
