@@ -443,8 +443,8 @@ def test_int8_that_loses_too_much_is_kept_aside_and_best_model_stays_fp32(tiny_r
     """The scorer is wrapped so the INT8 file scores 0.2 below its real value: more than the allowed 0.01."""
     real = export_runs.validation_scorer
 
-    def harsher_on_int8(cfg, max_images=None, device=None):
-        score = real(cfg, max_images, device)
+    def harsher_on_int8(cfg, max_images=None, device=None, show_progress=True):
+        score = real(cfg, max_images, device, show_progress)
 
         def wrapped(model):
             metrics = dict(score(model))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import platform
+import socket
+from typing import Any
 
 import torch
 
@@ -54,3 +57,32 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     return None
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware behind `device`: the GPU's name, or the CPU's model name (Linux) / platform string."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, Any]:
+    """What a run's numbers depend on besides its config: versions, hardware, threads, mixed precision.
+    Written into summary.json; the report names what differs between the runs of one table."""
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "host": socket.gethostname(),
+    }

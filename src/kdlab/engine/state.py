@@ -16,6 +16,7 @@ import torch
 
 from kdlab.atomic_io import write_json_atomic
 from kdlab.checkpoints import load_checkpoint, load_weights
+from kdlab.engine.device import provenance
 from kdlab.engine.ema import ModelEMA
 from kdlab.engine.monitor import EarlyStopping, PlateauState, TopK, worst_value
 from kdlab.engine.optim import extended_schedule, schedule_fn, warmup_cosine_factor, warmup_steps_for
@@ -305,6 +306,7 @@ class TrainerCheckpoints:
             },
             "device": str(self.device),
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+            "provenance": provenance(self.device, self.amp_dtype),
             "task": getattr(self.task, "name", type(self.task).__name__),
             "teacher_metrics": self.teacher_metrics,
             "teachers": self.teacher_records,

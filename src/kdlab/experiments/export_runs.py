@@ -24,7 +24,10 @@ def scoring_device(cfg: ExperimentConfig) -> torch.device:
 
 
 def validation_scorer(
-    cfg: ExperimentConfig, max_images: int | None = None, device: torch.device | None = None
+    cfg: ExperimentConfig,
+    max_images: int | None = None,
+    device: torch.device | None = None,
+    show_progress: bool = True,
 ) -> Callable[[nn.Module], dict[str, Any]]:
     """model -> the task's validation metrics on the first `max_images` validation images (None: all), computed
     by the same evaluator training uses (no pictures), on `device` (default `scoring_device(cfg)`; a training
@@ -41,7 +44,7 @@ def validation_scorer(
         pin_memory=device.type == "cuda",
     )  # fmt: skip
     quiet = cfg.model_copy(update={"training": cfg.training.model_copy(update={"num_vis_images": 0})})
-    evaluator = task.build_evaluator(quiet, loader, device, None, True)
+    evaluator = task.build_evaluator(quiet, loader, device, None, show_progress)
     evaluator.reduce_across_ranks = False
 
     def score(model: nn.Module) -> dict[str, Any]:  # `score.device` names where it scores
@@ -65,6 +68,7 @@ def export_run_to_onnx(
     opset: int | None = None,
     export_cfg: ExportConfig | None = None,
     device: torch.device | None = None,
+    show_progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
     """<run_dir>/checkpoints/best_model.pth -> best_model.onnx (+ .json) via `kdlab.export.pipeline`, scored on
@@ -79,7 +83,7 @@ def export_run_to_onnx(
     if exporter is not None and isinstance(config, dict):
         cfg = ExperimentConfig.model_validate(config)
         chosen = export_cfg or cfg.export
-        score = validation_scorer(cfg, chosen.accuracy_images, device)
+        score = validation_scorer(cfg, chosen.accuracy_images, device, show_progress)
         if chosen.latency_runs is not None:
             options.setdefault("latency_runs", chosen.latency_runs)
     return export_with(run_dir, exporter, opset=opset, score=score, export_cfg=export_cfg, **options)

@@ -217,7 +217,12 @@ def build_trainer(request: RunRequest, inputs: CheckedInputs, proc: Process, run
 
 
 def summarise(
-    cfg: ExperimentConfig, summary: dict[str, Any], run_dir: Path, proc: Process, record_failure: bool = False
+    cfg: ExperimentConfig,
+    summary: dict[str, Any],
+    run_dir: Path,
+    proc: Process,
+    record_failure: bool = False,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """The run's summary, with the ONNX export when `export.onnx` is on: made here, in the process (and on the
     device, and under Slurm in the job) that trained the run. Its outcome goes into summary.json's `export`,
@@ -228,7 +233,10 @@ def summarise(
         from kdlab.experiments.export_runs import export_record, export_run_to_onnx, failed_export_record
 
         try:
-            meta = export_run_to_onnx(run_dir, opset=cfg.export.opset, export_cfg=cfg.export, device=proc.device)
+            meta = export_run_to_onnx(
+                run_dir, opset=cfg.export.opset, export_cfg=cfg.export, device=proc.device,
+                show_progress=show_progress,
+            )  # fmt: skip
         except Exception as exc:
             summary["export"] = failed_export_record(exc)
             write_json_atomic(run_dir / "summary.json", summary)
@@ -250,7 +258,10 @@ def execute(request: RunRequest) -> dict[str, Any]:
     run_dir = prepare_run(request, inputs, proc)
     try:
         trainer = build_trainer(request, inputs, proc, run_dir)
-        return summarise(request.config, trainer.fit(), run_dir, proc, record_failure=request.export_in_run)
+        return summarise(
+            request.config, trainer.fit(), run_dir, proc, record_failure=request.export_in_run,
+            show_progress=request.show_progress,
+        )  # fmt: skip
     finally:
         if proc.ctx.is_main:
             release_run_lock(run_dir)

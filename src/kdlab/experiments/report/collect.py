@@ -362,3 +362,31 @@ def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
         if teacher_value - baseline_value > 1e-12:
             row["gap_closed"] = (row[head] - baseline_value) / (teacher_value - baseline_value)
     return rows
+
+
+# What makes numbers of one table incomparable when it differs between runs (summary.json `provenance`).
+PROVENANCE_KEYS = ("torch", "device_name", "threads", "amp")
+
+
+def provenance_note(records: list[RunRecord]) -> str | None:
+    """A sentence naming what differs between the runs' provenance (torch version, hardware, threads, AMP), or
+    None when every run with a recorded provenance agrees. Runs written before provenance was recorded are
+    left out of the comparison."""
+    seen: dict[str, dict[str, list[str]]] = {key: {} for key in PROVENANCE_KEYS}
+    for record in records:
+        prov = _get(read_run(record.run_dir).summary, "provenance")
+        if not isinstance(prov, dict):
+            continue
+        for key in PROVENANCE_KEYS:
+            seen[key].setdefault(str(prov.get(key)), []).append(record.name)
+    parts = []
+    for key, values in seen.items():
+        if len(values) > 1:
+            listed = "; ".join(f"{value}: {', '.join(names)}" for value, names in values.items())
+            parts.append(f"{key} ({listed})")
+    if not parts:
+        return None
+    return (
+        "Provenance differs between these runs, so their numbers are not strictly comparable: "
+        + ", ".join(parts) + "."
+    )

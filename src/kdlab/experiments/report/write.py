@@ -9,7 +9,13 @@ from typing import Any
 
 from kdlab.atomic_io import write_text_atomic
 from kdlab.experiments.report.aggregate import aggregate_rows, aggregated_columns, is_multi_seed
-from kdlab.experiments.report.collect import RESULT_STATUSES, RunRecord, layout_for_rows, split_seed
+from kdlab.experiments.report.collect import (
+    RESULT_STATUSES,
+    RunRecord,
+    layout_for_rows,
+    provenance_note,
+    split_seed,
+)
 from kdlab.experiments.report.figures import comparison_figure, curves_figure, plot_points, save_figure_atomic
 from kdlab.experiments.report.tables import (
     aggregated_markdown,
@@ -55,6 +61,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
     write_text_atomic(paths["runs_csv"], frame_to_csv(runs_frame))
     completed = sum(1 for r in rows if r.get("status") in RESULT_STATUSES)
     text = ["# Experiment comparison", "", intro(layout, len(rows), completed)]
+    note = provenance_note(curves_from)
+    if note:
+        text += ["", note]
     if aggregated:
         table = aggregate_rows(rows, curves_from, layout)
         frame = table_frame(table, aggregated_columns(layout))
