@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
-EQUIVALENCE_MARGIN = 0.005  # default ±m of the equivalence verdict (report.equivalence_margin)
+EQUIVALENCE_MARGIN = 0.005  # default ±m of the equivalence verdict
 TARGET_POWER = 0.8
 MAX_SEEDS = 100  # the power hint says "more than MAX_SEEDS" beyond this
 
@@ -33,7 +33,7 @@ ZERO_SPREAD = "inconclusive (zero spread)"
 VERDICT_LEGEND: dict[str, str] = {
     GAIN: "the 95% interval of the paired Δ lies above 0",
     HURTS: "the 95% interval of the paired Δ lies below 0",
-    "equivalent within ±m": "the 95% interval of the paired Δ lies inside (−m, +m), m = report.equivalence_margin",
+    "equivalent within ±m": "the 95% interval of the paired Δ lies inside (−m, +m), m = the equivalence margin (default 0.005)",
     INCONCLUSIVE: "the 95% interval contains 0 and reaches beyond ±m: more seeds needed (see the power hint)",
     ZERO_SPREAD: "every paired Δ is the same (identical or rounded runs): no interval, no evidence",
 }

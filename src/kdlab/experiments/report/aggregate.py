@@ -109,7 +109,7 @@ def aggregate_rows(
     config of the same architecture, preferring the same sweep value), over the seeds both have:
     - delta_*: the paired difference distilled − baseline, its mean, std, n and 95% Student-t interval (none
       for n < 2 or a zero spread);
-    - verdict: `seed_stats.verdict` against ±`equivalence_margin` (report.equivalence_margin);
+    - verdict: `seed_stats.verdict` against ±`equivalence_margin` (default 0.005; a report config key is planned);
     - p_improve: P(mean Δ > 0) from the t distribution (`seed_stats.prob_improvement`);
     - power_seeds / power_hint: how many paired seeds a two-sided 95% t-test needs to detect a Δ of
       max(|mean Δ|, margin) with 80% power at the observed sd of the differences (`seed_stats.seeds_for_power`,

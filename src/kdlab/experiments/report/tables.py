@@ -187,7 +187,9 @@ def intro(layout: ReportLayout, runs: int, completed: int) -> str:
     """The intro paragraph: how many runs, what they are (the layout's sentence), what the ratios use."""
     return (
         f"{runs} experiments ({completed} completed). {layout.intro} % of teacher and gap closed = (distilled − "
-        f"baseline) / (teacher − baseline) use {layout.headline_label}. {MISSING} = not available."
+        f"baseline) / (teacher − baseline) use {layout.headline_label}. {MISSING} = not available. The best "
+        "epoch is chosen on the same validation set that is reported here, which inflates every number a little, "
+        "each run by a different amount: small differences between runs are not results."
     )
 
 
@@ -200,7 +202,7 @@ def seed_method(layout: ReportLayout, equivalence_margin: float = EQUIVALENCE_MA
         "(same initial weights and data order), averaged over the seeds both have; 95% CI = mean ± "
         "t(0.975, n−1)·sd/√n (Student t over seeds); none with n < 2 or when every paired Δ is the same. "
         f"Verdict: gain when the interval lies above 0, hurts when below, equivalent within ±{m} when it lies "
-        f"inside (−{m}, +{m}) (report.equivalence_margin), else inconclusive; inconclusive (zero spread) when "
+        f"inside (−{m}, +{m}) (the equivalence margin), else inconclusive; inconclusive (zero spread) when "
         "every paired Δ is the same (identical or rounded runs: no evidence). P(Δ>0) = the Student-t probability "
         "that the mean Δ over seeds is above 0. Bootstrap (when per-image sums exist): 2000 paired resamples of "
         "seeds, then test images with the same indices for both arms, IoU recomputed from the summed "
