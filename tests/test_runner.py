@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -100,6 +101,12 @@ def test_quickstart_suite_trains_exports_and_reports(quickstart_suite):
     for name in ("experiment_comparison.csv", "experiment_comparison.md", "experiment_comparison.png",
                  "training_curves.png"):  # fmt: skip
         assert (out / name).is_file(), name
+    # the table's latency: every exported file timed in one interleaved run, not each export's own figure
+    latency = json.loads((out / "report_latency.json").read_text())
+    assert latency["interleaved"] and set(latency["ms_per_image_median"]) == set(names)
+    table = {r["experiment"]: r for r in csv.DictReader((out / "experiment_comparison.csv").open())}
+    for name, ms in latency["ms_per_image_median"].items():
+        assert float(table[name]["onnx_latency_ms"]) == pytest.approx(ms, rel=1e-4)
     md = (out / "experiment_comparison.md").read_text()
     assert all(
         word in md for word in ("quickstart_distill", "quickstart_fast_distill", "distilled", "teacher")

@@ -110,6 +110,7 @@ def orchestrate(
     jobs, with `slurm` holding partition, gpus_per_run, timeout_min, cpus_per_run.
     """
     from kdlab.experiments.report import RunRecord, collect_rows, write_report
+    from kdlab.experiments.report_latency import measure_report_latency
     from kdlab.experiments.scheduler import SlotPool, parse_gpus
 
     planned = plan_runs(configs, set_items, flags, sweeps, seeds=seeds, seed_teachers=seed_teachers)
@@ -164,7 +165,8 @@ def orchestrate(
         )
         for r in same_task_runs(all_runs, results)
     ]
-    paths = write_report(collect_rows(records), out, records)
+    latency = measure_report_latency([(r.name, r.run_dir) for r in records if r.run_dir is not None], out)
+    paths = write_report(collect_rows(records, latency), out, records)
     paths["runs_json"] = out / "experiment_runs.json"
     ok_status = {"completed", "exists"}
     failed = [r.name for r in results if r.status not in ok_status]

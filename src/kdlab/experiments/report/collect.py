@@ -309,7 +309,7 @@ def _infer_roles(rows: list[dict[str, Any]], files: list[RunFiles], teacher_of: 
             row["role"] = "student"
 
 
-def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
+def collect_rows(records: list[RunRecord], latency: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per experiment (keys = `row_columns` of the layout, missing numbers None), in record order.
 
     role: RunRecord.role, else inferred (`_infer_roles`).
@@ -318,11 +318,15 @@ def collect_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
     (teacher - baseline) on the headline, baseline = the first 'student' with a result and the same
     architecture, preferring one of the same seed (the paired run of a --seeds invocation).
     Only completed (or skipped, i.e. earlier) runs serve as teacher or baseline; failed runs keep a row.
+    `latency` (run name -> ms, `kdlab.experiments.report_latency`) replaces the export-time ONNX latency.
     """
     files = [read_run(r.run_dir) for r in records]
     layout = layout_for_configs([f.config for f in files])
     head, arch = layout.headline, layout.arch_column
     rows = [_base_row(r, f, layout) for r, f in zip(records, files, strict=True)]
+    for row in rows:  # one interleaved measurement of every exported file beats each export's own figure
+        if latency and row["experiment"] in latency:
+            row["onnx_latency_ms"] = latency[row["experiment"]]
     teacher_of: dict[int, list[int]] = {}  # distilled row index -> indices of its teacher rows
     for i, f in enumerate(files):
         ckpts = teacher_checkpoints(f.config)
