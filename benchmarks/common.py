@@ -37,8 +37,12 @@ class BenchSettings:
     workers: tuple[int, ...] = (0, 1, 2)
     rois_per_image: int = 3
     base_config: str = "quickstart_distill"  # ROI/mask/head sizes come from here
-    fast_config: str = "quickstart_fast_distill"  # onnx suite: the fast student = base + this config's model changes
-    onnx_run_dirs: tuple[str, ...] = ()  # onnx suite: finished runs whose exported file's accuracy is reported
+    fast_config: str = (
+        "quickstart_fast_distill"  # onnx suite: the fast student = base + this config's model changes
+    )
+    onnx_run_dirs: tuple[
+        str, ...
+    ] = ()  # onnx suite: finished runs whose exported file's accuracy is reported
     data_images: int = 32  # synthetic images for the data suite
     onnx_runs: int = 10
     onnx_sizes: tuple[tuple[int, int], ...] = ()  # extra ONNX resolutions besides `size`, e.g. ((640, 640),)

@@ -75,8 +75,12 @@ def onnx_latency_at(s: BenchSettings, size: tuple[int, int]) -> dict[str, Any]:
     return {
         "size": list(size),
         "rois": int(raw["rois"].shape[0]),
-        "models": {"roi_size": list(cfg.model.roi_size), "mask_size": list(cfg.model.mask_size),
-                   "fast_changes": fast_changes(s), "exporter": exporters},  # fmt: skip
+        "models": {
+            "roi_size": list(cfg.model.roi_size),
+            "mask_size": list(cfg.model.mask_size),
+            "fast_changes": fast_changes(s),
+            "exporter": exporters,
+        },  # fmt: skip
         "ms": ms,
         "mb": sizes_mb,
         **{f"{role}_over_teacher": ms[role] / ms["teacher"] for role in ROLES if role != "teacher"},

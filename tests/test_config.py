@@ -104,7 +104,9 @@ def test_baselines_differ_from_their_teacher_only_in_the_encoder(
     """...and, in the quickstart, in the teacher's longer schedule (a teacher is trained once, used often)."""
     t, s = resolve_config(teacher), resolve_config(student)
     assert (t.training.epochs > s.training.epochs) == teacher_epochs_longer
-    s_same_epochs = s.model_copy(update={"training": s.training.model_copy(update={"epochs": t.training.epochs})})
+    s_same_epochs = s.model_copy(
+        update={"training": s.training.model_copy(update={"epochs": t.training.epochs})}
+    )
     assert t.training == s_same_epochs.training  # otherwise the same schedule, section by section
     assert t.model.encoder != s.model.encoder
     assert _without(t, encoder=True) == _without(s_same_epochs, encoder=True)

@@ -33,7 +33,10 @@ def test_each_script_target_is_a_cli_entrypoint(script: str, target: str) -> Non
     assert callable(getattr(module, attr)) and callable(module.main), script
 
 
-@pytest.mark.parametrize("module", ["kdlab.cli.train", "kdlab.cli.experiments", "kdlab.cli.synthetic", "kdlab.average", "kdlab.predict"])
+@pytest.mark.parametrize(
+    "module",
+    ["kdlab.cli.train", "kdlab.cli.experiments", "kdlab.cli.synthetic", "kdlab.average", "kdlab.predict"],
+)
 def test_python_dash_m_help_exits_0(module: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300

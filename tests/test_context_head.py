@@ -89,7 +89,9 @@ def test_model_with_a_margin_crops_the_enlarged_window(monkeypatch):
 
     seen = []
     real = roi_unet.roi_align
-    monkeypatch.setattr(roi_unet, "roi_align", lambda inp, rois, *a, **k: seen.append(rois) or real(inp, rois, *a, **k))
+    monkeypatch.setattr(
+        roi_unet, "roi_align", lambda inp, rois, *a, **k: seen.append(rois) or real(inp, rois, *a, **k)
+    )
     cfg = ModelConfig(encoder="timm-efficientnet-b0", roi_size=(16, 12), mask_size=(32, 24), head_channels=8,
                       roi_margin=0.5)  # fmt: skip
     model = build_model(cfg).eval()
@@ -173,7 +175,9 @@ def test_distance_and_contour_terms_match_hand_computed_values():
 
 def test_boundary_weighting_reweights_the_ce_by_the_band():
     masks = torch.tensor([[[0, 0, 0, 1]]])
-    logits = torch.log_softmax(torch.tensor([[[[1.0, 2.0, 0.5, 0.0]], [[0.0, 0.0, 0.0, 1.0]], [[0.0] * 4]]]), 1)
+    logits = torch.log_softmax(
+        torch.tensor([[[[1.0, 2.0, 0.5, 0.0]], [[0.0, 0.0, 0.0, 1.0]], [[0.0] * 4]]]), 1
+    )
     z = torch.zeros(1, 2, 1, 4)
     outputs = {"logits": logits, "bg_fg_logits": z, "target_logits": z}
     w = SegmentationLossWeights(class_weights=(1.0, 1.0, 1.0), boundary_weight=3.0, boundary_width=1)

@@ -146,7 +146,9 @@ def test_segmentation_metric_sums_and_reduction_inputs_are_on_the_device(tmp_pat
     assert not wrong, f"all-reduce inputs not on the evaluator's device: {wrong}"
 
 
-@pytest.mark.parametrize(("config", "key"), [("digits_student_baseline", "images"), ("sequence_student_baseline", "inputs")])
+@pytest.mark.parametrize(
+    ("config", "key"), [("digits_student_baseline", "images"), ("sequence_student_baseline", "inputs")]
+)
 def test_classifier_reduction_inputs_are_on_the_device(tmp_path, config, key):
     cfg = resolve_config(config, [f"data.synthetic.root={tmp_path}"], {})
     task = task_of(cfg)
@@ -172,7 +174,9 @@ def test_reduction_follows_reduce_across_ranks(tmp_path, monkeypatch, reduce):
 
     cfg = resolve_config("quickstart_baseline", [f"data.synthetic.root={tmp_path}"], {})
     model = task_of(cfg).build_model(cfg)
-    evaluator = task_of(cfg).build_evaluator(cfg, _people_eval_batches(cfg, True), torch.device("cpu"), None, False)
+    evaluator = task_of(cfg).build_evaluator(
+        cfg, _people_eval_batches(cfg, True), torch.device("cpu"), None, False
+    )
     evaluator.reduce_across_ranks = reduce
     calls: list[tuple[int, ...]] = []
 

@@ -297,8 +297,8 @@ def test_multi_teacher_target_is_the_weighted_probability_mixture():
             [1.0, 3.0],
         )
         expected = kd_kl_loss(out_s["logits"], mixed, temperature)
-        single = SegmentationKDTask(cfg.distillation, cfg.training.loss, [(t1, 1.0)])(
-            student, batch
-        )["distill_final"]
+        single = SegmentationKDTask(cfg.distillation, cfg.training.loss, [(t1, 1.0)])(student, batch)[
+            "distill_final"
+        ]
     torch.testing.assert_close(losses["distill_final"], expected)
     assert not torch.allclose(losses["distill_final"], single)

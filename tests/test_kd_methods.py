@@ -61,7 +61,9 @@ def _hand_dist(s_pix, t_pix, temperature, beta, gamma) -> float:
 # ---------------------------------------------------------------------------------------------- DIST
 
 
-@pytest.mark.parametrize(("temperature", "beta", "gamma"), [(1.0, 1.0, 1.0), (2.0, 2.0, 0.5), (0.5, 0.0, 1.0)])
+@pytest.mark.parametrize(
+    ("temperature", "beta", "gamma"), [(1.0, 1.0, 1.0), (2.0, 2.0, 0.5), (0.5, 0.0, 1.0)]
+)
 def test_dist_hand_value(temperature, beta, gamma):
     loss = dist_loss(_to_nchw(_S_PIX), _to_nchw(_T_PIX), temperature, beta, gamma)
     assert loss.shape == () and loss.dtype == torch.float32
@@ -159,7 +161,9 @@ def test_logit_standardize_switch_standardises_each_kl_over_classes_not_width():
     value = terms["distill_final"][0]
     s, t = student["logits"], teacher["logits"]
     by_class = kd_kl_loss(standardize_logits(s), teacher_probs(standardize_logits(t), 4.0), 4.0)
-    by_width = kd_kl_loss(standardize_logits(s, dim=-1), teacher_probs(standardize_logits(t, dim=-1), 4.0), 4.0)
+    by_width = kd_kl_loss(
+        standardize_logits(s, dim=-1), teacher_probs(standardize_logits(t, dim=-1), 4.0), 4.0
+    )
     raw = kd_kl_loss(s, teacher_probs(t, 4.0), 4.0)
     assert value.item() == pytest.approx(by_class.item(), rel=1e-6)
     assert abs(value.item() - by_width.item()) > 1e-3  # the wrong axis is another loss
@@ -204,7 +208,9 @@ def test_dist_term_in_the_task_and_the_cache_heads():
     terms = task.distill_terms(student, [(teacher, 1.0)], {}, 4.0)
     assert set(terms) == {"distill_dist"}
     value, weight = terms["distill_dist"]
-    assert weight == 2.0 and value.item() == pytest.approx(dist_loss(student["logits"], teacher["logits"], 1.0).item())
+    assert weight == 2.0 and value.item() == pytest.approx(
+        dist_loss(student["logits"], teacher["logits"], 1.0).item()
+    )
     assert required_cache_heads(task.dcfg) == ["logits"]
 
 
@@ -303,7 +309,11 @@ def test_mgd_with_no_rois_is_a_connected_zero():
     ("config", "item", "message"),
     [
         ("digits_student_distill", "distillation.dist_weight=1.0", "dist_weight > 0 needs spatial logits"),
-        ("sequence_student_distill", "distillation.logit_standardize=true", "not implemented for task=sequence"),
+        (
+            "sequence_student_distill",
+            "distillation.logit_standardize=true",
+            "not implemented for task=sequence",
+        ),
         ("sequence_student_distill", "distillation.dist_weight=1.0", "not implemented for task=sequence"),
     ],
 )
@@ -314,7 +324,9 @@ def test_methods_a_task_cannot_use_are_config_errors(config, item, message):
 
 def test_bad_mgd_mask_ratio_is_one_error_line(tmp_path, capsys):
     pairs = '[{"student": "head.shared", "teacher": "head.shared", "method": "mgd", "mask_ratio": 1.0}]'
-    code = run_cli(train_main, tiny_args(tmp_path, f"distillation.features={pairs}", config="quickstart_distill"))
+    code = run_cli(
+        train_main, tiny_args(tmp_path, f"distillation.features={pairs}", config="quickstart_distill")
+    )
     assert code == 2
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "mask_ratio" in errors[0]

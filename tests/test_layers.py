@@ -28,9 +28,13 @@ def test_the_layers_contract_is_kept():
 
 
 def test_an_upward_import_breaks_the_contract(tmp_path):
-    shutil.copytree(ROOT / "src" / "kdlab", tmp_path / "src" / "kdlab", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "src" / "kdlab", tmp_path / "src" / "kdlab", ignore=shutil.ignore_patterns("__pycache__")
+    )
     # The data layer reaching up into the trainer (engine) is the kind of import the contract exists to stop.
-    (tmp_path / "src" / "kdlab" / "data" / "upward.py").write_text("from kdlab.engine import trainer  # noqa\n")
+    (tmp_path / "src" / "kdlab" / "data" / "upward.py").write_text(
+        "from kdlab.engine import trainer  # noqa\n"
+    )
     result = _lint_imports(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "kdlab.data.upward -> kdlab.engine.trainer" in result.stdout

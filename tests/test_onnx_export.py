@@ -243,7 +243,9 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
 
 
 def test_export_run_writes_onnx_and_metadata(tiny_run):
-    meta = export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=4, latency_runs=1)  # tests time nothing: 1 run
+    meta = export_run_to_onnx(
+        tiny_run, SegmentationExporter(), parity_images=4, latency_runs=1
+    )  # tests time nothing: 1 run
     ckpt = tiny_run / "checkpoints"
     onnx_path, json_path = ckpt / "best_model.onnx", ckpt / "best_model.onnx.json"
     assert onnx_path.is_file() and json_path.is_file()
@@ -328,19 +330,26 @@ def _export_cfg(run: Path, **changes) -> ExportConfig:
 def test_dynamo_export_keeps_dynamic_batch_and_rois_with_parity_and_accuracy(tiny_run):
     """The supported exporter end to end: the file records "dynamo", passes onnx.checker, matches PyTorch to
     1e-4 for B=3 with N=0 and N=5 ROIs, and is scored on the validation set like the PyTorch model."""
-    meta = export_runs.export_run_to_onnx(tiny_run, export_cfg=_export_cfg(tiny_run, exporter="dynamo"), latency_runs=1)
+    meta = export_runs.export_run_to_onnx(
+        tiny_run, export_cfg=_export_cfg(tiny_run, exporter="dynamo"), latency_runs=1
+    )
     onnx_path = tiny_run / "checkpoints" / "best_model.onnx"
     assert meta["exporter"] == "dynamo" and meta["exporter_fallbacks"] == []
     assert "onnxscript" in meta["exporter_tool"] and meta["opset"] >= 18
     assert meta["parity"]["max_abs_diff"] <= 1e-4
     onnx.checker.check_model(str(onnx_path), full_check=True)
     graph = onnx.load(str(onnx_path)).graph
-    assert {i.name: _dims(i) for i in graph.input} == {"images": ["batch", 3, 64, 64], "rois": ["num_rois", 5]}
+    assert {i.name: _dims(i) for i in graph.input} == {
+        "images": ["batch", 3, 64, 64],
+        "rois": ["num_rois", 5],
+    }
 
     model, _, _ = pipeline.load_student(tiny_run / "checkpoints" / "best_model.pth", SegmentationExporter())
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    five = torch.tensor([[0, 2, 3, 40, 60], [1, 0, 0, 64, 64], [2, 10, 5, 30, 50], [2, 1, 1, 20, 20], [0, 5, 5, 6, 9.0]])
+    five = torch.tensor(
+        [[0, 2, 3, 40, 60], [1, 0, 0, 64, 64], [2, 10, 5, 30, 50], [2, 1, 1, 20, 20], [0, 5, 5, 6, 9.0]]
+    )
     for rois in (five, torch.zeros(0, 5)):
         (got,) = session.run(["masks"], {"images": images.numpy(), "rois": rois.numpy()})
         with torch.no_grad():
@@ -418,7 +427,11 @@ def test_int8_within_the_allowed_drop_becomes_best_model_and_fp32_is_kept(tiny_r
         latency_runs=1,
     )  # fmt: skip
     int8 = meta["int8"]
-    assert int8["accepted"] is True and meta["precision"] == "int8" and meta["fp32_file"] == "best_model.fp32.onnx"
+    assert (
+        int8["accepted"] is True
+        and meta["precision"] == "int8"
+        and meta["fp32_file"] == "best_model.fp32.onnx"
+    )
     assert _has_qdq(ckpt / "best_model.onnx") and not _has_qdq(ckpt / "best_model.fp32.onnx")
     assert not (ckpt / "best_model.int8.onnx").exists()
     assert int8["calibration_images"] == 4 and int8["format"] == "QDQ" and int8["per_channel"] is True
@@ -430,7 +443,9 @@ def test_int8_within_the_allowed_drop_becomes_best_model_and_fp32_is_kept(tiny_r
     props = {p.key for p in onnx.load(str(ckpt / "best_model.onnx")).metadata_props}
     assert pipeline.CONFIG_METADATA_KEY in props
     session = ort.InferenceSession(str(ckpt / "best_model.onnx"), providers=["CPUExecutionProvider"])
-    (masks,) = session.run(["masks"], {"images": np.zeros((2, 3, 64, 64), np.float32), "rois": np.zeros((0, 5), np.float32)})
+    (masks,) = session.run(
+        ["masks"], {"images": np.zeros((2, 3, 64, 64), np.float32), "rois": np.zeros((0, 5), np.float32)}
+    )
     assert masks.shape == (0, 3, 32, 24)
 
     # A plain re-export replaces both files and leaves no stale INT8/FP32 copy the metadata would not describe.

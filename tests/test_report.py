@@ -498,18 +498,27 @@ def test_onnx_and_int8_scores_reach_the_table_and_int8_columns_appear_only_with_
     runs = tmp_path / "runs"
     shipped = fabricate_run(runs, "shipped", B0, [0.5, 0.6], onnx_meta=_int8_meta(0.6, 0.595, True))
     kept_aside = fabricate_run(runs, "aside", B0, [0.5, 0.6], onnx_meta=_int8_meta(0.6, 0.55, False))
-    plain = fabricate_run(runs, "plain", B0, [0.5, 0.6], onnx_meta={"accuracy": {"onnx": {"target_iou": 0.61}}})
-    records = [RunRecord(n, d, "completed") for n, d in (("shipped", shipped), ("aside", kept_aside), ("plain", plain))]
+    plain = fabricate_run(
+        runs, "plain", B0, [0.5, 0.6], onnx_meta={"accuracy": {"onnx": {"target_iou": 0.61}}}
+    )
+    records = [
+        RunRecord(n, d, "completed")
+        for n, d in (("shipped", shipped), ("aside", kept_aside), ("plain", plain))
+    ]
     named = by_name(collect_rows(records))
     assert named["shipped"]["onnx_target_iou"] == pytest.approx(0.6)
     assert named["shipped"]["int8_target_iou"] == pytest.approx(0.595)
     assert named["shipped"]["int8_latency_ratio"] == pytest.approx(0.6)
     assert named["shipped"]["int8_shipped"] == "yes"
     assert named["aside"]["int8_shipped"] == "no: −0.0500 > 0.01"
-    assert named["plain"]["onnx_target_iou"] == pytest.approx(0.61) and named["plain"]["int8_target_iou"] is None
+    assert (
+        named["plain"]["onnx_target_iou"] == pytest.approx(0.61) and named["plain"]["int8_target_iou"] is None
+    )
 
     md = (write_report(collect_rows(records), tmp_path / "with", records)["markdown"]).read_text()
     assert "ONNX target IoU" in md and "INT8 target IoU" in md and "INT8 shipped" in md
     assert "no: −0.0500 > 0.01" in md
-    md_plain = write_report(collect_rows(records[2:]), tmp_path / "without", records[2:])["markdown"].read_text()
+    md_plain = write_report(collect_rows(records[2:]), tmp_path / "without", records[2:])[
+        "markdown"
+    ].read_text()
     assert "ONNX target IoU" in md_plain and "0.6100" in md_plain and "INT8" not in md_plain

@@ -41,11 +41,15 @@ def test_a_finished_run_leaves_an_unheld_lock_without_a_holder(finished_run):
 
 def test_a_second_process_on_a_locked_run_exits_2_naming_the_holder(finished_run, capsys):
     tmp, run = finished_run
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = tree_hashes(run)
-        code = run_cli(train_main, ["--resume", str(run / "checkpoints" / "last.pth"), "--epochs", "2", "--no_progress"])
+        code = run_cli(
+            train_main, ["--resume", str(run / "checkpoints" / "last.pth"), "--epochs", "2", "--no_progress"]
+        )
         errors = error_lines(capsys.readouterr().err)
         assert code == 2
         assert len(errors) == 1 and f"pid {holder.pid} on host {socket.gethostname()}" in errors[0], errors
@@ -61,7 +65,9 @@ def test_a_stale_lock_is_taken_over_and_logged(finished_run, caplog):
     _, run = finished_run
     (run / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "gone-host", "started": 0}))
     with caplog.at_level(logging.WARNING, logger="kdlab.experiments.run_lock"):
-        code = run_cli(train_main, ["--resume", str(run / "checkpoints" / "last.pth"), "--epochs", "2", "--no_progress"])
+        code = run_cli(
+            train_main, ["--resume", str(run / "checkpoints" / "last.pth"), "--epochs", "2", "--no_progress"]
+        )
     assert code == 0
     assert "took over the stale lock of pid 999999 on host gone-host" in caplog.text
     assert (run / LOCK_NAME).read_text() == ""  # released cleanly at the end

@@ -91,7 +91,9 @@ def test_quickstart_suite_trains_exports_and_reports(quickstart_suite):
         run = Path(r["run_dir"])
         child_log = (run / "logs" / "stdout.txt").read_text()
         assert "epoch 1/1" in child_log
-        assert "ONNX accuracy" not in child_log  # the child's export scores without progress bars (--no_progress)
+        assert (
+            "ONNX accuracy" not in child_log
+        )  # the child's export scores without progress bars (--no_progress)
         assert (run / "checkpoints" / "best_model.onnx").is_file()
         assert r["export"]["ok"]
         # exported and scored by the process that trained the run, on its device (issue 26, item 9)
@@ -567,7 +569,10 @@ def test_in_parallel_students_start_after_their_teacher_and_other_runs_overlap_i
     teacher_done = (teacher / "summary.json").stat().st_mtime
     best_written = (teacher / "checkpoints" / "best_model.pth").stat().st_mtime
     for seed in (3, 4):
-        assert _started_at(out / f"digits_student_distill__seed-{seed}") >= max(best_written, teacher_done) - 0.01
+        assert (
+            _started_at(out / f"digits_student_distill__seed-{seed}")
+            >= max(best_written, teacher_done) - 0.01
+        )
     # the baselines need no teacher: with two slots the first one runs beside it
     assert _started_at(out / "digits_student_baseline__seed-3") < teacher_done
     assert "on cpu#" in (out / "digits_student_baseline__seed-3" / "logs" / "stdout.txt").read_text()

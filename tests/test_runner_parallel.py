@@ -39,7 +39,9 @@ def test_a_runner_killed_mid_suite_resumes_without_retraining_what_finished(tmp_
     out = tmp_path / "runs"
     first, second, third = (out / f"digits_student_baseline__seed-{s}" for s in SEEDS)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    runner = subprocess.Popen(_runner(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    runner = subprocess.Popen(
+        _runner(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # the second run is training (past its first epoch)
@@ -61,7 +63,9 @@ def test_a_runner_killed_mid_suite_resumes_without_retraining_what_finished(tmp_
         time.sleep(0.2)
     assert run_dir_holder(second) is None
     recorded = {r["name"]: r["status"] for r in json.loads((out / "experiment_runs.json").read_text())}
-    assert recorded == {first.name: "completed"}  # written as the first run ended; the runner never got further
+    assert recorded == {
+        first.name: "completed"
+    }  # written as the first run ended; the runner never got further
     assert json.loads((second / "summary.json").read_text())["status"] == "interrupted"
     assert not third.exists()
     first_last = (first / "checkpoints" / "last.pth").stat().st_mtime_ns

@@ -76,7 +76,13 @@ def test_a_multi_gpu_run_is_launched_under_torchrun():
     base = [sys.executable, "-m", "kdlab.cli.train", "--config", "x", "--no_progress"]
     assert with_torchrun(base, 1) == base
     launched = with_torchrun(base, 4)
-    assert launched[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert launched[:5] == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+    ]
     assert launched[5:] == ["-m", "kdlab.cli.train", "--config", "x", "--no_progress"]
 
 
@@ -84,7 +90,9 @@ def test_a_student_job_on_slurm_waits_for_its_teacher_job_and_dies_with_it():
     params = slurm_parameters("student", 2, "gpu", 90, 8, after_job="1234")
     assert params["slurm_dependency"] == "afterok:1234"
     assert params["slurm_additional_parameters"] == {"kill-on-invalid-dep": "yes"}
-    assert params["gpus_per_node"] == 2 and params["slurm_partition"] == "gpu" and params["cpus_per_task"] == 8
+    assert (
+        params["gpus_per_node"] == 2 and params["slurm_partition"] == "gpu" and params["cpus_per_task"] == 8
+    )
     assert "slurm_dependency" not in slurm_parameters("teacher", 1, None, 90, None, after_job=None)
 
 
@@ -125,7 +133,11 @@ class FakeBook:
         self.events.append(("start", run.run_name, time.monotonic()))
         self.envs[run.run_name] = slot.env()
         code = 1 if run.run_name in self.fail else 0
-        command = [sys.executable, "-c", f"import time; time.sleep({self.sleep.get(run.run_name, 0.1)}); exit({code})"]
+        command = [
+            sys.executable,
+            "-c",
+            f"import time; time.sleep({self.sleep.get(run.run_name, 0.1)}); exit({code})",
+        ]
         return ChildSpec(command, {}, self.tmp / f"{run.run_name}.log")
 
     def skip(self, run, reason):
@@ -146,7 +158,12 @@ def _at(events, kind, name):
 
 
 def test_students_start_only_after_their_teacher_ends_while_others_fill_the_free_slots(tmp_path):
-    runs = [FakeRun("teacher"), FakeRun("student_a", "teacher"), FakeRun("other"), FakeRun("student_b", "teacher")]
+    runs = [
+        FakeRun("teacher"),
+        FakeRun("student_a", "teacher"),
+        FakeRun("other"),
+        FakeRun("student_b", "teacher"),
+    ]
     book = FakeBook(tmp_path, {"teacher": 1.5, "other": 0.2})
     schedule(runs, book, ProcessLauncher(), SlotPool(None, parallel=3, cpus=3))
     assert set(book.results.values()) == {"completed"}
@@ -160,7 +177,12 @@ def test_a_failed_teacher_skips_its_students_and_gpus_are_never_shared(tmp_path)
     runs = [FakeRun("teacher"), FakeRun("student", "teacher"), FakeRun("wide", devices=2), FakeRun("narrow")]
     book = FakeBook(tmp_path, {"wide": 0.6, "narrow": 0.6}, fail={"teacher"})
     schedule(runs, book, ProcessLauncher(), SlotPool([0, 1, 2], parallel=None, cpus=3))
-    assert book.results == {"teacher": "failed", "student": "skipped", "wide": "completed", "narrow": "completed"}
+    assert book.results == {
+        "teacher": "failed",
+        "student": "skipped",
+        "wide": "completed",
+        "narrow": "completed",
+    }
     # teacher (1 GPU) and wide (2 GPUs) fill the three devices; narrow waits for the teacher's GPU
     assert book.envs["teacher"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert book.envs["wide"]["CUDA_VISIBLE_DEVICES"] == "1,2"
@@ -197,7 +219,9 @@ def test_progress_file_gives_epoch_batch_and_an_eta(tmp_path):
     record = read_progress(tmp_path)
     assert (record["epoch"], record["epochs"], record["batch"], record["batches"]) == (2, 4, 5, 10)
     assert record["eta_s"] is not None and record["eta_s"] >= 0
-    assert read_progress(tmp_path, newer_than=time.time() + 60) is None  # an old file (an earlier run) is ignored
+    assert (
+        read_progress(tmp_path, newer_than=time.time() + 60) is None
+    )  # an old file (an earlier run) is ignored
 
 
 def test_live_lines_off_a_terminal_print_a_run_when_its_epoch_changes(tmp_path, capsys):

@@ -112,7 +112,13 @@ def test_plateau_multiplies_the_lr_by_gamma_after_patience_validations_without_i
 @pytest.mark.parametrize("schedule", ["cosine", "step", "plateau", "constant"])
 def test_resume_mid_schedule_is_bit_identical(tmp_path, schedule):
     values = [0.5, 0.6, 0.6, 0.6, 0.7, 0.65]
-    opts = {"lr_schedule": schedule, "lr_step_size": 2, "lr_gamma": 0.5, "lr_patience": 2, "warmup_epochs": 1.0}
+    opts = {
+        "lr_schedule": schedule,
+        "lr_step_size": 2,
+        "lr_gamma": 0.5,
+        "lr_patience": 2,
+        "warmup_epochs": 1.0,
+    }
     full = _trainer(tmp_path / "full", values, **opts)
     full.fit()
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
@@ -247,7 +253,10 @@ def test_top_k_ties_rank_after_the_earlier_epoch_and_min_mode_ranks_low_first():
         rank = top.rank_of(value, "min")
         if rank is not None:
             top.insert(epoch, value, rank, None)
-    assert [(e["epoch"], e["file"]) for e in top.entries] == [(3, "best_model.pth"), (1, "best_model_top2.pth")]
+    assert [(e["epoch"], e["file"]) for e in top.entries] == [
+        (3, "best_model.pth"),
+        (1, "best_model_top2.pth"),
+    ]
     assert top.rank_of(float("nan"), "min") is None
 
 
@@ -255,9 +264,14 @@ def test_top_k_ties_rank_after_the_earlier_epoch_and_min_mode_ranks_low_first():
 def test_report_best_epoch_follows_the_monitor_and_stays_on_the_headline_by_default():
     from kdlab.experiments.report.collect import _best_epoch_row, _monitored
 
-    rows = [{"epoch": "1", "val_miou": "0.5", "val_loss": "0.9"}, {"epoch": "2", "val_miou": "0.4", "val_loss": "0.3"}]
+    rows = [
+        {"epoch": "1", "val_miou": "0.5", "val_loss": "0.9"},
+        {"epoch": "2", "val_miou": "0.4", "val_loss": "0.3"},
+    ]
     assert _monitored({}, {"training": {"monitor": None}}, "miou") == ("miou", "max")
     assert _best_epoch_row(rows, None, *_monitored({}, {"training": {}}, "miou"))["epoch"] == "1"
     summary, config = {"best_metric_mode": "min"}, {"training": {"monitor": "loss", "mode": None}}
     assert _best_epoch_row(rows, None, *_monitored(summary, config, "miou"))["epoch"] == "2"
-    assert _best_epoch_row(rows, 1, *_monitored(summary, config, "miou"))["epoch"] == "1"  # summary's best_epoch
+    assert (
+        _best_epoch_row(rows, 1, *_monitored(summary, config, "miou"))["epoch"] == "1"
+    )  # summary's best_epoch

@@ -44,8 +44,8 @@ def test_roi_crops_sample_the_window_like_the_masks():
 
 
 def test_pictures_show_the_teacher_beside_the_student(tmp_path):
-    (name, student_only), = save_visualizations(_vis(teacher=False), tmp_path / "a")
-    (_, with_teacher), = save_visualizations(_vis(teacher=True), tmp_path / "b")
+    ((name, student_only),) = save_visualizations(_vis(teacher=False), tmp_path / "a")
+    ((_, with_teacher),) = save_visualizations(_vis(teacher=True), tmp_path / "b")
     assert name == "val_00.png" and (tmp_path / "a" / name).is_file()
     assert with_teacher.shape[1] > student_only.shape[1]  # one more column of ROI tiles
     assert with_teacher.shape[0] == student_only.shape[0]

@@ -239,13 +239,17 @@ class LossConfig(_Section):
     target: float = Field(0.5, ge=0.0)
     class_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
     distance: float = Field(
-        0.0, ge=0.0, description="instance cue: weight of the distance-transform regression (needs model.instance_cues)"
+        0.0,
+        ge=0.0,
+        description="instance cue: weight of the distance-transform regression (needs model.instance_cues)",
     )
     contour: float = Field(
         0.0, ge=0.0, description="instance cue: weight of the target-contour BCE (needs model.instance_cues)"
     )
     boundary_weight: float = Field(
-        0.0, ge=0.0, description="boundary-aware CE: extra pixel weight within boundary_width px of a label change"
+        0.0,
+        ge=0.0,
+        description="boundary-aware CE: extra pixel weight within boundary_width px of a label change",
     )
     boundary_width: int = Field(2, ge=1, description="boundary-aware CE: band half-width in mask pixels")
     distance_max: int = Field(8, ge=1, description="distance transform cap in mask pixels")
@@ -263,7 +267,9 @@ class EMAConfig(_Section):
 class TrainingConfig(_Section):
     epochs: int = Field(50, gt=0)
     devices_per_run: int = Field(
-        1, ge=1, description="run_experiments.py --gpus: GPUs this run takes; more than 1 runs it under torchrun"
+        1,
+        ge=1,
+        description="run_experiments.py --gpus: GPUs this run takes; more than 1 runs it under torchrun",
     )
     batch_size: int = Field(8, gt=0)
     lr: float = Field(1e-3, gt=0.0)
@@ -277,7 +283,9 @@ class TrainingConfig(_Section):
         "metric; constant",
     )
     lr_step_size: int = Field(30, ge=1, description="step schedule: epochs between LR reductions")
-    lr_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step/plateau schedule: factor of each reduction")
+    lr_gamma: float = Field(
+        0.1, gt=0.0, le=1.0, description="step/plateau schedule: factor of each reduction"
+    )
     lr_patience: int = Field(
         5, ge=1, description="plateau schedule: validations without improvement before the LR is reduced"
     )
@@ -287,13 +295,16 @@ class TrainingConfig(_Section):
         "schedule (null = the task's headline metric)",
     )
     mode: Literal["max", "min"] | None = Field(
-        None, description="whether a higher or lower monitored value is better (null = min for *loss* and ece)"
+        None,
+        description="whether a higher or lower monitored value is better (null = min for *loss* and ece)",
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many validations without improvement (null = off)"
     )
     early_stopping_min_delta: float = Field(
-        0.0, ge=0.0, description="early stopping: smallest change of the monitored metric that counts as better"
+        0.0,
+        ge=0.0,
+        description="early stopping: smallest change of the monitored metric that counts as better",
     )
     save_top_k: int = Field(
         1, ge=1, description="keep best_model.pth plus best_model_top2..k.pth, ranked by the monitored metric"
@@ -301,8 +312,9 @@ class TrainingConfig(_Section):
     grad_clip_norm: float | None = Field(1.0, gt=0.0)
     grad_accum_steps: int = Field(1, gt=0)
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
-        "auto", description="auto = bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 with a grad "
-        "scaler on older GPUs, off on CPU; fp16 on CPU is refused (use bf16 or off)"
+        "auto",
+        description="auto = bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 with a grad "
+        "scaler on older GPUs, off on CPU; fp16 on CPU is refused (use bf16 or off)",
     )
     channels_last: bool = True
     compile: bool = Field(
@@ -606,7 +618,10 @@ def _classification_rules(cfg: ExperimentConfig) -> None:
         close = difflib.get_close_matches(name, sorted(timm_model_names()), n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"model.name='{name}' is not a timm model{hint}")
-    for key, value in (("cwd_weight", cfg.distillation.cwd_weight), ("dist_weight", cfg.distillation.dist_weight)):
+    for key, value in (
+        ("cwd_weight", cfg.distillation.cwd_weight),
+        ("dist_weight", cfg.distillation.dist_weight),
+    ):
         if value > 0:
             raise ValueError(
                 f"distillation.{key} > 0 needs spatial logits (task=segmentation); classifiers use "

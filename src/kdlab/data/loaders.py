@@ -56,7 +56,9 @@ def raise_if_data_error(batch: dict[str, Any] | None) -> None:
         raise DataError(batch[ERROR_KEY])
 
 
-def readable_samples(samples: list[dict[str, Any] | None]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def readable_samples(
+    samples: list[dict[str, Any] | None],
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(the batch that carries the first unreadable sample's error, or None; the samples kept). Every
     collate starts here: an error travels to the main process as a value, skipped (None) samples drop."""
     for s in samples:
@@ -235,7 +237,9 @@ def _dataset_options(cfg: ExperimentConfig) -> dict[str, Any]:
     )
 
 
-def validation_dataset(cfg: ExperimentConfig, records: list[Any], images_dir: str | Path) -> CocoPeopleDataset:
+def validation_dataset(
+    cfg: ExperimentConfig, records: list[Any], images_dir: str | Path
+) -> CocoPeopleDataset:
     """The validation view of `records` (deterministic letterbox, the config's ROI targets): what the trainer
     evaluates on, also used by `kdlab-predict` to score a model on other annotated images."""
     return CocoPeopleDataset(

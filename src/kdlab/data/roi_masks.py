@@ -93,6 +93,10 @@ def paste_roi_probabilities(
     ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5 - wy1) / (wy2 - wy1) * 2 - 1
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]  # [1, rh, rw, (x, y)]
     pasted = grid_sample(
-        probs[None].float(), grid.to(probs.device), mode="bilinear", padding_mode="border", align_corners=False
+        probs[None].float(),
+        grid.to(probs.device),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
     )
     return (x0, y0, x1, y1), pasted[0]

@@ -207,7 +207,9 @@ class FeatureDistiller(nn.Module):
         self.mgd = {int(i): float(r) for i, r in (mgd or {}).items()}
         for i, ratio in self.mgd.items():
             if not 0 <= i < len(self.pairs) or not 0.0 <= ratio < 1.0:
-                raise ConfigError(f"MGD pair {i} with mask ratio {ratio}: needs a pair index and 0 <= ratio < 1")
+                raise ConfigError(
+                    f"MGD pair {i} with mask ratio {ratio}: needs a pair index and 0 <= ratio < 1"
+                )
         self.seed = int(seed)
         self.step = 0
         self.generators = nn.ModuleDict()

@@ -51,7 +51,10 @@ def init_distributed(device_type: str) -> DistContext:
     if not launched_by_torchrun():
         return SINGLE
     ctx = DistContext(
-        int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]), group=True
+        int(os.environ["RANK"]),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ["WORLD_SIZE"]),
+        group=True,
     )
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"

@@ -54,7 +54,9 @@ def _without_resume_flags(args: Sequence[str]) -> list[str]:
     return out
 
 
-def _launch_parts(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> tuple[list[str], list[str]]:
+def _launch_parts(
+    argv: Sequence[str] | None, environ: Mapping[str, str] | None
+) -> tuple[list[str], list[str]]:
     argv = list(sys.orig_argv if argv is None else argv)
     env = os.environ if environ is None else environ
     program, args = _program_and_args(argv)

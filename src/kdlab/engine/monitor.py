@@ -126,5 +126,7 @@ class TopK:
 
     @classmethod
     def from_payload(cls, k: int, data: list[dict[str, Any]]) -> TopK:
-        entries = [{"epoch": int(e["epoch"]), "value": float(e["value"]), "file": str(e["file"])} for e in data]
+        entries = [
+            {"epoch": int(e["epoch"]), "value": float(e["value"]), "file": str(e["file"])} for e in data
+        ]
         return cls(k, entries)

@@ -263,7 +263,9 @@ class TrainerCheckpoints:
         old_warmup = warmup_steps_for(self.tcfg, old_total, self.steps_per_epoch)
         step = int(payload["global_step"])
         if self.tcfg.lr_schedule != "cosine":
-            fn = schedule_fn(self.tcfg, self.steps_per_epoch, old_total, old_warmup, lambda: self.plateau.factor)
+            fn = schedule_fn(
+                self.tcfg, self.steps_per_epoch, old_total, old_warmup, lambda: self.plateau.factor
+            )
             self.scheduler.lr_lambdas = [fn for _ in self.optimizer.param_groups]
             log.info("extending from %d to %d epochs: the %s schedule goes on", old_epochs, self.tcfg.epochs,
                      self.tcfg.lr_schedule)  # fmt: skip
@@ -317,7 +319,6 @@ class TrainerCheckpoints:
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
-
 
 
 def _json_number(value: Any) -> Any:

@@ -115,7 +115,9 @@ class Trainer(TrainerCheckpoints):
         self.state = TrainState(best_metric=worst)
         self.progress = EpochProgress()
         self.logger: RunLogger | None = None
-        self.progress_file: ProgressFile | None = None  # rank 0: logs/progress.json for the runner's live lines
+        self.progress_file: ProgressFile | None = (
+            None  # rank 0: logs/progress.json for the runner's live lines
+        )
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._consecutive_nonfinite = 0
         self.skipped_by_scaler = False  # the last optimizer_step was an fp16 overflow the scaler skipped
@@ -249,7 +251,9 @@ class Trainer(TrainerCheckpoints):
             wrong = misplaced_loss_terms(losses, self.device)
             if wrong:
                 details = "; ".join(f"{k} is {v}" for k, v in sorted(wrong.items()))
-                raise TypeError(f"the {type(self.task).__name__} loss dict breaks the task contract: {details}")
+                raise TypeError(
+                    f"the {type(self.task).__name__} loss dict breaks the task contract: {details}"
+                )
             self._loss_dict_checked = True
         return losses
 

@@ -98,7 +98,9 @@ def image_panel(
     for i in range(boxes.shape[0]):
         colour = tuple(int(c) for c in PALETTE[i % len(PALETTE)])
         draw.rectangle((boxes[i] * factor).tolist(), outline=colour, width=2)
-        draw.text((float(boxes[i, 0]) * factor + 3, float(boxes[i, 1]) * factor + 2), str(i), fill=colour, font=font)
+        draw.text(
+            (float(boxes[i, 0]) * factor + 3, float(boxes[i, 1]) * factor + 2), str(i), fill=colour, font=font
+        )
     label_w, header, gap = 28, 40, 4
     n_cols = 1 + len(columns)
     width = max(overview.width, label_w + n_cols * (tile_w + gap))

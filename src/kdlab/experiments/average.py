@@ -141,7 +141,9 @@ def evaluate_checkpoint(path: Path, device_name: str, show_progress: bool) -> di
     task = task_of(cfg)
     device = resolve_device(device_name)
     # fp16 autocast exists on CUDA only: a run trained in fp16 is evaluated in fp32 on a CPU box
-    amp = resolve_amp_dtype("off" if cfg.training.amp == "fp16" and device.type == "cpu" else cfg.training.amp, device)
+    amp = resolve_amp_dtype(
+        "off" if cfg.training.amp == "fp16" and device.type == "cpu" else cfg.training.amp, device
+    )
     _, val_set = task.build_datasets(cfg)
     loader = task.build_loader(
         val_set, cfg.training.batch_size, shuffle=False, seed=cfg.training.seed,

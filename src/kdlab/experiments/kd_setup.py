@@ -86,7 +86,9 @@ def build_kd_task(
         mgd = {i: f.mask_ratio for i, f in enumerate(d.features) if f.method == "mgd"}
         distiller = FeatureDistiller(model, frozen[0][0].model, pairs, mgd, seed=cfg.training.seed)
         distiller.infer_channels(model, frozen[0][0].model, *example_inputs)
-    for teacher, _ in frozen if not d.self_distillation else []:  # the EMA teacher moves with the trainer's EMA
+    for teacher, _ in (
+        frozen if not d.self_distillation else []
+    ):  # the EMA teacher moves with the trainer's EMA
         teacher.to(device)
         if cfg.training.channels_last:  # the input is channels_last: no layout conversion at every conv
             teacher.to(memory_format=torch.channels_last)

@@ -230,7 +230,11 @@ def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
 
 
 def child_command(
-    run: PlannedRun, flags_argv: list[str], teacher_ckpt: Path | None, resume: str | None, export: bool = False
+    run: PlannedRun,
+    flags_argv: list[str],
+    teacher_ckpt: Path | None,
+    resume: str | None,
+    export: bool = False,
 ) -> list[str]:
     """The training argument list of one run; `resume` is "auto" or a checkpoint path; `export`: the child
     exports its student to ONNX after training (`--export_onnx`), on its own device, in its own job."""
@@ -368,21 +372,27 @@ class SuiteBook:
         if self.gpus_for is not None:
             devices = self.gpus_for(self.devices_of(run))
         export = self.export and exports_in_run(run)
-        command = with_torchrun(child_command(run, self.flags_argv, teacher_ckpt, resume_arg, export), devices)
+        command = with_torchrun(
+            child_command(run, self.flags_argv, teacher_ckpt, resume_arg, export), devices
+        )
         self.commands[run.run_name] = (command, resume_arg)
         where = slot.label if slot is not None else f"{devices} GPU"
         if self.job_kind:
             where += f" as a {self.job_kind}"
         visible = slot.env().get("CUDA_VISIBLE_DEVICES") if slot is not None else None
-        header = f"# kdlab runner: {run.run_name} on {where}" + (
-            f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
-        ) + f" at {time.time():.3f}"
+        header = (
+            f"# kdlab runner: {run.run_name} on {where}"
+            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+            + f" at {time.time():.3f}"
+        )
         log.info(
             "[%d/%d] %s: %s", self.order[run.run_name] + 1, len(self.order), run.run_name, " ".join(command)
         )
         env = {**self.env, **(slot.env() if slot is not None else {})}
         staging = self.output_dir / ".runner" / f"{run.run_name}.stdout.txt"
-        keep_child_log(staging, run_dir, append=True)  # what a killed runner's child wrote is kept, not overwritten
+        keep_child_log(
+            staging, run_dir, append=True
+        )  # what a killed runner's child wrote is kept, not overwritten
         return ChildSpec(command, env, staging, devices=devices, header=header)
 
     def skip(self, run: PlannedRun, reason: str) -> RunResult:

@@ -148,7 +148,9 @@ def check_inputs(request: RunRequest, proc: Process) -> CheckedInputs:
     torch.manual_seed(cfg.training.seed)
     model = task.build_model(cfg)
     shard = {"rank": ctx.rank, "world_size": ctx.world_size}
-    val_loader = task.build_loader(val_set, cfg.training.batch_size, **_loader_options(cfg, proc, shard, False))
+    val_loader = task.build_loader(
+        val_set, cfg.training.batch_size, **_loader_options(cfg, proc, shard, False)
+    )
     evaluator = task.build_evaluator(
         cfg, val_loader, proc.device, proc.amp_dtype, request.show_progress, ctx.is_main
     )
@@ -165,7 +167,9 @@ def check_inputs(request: RunRequest, proc: Process) -> CheckedInputs:
                          model, evaluator, shard)  # fmt: skip
 
 
-def _loader_options(cfg: ExperimentConfig, proc: Process, shard: dict[str, int], shuffle: bool) -> dict[str, Any]:
+def _loader_options(
+    cfg: ExperimentConfig, proc: Process, shard: dict[str, int], shuffle: bool
+) -> dict[str, Any]:
     return {"shuffle": shuffle, "seed": cfg.training.seed, "num_workers": cfg.data.num_workers,
             "pin_memory": proc.device.type == "cuda", **shard}  # fmt: skip
 
@@ -189,7 +193,9 @@ def build_trainer(request: RunRequest, inputs: CheckedInputs, proc: Process, run
     cfg, task, model = request.config, inputs.task, inputs.model
     train_set = inputs.train_set
     if inputs.cache_plan is not None:
-        train_set = inputs.cache_plan.train_set(cfg, train_set, inputs.val_set, proc.device, request.show_progress)
+        train_set = inputs.cache_plan.train_set(
+            cfg, train_set, inputs.val_set, proc.device, request.show_progress
+        )
     train_loader = task.build_loader(
         train_set, cfg.training.batch_size, **_loader_options(cfg, proc, inputs.shard, True)
     )
@@ -199,7 +205,9 @@ def build_trainer(request: RunRequest, inputs: CheckedInputs, proc: Process, run
         loss_task, teacher_eval_model, teacher_records, ema = inputs.cache_plan.kd_parts(cfg, model)
         extra["teacher_cache"] = inputs.cache_plan.summary()
     elif cfg.distillation.enabled:
-        loss_task, teacher_eval_model, teacher_records, ema = build_kd_task(cfg, model, inputs.teachers, proc.device)
+        loss_task, teacher_eval_model, teacher_records, ema = build_kd_task(
+            cfg, model, inputs.teachers, proc.device
+        )
     else:
         loss_task, teacher_eval_model, teacher_records, ema = task.plain_task(cfg), None, [], None
     trainer = Trainer(cfg, model, loss_task, train_loader, inputs.evaluator, run_dir, proc.device,

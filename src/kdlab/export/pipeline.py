@@ -275,7 +275,9 @@ def export_methods(requested: str) -> tuple[str, ...]:
     if requested == "auto":
         return AUTO_ORDER
     if requested not in EXPORT_METHODS:
-        raise ConfigError(f"config value export.exporter={requested!r} is unknown; use auto, dynamo or torchscript")
+        raise ConfigError(
+            f"config value export.exporter={requested!r} is unknown; use auto, dynamo or torchscript"
+        )
     return (requested,)
 
 
@@ -505,16 +507,22 @@ def onnx_accuracy(
     return {
         "metric": metric,
         "data": "validation",
-        "device": getattr(score, "device", None),  # where the evaluator ran (onnxruntime itself runs on the CPU)
+        "device": getattr(
+            score, "device", None
+        ),  # where the evaluator ran (onnxruntime itself runs on the CPU)
         "images": int(onnx_metrics.get("images", 0)),
         "onnx": onnx_metrics,
         "pytorch": torch_metrics,
-        "difference": (onnx_value - torch_value) if onnx_value is not None and torch_value is not None else None,
+        "difference": (onnx_value - torch_value)
+        if onnx_value is not None and torch_value is not None
+        else None,
     }
 
 
 # ------------------------------------------------------------------------------------------ one run
-def load_student(checkpoint: Path, exporter: OnnxExporter) -> tuple[nn.Module, ExperimentConfig, dict[str, Any]]:
+def load_student(
+    checkpoint: Path, exporter: OnnxExporter
+) -> tuple[nn.Module, ExperimentConfig, dict[str, Any]]:
     """The student described by the config saved in `checkpoint`, weights loaded strictly, on CPU, in eval."""
     model, cfg, payload = model_from_checkpoint(checkpoint, "checkpoint", exporter.build_model)
     model.eval()
@@ -607,14 +615,18 @@ def export_run_to_onnx(
     def parity_reason(method: str) -> str | None:
         parities[method] = onnx_parity_of(onnx_path, model, exporter, batches, tolerance)
         worst = parities[method]["max_abs_diff"]
-        return None if parities[method]["ok"] else f"parity max abs diff {worst:.3g} > tolerance {tolerance:.3g}"
+        return (
+            None if parities[method]["ok"] else f"parity max abs diff {worst:.3g} > tolerance {tolerance:.3g}"
+        )
 
     method, failures = export_with_fallback(
         model, exporter, onnx_path, exporter.example_inputs(cfg), opset, config_metadata(cfg), methods,
         accept=parity_reason,
     )  # fmt: skip
     parity = parities[method]
-    _remove_stale([onnx_path.with_name(INT8_FILE), onnx_path.with_name(FP32_FILE)])  # only once a new file exists
+    _remove_stale(
+        [onnx_path.with_name(INT8_FILE), onnx_path.with_name(FP32_FILE)]
+    )  # only once a new file exists
     log.info(
         "ONNX parity on %s: max abs diff %.3g (tolerance %.3g)", exporter.parity_scope(parity), parity["max_abs_diff"],
         tolerance,
@@ -684,7 +696,16 @@ def export_run_to_onnx(
     if export_cfg.quantize == "int8":
         assert score is not None and accuracy is not None
         metadata["int8"] = _int8_step(
-            onnx_path, model, cfg, export_cfg, exporter, score, accuracy, latency_batch, latency_runs, calibration
+            onnx_path,
+            model,
+            cfg,
+            export_cfg,
+            exporter,
+            score,
+            accuracy,
+            latency_batch,
+            latency_runs,
+            calibration,
         )
         if metadata["int8"]["accepted"]:
             metadata["precision"] = "int8"
@@ -732,7 +753,9 @@ def _int8_step(
     _copy_metadata_props(onnx_path, int8_path)
     metric = accuracy["metric"]
     int8_metrics = _numbers(score(OnnxRuntimeModel(int8_path, exporter)))
-    ms = interleaved_onnx_latency({"fp32": onnx_path, "int8": int8_path}, exporter, latency_batch, latency_runs)
+    ms = interleaved_onnx_latency(
+        {"fp32": onnx_path, "int8": int8_path}, exporter, latency_batch, latency_runs
+    )
     fp32_value, int8_value = accuracy["onnx"].get(metric), int8_metrics.get(metric)
     drop = fp32_value - int8_value if fp32_value is not None and int8_value is not None else math.inf
     if not math.isfinite(drop):

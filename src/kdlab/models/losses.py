@@ -34,7 +34,9 @@ class SegmentationLossWeights:
     # Instance cues (0 = off). distance / contour need the head's `distance` / `contour_logits` outputs.
     distance: float = 0.0  # MSE of sigmoid(distance) against the target's normalised distance transform
     contour: float = 0.0  # class-balanced BCE of contour_logits against the target's boundary pixels
-    boundary_weight: float = 0.0  # CE pixel weight x (1 + boundary_weight) within boundary_width px of a label change
+    boundary_weight: float = (
+        0.0  # CE pixel weight x (1 + boundary_weight) within boundary_width px of a label change
+    )
     boundary_width: int = 2
     distance_max: int = 8  # distance transform cap, in mask pixels (the target is distance / distance_max)
 
@@ -113,12 +115,15 @@ def contour_target(target: torch.Tensor) -> torch.Tensor:
 def boundary_band(masks: torch.Tensor, width: int) -> torch.Tensor:
     """float [N,h,w]: 1 within `width` px (square) of a place where the 3-class label changes, else 0."""
     labels = masks.float()
-    change = (F.max_pool2d(labels.unsqueeze(1), 3, 1, 1) != -F.max_pool2d(-labels.unsqueeze(1), 3, 1, 1))
+    change = F.max_pool2d(labels.unsqueeze(1), 3, 1, 1) != -F.max_pool2d(-labels.unsqueeze(1), 3, 1, 1)
     return _dilate(change.squeeze(1).float(), width - 1)
 
 
 def _weighted_ce(
-    logits: torch.Tensor, masks: torch.Tensor, class_weights: tuple[float, ...], band: torch.Tensor | None = None,
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    class_weights: tuple[float, ...],
+    band: torch.Tensor | None = None,
     boundary_weight: float = 0.0,
 ) -> torch.Tensor:
     """Class-weighted CE, normalised by the summed pixel weights: sum_i w_i * nll_i / sum_i w_i.

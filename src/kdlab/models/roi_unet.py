@@ -149,9 +149,7 @@ class RoiContextHead(nn.Module):
         self.shared = RoiContextEncoder(in_channels + 2, c, depth)
         self.refine = _conv_block(c + 2, c)
         self.bg_fg = nn.Conv2d(c, 2, 1)
-        self.target = nn.Sequential(
-            _conv_block(c + 3, c), _conv_block(c, c, dilation=2), nn.Conv2d(c, 2, 1)
-        )
+        self.target = nn.Sequential(_conv_block(c + 3, c), _conv_block(c, c, dilation=2), nn.Conv2d(c, 2, 1))
         self.instance_cues = instance_cues
         if instance_cues:
             self.distance = nn.Conv2d(c, 1, 1)

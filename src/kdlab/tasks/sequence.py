@@ -94,8 +94,14 @@ class Sequence(TaskDefinition):
     def check_teacher(self, cfg: ExperimentConfig, teacher: LoadedTeacher) -> None:
         model = teacher.config.get("model", {})
         seq = teacher.config.get("data", {}).get("sequence", {})
-        theirs = {"model.num_classes": model.get("num_classes"), "data.sequence.input_dim": seq.get("input_dim")}
-        ours = {"model.num_classes": cfg.model.num_classes, "data.sequence.input_dim": cfg.data.sequence.input_dim}
+        theirs = {
+            "model.num_classes": model.get("num_classes"),
+            "data.sequence.input_dim": seq.get("input_dim"),
+        }
+        ours = {
+            "model.num_classes": cfg.model.num_classes,
+            "data.sequence.input_dim": cfg.data.sequence.input_dim,
+        }
         for key, value in theirs.items():
             if value != ours[key]:
                 raise CheckpointError(

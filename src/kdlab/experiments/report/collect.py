@@ -155,7 +155,9 @@ def _best_epoch_row(
     return max(validated, key=lambda r: number(r[key]) or -math.inf)
 
 
-def _monitored(summary: dict[str, Any] | None, config: dict[str, Any] | None, headline: str) -> tuple[str, str]:
+def _monitored(
+    summary: dict[str, Any] | None, config: dict[str, Any] | None, headline: str
+) -> tuple[str, str]:
     """(metric, mode) that picks the best epoch: training.monitor when the run set one, else the headline."""
     monitor = _get(config, "training", "monitor")
     if isinstance(monitor, str) and monitor:
@@ -392,5 +394,6 @@ def provenance_note(records: list[RunRecord]) -> str | None:
         return None
     return (
         "Provenance differs between these runs, so their numbers are not strictly comparable: "
-        + ", ".join(parts) + "."
+        + ", ".join(parts)
+        + "."
     )
