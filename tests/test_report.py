@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,14 +16,21 @@ from kdlab.config.schema import ExperimentConfig, ModelConfig
 from kdlab.evaluate import macs
 from kdlab.evaluate.macs import compute_macs
 from kdlab.experiments import report
-from kdlab.experiments.report import COLUMNS, RunRecord, collect_rows, write_report
+from kdlab.evaluate.report_layout import SEGMENTATION_LAYOUT, with_headline
+from kdlab.experiments.report import RunRecord, collect_rows, write_report
+from kdlab.experiments.report.collect import row_columns
+
+# The fabricated runs select their checkpoints by target IoU (training.monitor): the report follows it.
+COLUMNS = row_columns(with_headline(SEGMENTATION_LAYOUT, "target_iou"))
 
 B0 = "timm-efficientnet-b0"
 B3 = "timm-efficientnet-b3"
 TINY_MODEL = {"roi_size": (16, 12), "mask_size": (32, 24), "head_channels": 16}
 
 
-def tiny_config(name: str, encoder: str, teacher_checkpoint: Path | None = None) -> dict[str, Any]:
+def tiny_config(
+    name: str, encoder: str, teacher_checkpoint: Path | None = None, monitor: str | None = "target_iou"
+) -> dict[str, Any]:
     distillation: dict[str, Any] = {}
     if teacher_checkpoint is not None:
         distillation = {"enabled": True, "teacher_checkpoint": str(teacher_checkpoint)}
@@ -31,6 +39,7 @@ def tiny_config(name: str, encoder: str, teacher_checkpoint: Path | None = None)
         model={"encoder": encoder, **TINY_MODEL},
         data={"input_size": (64, 64)},
         distillation=distillation,
+        training={"monitor": monitor},
     )
     return cfg.model_dump(mode="json")
 
@@ -44,12 +53,15 @@ def fabricate_run(
     params_total: int = 6_250_000,
     onnx_meta: dict[str, Any] | None = None,
     with_summary_best_epoch: bool = True,
+    monitor: str | None = "target_iou",
+    test: dict[str, float] | None = None,
+    per_image: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
     """A run directory as the trainer leaves it: config.json, summary.json, logs/metrics.csv (+ ONNX metadata)."""
     run_dir = root / name
     (run_dir / "logs").mkdir(parents=True)
     (run_dir / "checkpoints").mkdir()
-    (run_dir / "config.json").write_text(json.dumps(tiny_config(name, encoder, teacher_checkpoint)))
+    (run_dir / "config.json").write_text(json.dumps(tiny_config(name, encoder, teacher_checkpoint, monitor)))
     best = max(range(len(val_ious)), key=lambda i: val_ious[i])
     columns = ["epoch", "step", "train_loss", "lr", "val_target_iou", "val_miou", "val_iou_background"]
     columns += ["val_iou_target", "val_iou_other", "val_boundary_f1"]
@@ -76,6 +88,11 @@ def fabricate_run(
     }  # fmt: skip
     if with_summary_best_epoch:
         summary["best_epoch"] = best + 1
+    if test is not None:
+        summary["test_metrics"] = test
+        summary["test"] = {"images": 50, "checkpoint": "checkpoints/best_model.pth", "epoch": best + 1}
+    if per_image is not None:
+        np.savez(run_dir / "logs" / "test_per_image.npz", intersection=per_image[0], union=per_image[1])
     (run_dir / "summary.json").write_text(json.dumps(summary))
     if onnx_meta is not None:
         (run_dir / "checkpoints" / "best_model.onnx.json").write_text(json.dumps(onnx_meta))
@@ -114,10 +131,12 @@ def test_trio_roles_pct_of_teacher_and_gap_closed(trio: list[RunRecord]) -> None
     assert named["baseline_b0"]["role"] == "student"
     assert named["distilled_b0"]["role"] == "distilled"
     assert named["teacher_b3"]["pct_of_teacher"] == pytest.approx(100.0)
-    assert named["baseline_b0"]["pct_of_teacher"] == pytest.approx(62.5)  # 100 * 0.5 / 0.8
-    assert named["distilled_b0"]["pct_of_teacher"] == pytest.approx(81.25)  # 100 * 0.65 / 0.8
-    assert named["distilled_b0"]["gap_closed"] == pytest.approx(0.5)  # (0.65 - 0.5) / (0.8 - 0.5)
-    assert named["teacher_b3"]["gap_closed"] is None
+    # One run each, and target IoU (a mean over ROIs) has no per-image sums to bootstrap: the teacher's lead
+    # (0.8 vs 0.5) has no uncertainty estimate, so neither ratio is shown; the legend says why.
+    for name in ("baseline_b0", "distilled_b0"):
+        assert named[name]["pct_of_teacher"] is None and named[name]["gap_closed"] is None
+        assert "uncertainty of the teacher's lead over baseline_b0" in named[name]["teacher_lead_note"]
+    assert named["teacher_b3"]["gap_closed"] is None and named["teacher_b3"]["teacher_lead_note"] is None
     assert named["baseline_b0"]["gap_closed"] is None
     assert named["teacher_b3"]["encoder"] == B3
     assert named["teacher_b3"]["params_m"] == pytest.approx(13.5)
@@ -134,9 +153,11 @@ def test_explicit_roles_override_inference(trio: list[RunRecord]) -> None:
     named = by_name(collect_rows(trio))
     assert named["baseline_b0"]["role"] == "teacher"
     assert named["teacher_b3"]["role"] == "teacher"  # still inferred from the distilled config
-    # The distilled run's own teacher (named in its config) stays its reference; no 'student' baseline left.
-    assert named["distilled_b0"]["pct_of_teacher"] == pytest.approx(81.25)
+    # The distilled run's own teacher (named in its config) stays its reference; no 'student' baseline left,
+    # so the teacher's lead cannot be measured: neither ratio is shown.
+    assert named["distilled_b0"]["pct_of_teacher"] is None
     assert named["distilled_b0"]["gap_closed"] is None
+    assert "no baseline" in named["distilled_b0"]["teacher_lead_note"]
 
 
 def test_best_epoch_row_is_used(tmp_path: Path) -> None:
@@ -182,8 +203,7 @@ def test_failed_runs_get_rows_and_do_not_break_the_comparison(trio: list[RunReco
         row = named[name]
         assert row["status"] == "failed"
         assert all(row[k] is None for k in COLUMNS if k not in ("experiment", "status", "role"))
-    assert named["distilled_b0"]["gap_closed"] == pytest.approx(0.5)
-    assert named["baseline_b0"]["pct_of_teacher"] == pytest.approx(62.5)
+    assert named["distilled_b0"]["teacher_lead_note"] == named["baseline_b0"]["teacher_lead_note"] is not None
 
 
 def test_a_failed_teacher_is_no_reference(trio: list[RunRecord]) -> None:
@@ -276,13 +296,15 @@ def test_write_report_files(trio: list[RunRecord], tmp_path: Path) -> None:
         body = list(reader)
     assert header == list(COLUMNS)
     assert [line[0] for line in body] == [r.name for r in records]
-    assert float(body[2][header.index("gap_closed")]) == pytest.approx(0.5)
+    assert body[2][header.index("gap_closed")] == ""  # one run each, no per-image sums: not shown
+    assert "uncertainty of the teacher's lead" in body[2][header.index("teacher_lead_note")]
     assert body[3][header.index("target_iou")] == ""
     md = paths["markdown"].read_text()
     for record in records:
         assert record.name in md
     assert "—" in md
-    assert "0.8000" in md and "81.2" in md  # 4 decimals for IoUs, 1 for percentages
+    assert "0.8000" in md and "100.0" in md  # 4 decimals for IoUs, 1 for percentages
+    assert "% of teacher and gap closed read —" in md and "baseline_b0, distilled_b0: one run each" in md
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(records)
     assert len({len(line) for line in table}) == 1  # padded: aligned in a terminal
@@ -468,7 +490,7 @@ def test_each_layout_is_recognised_from_its_rows_and_can_be_rendered() -> None:
         assert set(layout.columns) <= set(keys) and {"params_m", "onnx_latency_ms"} <= set(keys)  # figures
         assert layout.headline in layout.metric_columns and layout.arch_column in layout.columns
         assert all(c in _MD_FORMAT for c in layout.columns), layout.columns
-    assert report.layout_for_rows([]).columns == COLUMNS
+    assert report.layout_for_rows([]).columns == SEGMENTATION_LAYOUT.columns
 
 
 def test_a_run_without_a_task_is_segmentation_and_an_unknown_task_is_named() -> None:
@@ -477,9 +499,12 @@ def test_a_run_without_a_task_is_segmentation_and_an_unknown_task_is_named() -> 
 
     assert run_task(None) == run_task({"model": {}}) == "segmentation"
     assert run_task({"task": "sequence"}) == "sequence"
-    assert report.layout_for_configs([None, {"model": {}}]).columns == COLUMNS
+    assert report.layout_for_configs([None, {"model": {}}]).columns == SEGMENTATION_LAYOUT.columns
     assert report.layout_for_configs([{"task": "sequence"}, None]) is layout_for_task("sequence")
-    assert report.layout_for_configs([{"task": "sequence"}, {"task": "classification"}]).columns == COLUMNS
+    assert (
+        report.layout_for_configs([{"task": "sequence"}, {"task": "classification"}]).columns
+        == SEGMENTATION_LAYOUT.columns
+    )
     with pytest.raises(ConfigError, match="task=regression is not a known task"):
         layout_for_task("regression")
 
@@ -522,3 +547,110 @@ def test_onnx_and_int8_scores_reach_the_table_and_int8_columns_appear_only_with_
         "markdown"
     ].read_text()
     assert "ONNX target IoU" in md_plain and "0.6100" in md_plain and "INT8" not in md_plain
+
+
+# ------------------------------------------------------------------ test split, headline, trustworthy ratios
+def _sums(miou: float, noise: float, seed: int, n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (intersection, union) [n, 3] whose summed IoU is exactly `miou` for every class; `noise` is
+    the per-image spread of the IoU (zero-mean per class, so the sums are unchanged)."""
+    rng = np.random.default_rng(seed)
+    union = np.full((n, 3), 100.0)
+    jitter = rng.normal(0.0, noise * 100.0, (n, 3))
+    inter = union * miou + jitter - jitter.mean(axis=0)
+    return inter, union
+
+
+def _test_trio(tmp_path: Path, teacher: float, base: float, dist: float, noise: float) -> list[RunRecord]:
+    """Teacher/baseline/distilled selected by mIoU (the default) with a test split and per-image test sums."""
+    runs = tmp_path / "runs"
+
+    def run(name: str, enc: str, value: float, seed: int, teacher_dir: Path | None = None) -> Path:
+        return fabricate_run(
+            runs, name, enc, [0.9, 0.95], monitor=None, per_image=_sums(value, noise, seed),
+            test={"miou": value, "target_iou": value + 0.05, "iou_other": 0.2},
+            teacher_checkpoint=teacher_dir / "checkpoints" / "best_model.pth" if teacher_dir else None,
+        )  # fmt: skip
+
+    t = run("t", B3, teacher, 0)
+    b = run("b", B0, base, 1)
+    d = run("d", B0, dist, 2, teacher_dir=t)
+    return [RunRecord(n, p, "completed") for n, p in (("t", t), ("b", b), ("d", d))]
+
+
+def test_rows_report_the_test_score_of_the_checkpoint_selected_on_val_headed_by_miou(tmp_path: Path) -> None:
+    records = _test_trio(tmp_path, 0.8, 0.5, 0.65, noise=0.02)
+    named = by_name(collect_rows(records))
+    d = named["d"]
+    # validation peaked at 0.95 (epoch 2); the table shows the test score, not the validation number
+    assert (d["miou"], d["target_iou"], d["split"], d["best_epoch"]) == (0.65, pytest.approx(0.70), "test", 2)
+    assert "onnx_miou" in d and "onnx_target_iou" not in d  # the ONNX score column follows the headline
+    # the lead 0.3 is far outside the per-image bootstrap's interval: both ratios on mIoU are shown
+    assert d["teacher_lead_note"] is None
+    assert d["pct_of_teacher"] == pytest.approx(100 * 0.65 / 0.8)
+    assert d["gap_closed"] == pytest.approx((0.65 - 0.5) / (0.8 - 0.5))
+    md = write_report(collect_rows(records), tmp_path / "report", records)["markdown"].read_text()
+    assert "score on the held-out test split" in md and "Without a test split" not in md
+
+
+def test_ratios_are_hidden_when_the_teachers_lead_is_within_the_test_image_noise(tmp_path: Path) -> None:
+    records = _test_trio(tmp_path, 0.52, 0.50, 0.51, noise=0.3)
+    named = by_name(collect_rows(records))
+    for name in ("b", "d"):
+        assert named[name]["pct_of_teacher"] is None and named[name]["gap_closed"] is None
+        assert "within its 95% bootstrap interval over test images" in named[name]["teacher_lead_note"]
+    md = write_report(collect_rows(records), tmp_path / "report", records)["markdown"].read_text()
+    assert "b, d: the teacher's lead over b (+0.0200 mIoU) is within" in md
+
+
+def test_a_run_without_test_split_is_named_in_the_intro(tmp_path: Path) -> None:
+    records = _test_trio(tmp_path, 0.8, 0.5, 0.65, noise=0.02)
+    summary_path = records[1].run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    del summary["test_metrics"]
+    summary_path.write_text(json.dumps(summary))
+    rows = collect_rows(records)
+    assert by_name(rows)["b"]["split"] == "val" and by_name(rows)["b"]["miou"] == pytest.approx(0.85)
+    md = write_report(rows, tmp_path / "report", records)["markdown"].read_text()
+    assert "Without a test split (b), the best epoch is chosen on the same validation set" in md
+
+
+def test_runs_that_select_by_different_metrics_get_the_tasks_headline(tmp_path: Path) -> None:
+    a = fabricate_run(tmp_path, "a", B0, [0.5], monitor="target_iou")
+    b = fabricate_run(tmp_path, "b", B0, [0.6], monitor="iou_other")
+    rows = collect_rows([RunRecord("a", a, "completed"), RunRecord("b", b, "completed")])
+    assert "onnx_miou" in rows[0]  # mixed monitors: the task's own headline
+    c = fabricate_run(tmp_path, "c", B0, [0.5], monitor="ece")  # lower is better: cannot head "% of teacher"
+    assert "onnx_miou" in collect_rows([RunRecord("c", c, "completed")])[0]
+
+
+def test_pct_of_teacher_is_hidden_over_seeds_when_the_teacher_is_within_the_baseline_interval(
+    three_seeds: list[RunRecord],
+) -> None:
+    table = {r["experiment"]: r for r in report.aggregate_rows(collect_rows(three_seeds), three_seeds)}
+    assert table["base"]["pct_of_teacher"] == pytest.approx(100 * 0.6 / 0.9)  # margin 0.3 > 0.2484
+    _retarget(three_seeds[0], 0.8)  # margin 0.2 < the baseline's half-width 0.2484
+    table = {r["experiment"]: r for r in report.aggregate_rows(collect_rows(three_seeds), three_seeds)}
+    for name in ("base", "dist"):
+        assert table[name]["pct_of_teacher"] is None
+        assert "+0.2000 target IoU) is within its 95% uncertainty over seeds (±0.2484" in (
+            table[name]["teacher_lead_note"]
+        )
+    assert table["teacher"]["pct_of_teacher"] == pytest.approx(100.0)
+
+
+def test_the_equivalence_margin_comes_from_the_runs_report_config(
+    three_seeds: list[RunRecord], tmp_path: Path
+) -> None:
+    named = {r.name: r for r in three_seeds}
+    for seed, value in ((42, 0.501), (1, 0.602), (2, 0.699)):  # diffs 0.001, 0.002, -0.001: CI ±0.0038
+        _retarget(named[f"dist__seed-{seed}"], value)
+    rows = collect_rows(three_seeds)
+    csv_text = write_report(rows, tmp_path / "a", three_seeds)["csv"].read_text()
+    assert "equivalent within ±0.005" in csv_text  # the default margin holds the interval
+    for record in three_seeds:
+        config_path = record.run_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        config["report"] = {"equivalence_margin": 0.002}
+        config_path.write_text(json.dumps(config))
+    md = write_report(rows, tmp_path / "b", three_seeds)["markdown"].read_text()
+    assert "| inconclusive" in md and "equivalent within ±0.002 when" in md

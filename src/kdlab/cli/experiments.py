@@ -44,7 +44,7 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument(
         "--quantize", choices=["none", "int8"],
         help="export.quantize: also write an onnxruntime INT8 model of each exported run; it becomes "
-        "best_model.onnx only if it loses <= export.max_int8_iou_drop target IoU",
+        "best_model.onnx only if it loses <= export.max_int8_iou_drop of the headline metric",
     )  # fmt: skip
     p.add_argument("--set", dest="set_items", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument(

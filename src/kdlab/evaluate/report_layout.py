@@ -8,7 +8,7 @@ report (kdlab.experiments.report) reads it and never asks which task it is rende
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kdlab.evaluate.classification_metrics import CLASSIFICATION_METRICS
@@ -44,7 +44,7 @@ class ReportLayout:
 _PEOPLE_COLUMNS: tuple[str, ...] = (
     "experiment", "status", "role", "encoder", "params_m", "macs_g", "target_iou", "miou", "iou_background",
     "iou_target", "iou_other", "boundary_f1", "best_epoch", "train_time_min", "onnx_latency_ms", "onnx_mb",
-    "onnx_target_iou", "int8_target_iou", "int8_latency_ratio", "int8_shipped", "pct_of_teacher", "gap_closed",
+    "onnx_miou", "int8_miou", "int8_latency_ratio", "int8_shipped", "pct_of_teacher", "gap_closed",
 )  # fmt: skip
 _CLASSIFIER_COLUMNS: tuple[str, ...] = (
     "experiment", "status", "role", "model", "params_m", "macs_m", "top1", "top5", "ece", "best_epoch",
@@ -66,15 +66,15 @@ def _gru_name(model: dict[str, Any], summary: dict[str, Any]) -> str | None:
 SEGMENTATION_LAYOUT = ReportLayout(
     columns=_PEOPLE_COLUMNS,
     metric_columns=REPORTED_METRICS,
-    headline="target_iou",
-    headline_label="target IoU",
+    headline="miou",
+    headline_label="mIoU",
     arch_column="encoder",
     arch_name=lambda model, summary: model.get("encoder") or summary.get("encoder"),
     params_columns=(("params_m", 1e6),),
     macs_columns=(("macs_g", 1.0),),
     intro=(
-        "Metrics on the validation set at each run's best epoch, the one with the best mIoU (target IoU = "
-        "per-ROI IoU of the ROI's own person; IoU other = 'other people' inside the ROIs). A teacher may train "
+        "People segmentation (mIoU = mean IoU of background / the ROI's own person / other people inside the "
+        "ROIs; target IoU = per-ROI IoU of the ROI's own person; IoU other = 'other people'). A teacher may train "
         "on a longer schedule than its students: it is trained once and used many times. GMACs: one image, "
         "one ROI, configured input size."
     ),
@@ -89,8 +89,8 @@ CLASSIFICATION_LAYOUT = ReportLayout(
     params_columns=(("params_m", 1e6),),
     macs_columns=(("macs_g", 1.0), ("macs_m", 1000.0)),
     intro=(
-        "Classifiers; metrics on the validation set at each run's best epoch (top-1/top-5 accuracy, ECE = "
-        "expected calibration error over 15 confidence bins). MMACs: one image at the configured size."
+        "Classifiers (top-1/top-5 accuracy, ECE = expected calibration error over 15 confidence bins). MMACs: "
+        "one image at the configured size."
     ),
 )
 SEQUENCE_LAYOUT = ReportLayout(
@@ -103,7 +103,33 @@ SEQUENCE_LAYOUT = ReportLayout(
     params_columns=(("params_m", 1e6), ("params_k", 1e3)),
     macs_columns=(("macs_g", 1.0), ("macs_m", 1000.0)),
     intro=(
-        "GRU sequence classifiers (model = gru-<hidden>x<layers>); metrics on the validation set at each run's "
-        "best epoch (top-1 on the final logits, ECE over 15 confidence bins). MMACs: one sequence, counted by hand."
+        "GRU sequence classifiers (model = gru-<hidden>x<layers>; top-1 on the final logits, ECE over 15 "
+        "confidence bins). MMACs: one sequence, counted by hand."
     ),
 )
+
+
+# How the report's text names each metric that can head a table (a run's training.monitor may pick any of
+# them, and the report follows it). Only metrics where higher is better: "% of teacher" of a lower-is-better
+# metric (ECE, a loss) would read backwards.
+HEADLINE_LABELS: dict[str, str] = {
+    "miou": "mIoU", "target_iou": "target IoU", "iou_background": "IoU bg", "iou_target": "IoU target",
+    "iou_other": "IoU other", "boundary_f1": "boundary F1", "top1": "top-1", "top5": "top-5",
+}  # fmt: skip
+
+
+def with_headline(layout: ReportLayout, metric: str) -> ReportLayout:
+    """`layout` headed by `metric` (one of its metric columns with a label in HEADLINE_LABELS): the headline,
+    its label and the ONNX/INT8 score columns (onnx_<headline>, int8_<headline>) follow. Raises ValueError for
+    a metric the layout cannot be headed by."""
+    if metric == layout.headline:
+        return layout
+    if metric not in layout.metric_columns or metric not in HEADLINE_LABELS:
+        raise ValueError(f"{metric!r} cannot head a {layout.headline} table")
+    renamed = {f"onnx_{layout.headline}": f"onnx_{metric}", f"int8_{layout.headline}": f"int8_{metric}"}
+    return replace(
+        layout,
+        headline=metric,
+        headline_label=HEADLINE_LABELS[metric],
+        columns=tuple(renamed.get(c, c) for c in layout.columns),
+    )

@@ -212,6 +212,46 @@ def _var_of_mean(values: Sequence[float]) -> float:
     return math.fsum((v - mean) ** 2 for v in values) / (n - 1) / n
 
 
+@dataclass(frozen=True)
+class TeacherLead:
+    """The teacher's lead over a baseline, margin = mean(T) − mean(B), with the variance of that difference of
+    means (v_b = s_T²/n_T + s_B²/n_B; a sample of one value has no estimable spread and counts 0), its
+    Welch–Satterthwaite degrees of freedom, the 95% half-width (None when no spread is estimable) and whether
+    the lead is resolved: margin > half-width (with no estimable spread: margin > 0, `note` says so)."""
+
+    margin: float
+    variance: float
+    dof: float
+    half_width: float | None
+    resolved: bool
+    note: str
+
+
+def teacher_lead(
+    teacher: Sequence[float], baseline: Sequence[float], confidence: float = CONFIDENCE
+) -> TeacherLead:
+    """`TeacherLead` of the teacher's values over the baseline's (each over seeds; both non-empty).
+
+    ν_b = v_b² / Σ_k (s_k²/n_k)² / (n_k − 1) over the terms with n_k >= 2, half-width = t((1+confidence)/2, ν_b)
+    · sqrt(v_b). Used to show "% of teacher" and "gap closed" only where the teacher's lead is real."""
+    b = math.fsum(teacher) / len(teacher) - math.fsum(baseline) / len(baseline)
+    notes: list[str] = []
+    terms: list[tuple[float, int]] = []  # (variance of the mean, n) of each part of the margin
+    for name, values in (("teacher", teacher), ("baseline", baseline)):
+        if len(values) < 2:
+            notes.append(f"one {name} run: its spread is not estimable and counts 0")
+        else:
+            terms.append((_var_of_mean(values), len(values)))
+    v_b = math.fsum(v for v, _ in terms)
+    if v_b > 0:
+        nu_b = v_b**2 / math.fsum(v**2 / (n - 1) for v, n in terms if v > 0)
+        half_b: float | None = float(stats.t.ppf(0.5 + confidence / 2, nu_b)) * math.sqrt(v_b)
+    else:
+        nu_b, half_b = math.inf, (None if not terms else 0.0)
+    note = "; ".join(notes) or "teacher and baseline spreads both counted"
+    return TeacherLead(b, v_b, nu_b, half_b, b > max(half_b or 0.0, 1e-12), note)
+
+
 def gap_closed(
     diffs: Mapping[Any, float],
     baseline: Mapping[Any, float],
@@ -246,25 +286,12 @@ def gap_closed(
     paired = [s for s in diffs if s in baseline]
     d = [diffs[s] for s in paired]
     base = list(baseline.values())
-    notes: list[str] = []
     if not d or not base or not teacher:
         return GapClosed(None, None, None, None, None, "no paired seeds, baseline or teacher")
     a = math.fsum(d) / len(d)
-    b = math.fsum(teacher) / len(teacher) - math.fsum(base) / len(base)
-    terms: list[tuple[float, int]] = []  # (variance of the mean, n) of each part of the margin
-    for name, values in (("teacher", teacher), ("baseline", base)):
-        if len(values) < 2:
-            notes.append(f"one {name} run: its spread is not estimable and counts 0")
-        else:
-            terms.append((_var_of_mean(values), len(values)))
-    v_b = math.fsum(v for v, _ in terms)
-    if v_b > 0:
-        nu_b = v_b**2 / math.fsum(v**2 / (n - 1) for v, n in terms if v > 0)
-        half_b: float | None = float(stats.t.ppf(0.5 + confidence / 2, nu_b)) * math.sqrt(v_b)
-    else:
-        nu_b, half_b = math.inf, (None if not terms else 0.0)
-    note = "; ".join(notes) or "teacher and baseline spreads both counted"
-    if not (b > max(half_b or 0.0, 1e-12)):
+    lead = teacher_lead(teacher, base, confidence)
+    b, v_b, nu_b, half_b, note = lead.margin, lead.variance, lead.dof, lead.half_width, lead.note
+    if not lead.resolved:
         return GapClosed(None, None, None, b, half_b, note + "; the teacher's lead is within its uncertainty")
     point = a / b
     diff = t_interval(d)

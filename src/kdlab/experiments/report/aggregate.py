@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from kdlab.evaluate.report_layout import ReportLayout
+from kdlab.evaluate.report_layout import HEADLINE_LABELS, ReportLayout
 from kdlab.experiments.report.collect import (
+    SUMMED_HEADLINES,
     RunRecord,
     has_result,
     is_inside,
@@ -22,6 +23,7 @@ from kdlab.experiments.report.collect import (
     read_run,
     split_seed,
     teacher_checkpoints,
+    teacher_lead_note,
 )
 from kdlab.experiments.seed_stats import (
     EQUIVALENCE_MARGIN,
@@ -31,6 +33,7 @@ from kdlab.experiments.seed_stats import (
     prob_improvement,
     seeds_for_power,
     t_interval,
+    teacher_lead,
     verdict,
 )
 
@@ -39,8 +42,8 @@ log = logging.getLogger(__name__)
 # Columns that vary from seed to seed: mean ± std in the aggregated table. The others (architecture sizes)
 # are the same for every seed of a config and keep one value (their mean).
 SPREAD_COLUMNS: tuple[str, ...] = (
-    "best_epoch", "train_time_min", "onnx_latency_ms", "onnx_target_iou", "int8_target_iou", "onnx_top1",
-    "int8_top1", "int8_latency_ratio",
+    "best_epoch", "train_time_min", "onnx_latency_ms", "int8_latency_ratio",
+    *(f"{kind}_{m}" for kind in ("onnx", "int8") for m in HEADLINE_LABELS),
 )  # fmt: skip
 _FIXED_COLUMNS: tuple[str, ...] = ("params_m", "params_k", "macs_g", "macs_m", "onnx_mb")
 DELTA_COLUMNS: tuple[str, ...] = (
@@ -58,12 +61,6 @@ DELTA_COLUMNS: tuple[str, ...] = (
     "power_seeds",
     "power_hint",
 )
-# Headline metrics that are ratios of summed intersections and unions, so that the bootstrap can recompute
-# them from per-image sums: metric -> the classes averaged (None: every class with a union, i.e. mIoU).
-# Class ids as in kdlab.evaluate.metrics: 0 background, 1 target, 2 other.
-SUMMED_HEADLINES: dict[str, tuple[int, ...] | None] = {
-    "miou": None, "iou_background": (0,), "iou_target": (1,), "iou_other": (2,),
-}  # fmt: skip
 PerImageSums = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
@@ -78,7 +75,7 @@ def aggregated_columns(layout: ReportLayout) -> tuple[str, ...]:
         elif column == "status":
             out += ["status", "n", "seeds"]
         elif column == "gap_closed":
-            out += [*DELTA_COLUMNS, "gap_closed", "gap_closed_low", "gap_closed_high"]
+            out += [*DELTA_COLUMNS, "gap_closed", "gap_closed_low", "gap_closed_high", "teacher_lead_note"]
         else:
             out.append(column)
     return tuple(out)
@@ -109,7 +106,7 @@ def aggregate_rows(
     config of the same architecture, preferring the same sweep value), over the seeds both have:
     - delta_*: the paired difference distilled − baseline, its mean, std, n and 95% Student-t interval (none
       for n < 2 or a zero spread);
-    - verdict: `seed_stats.verdict` against ±`equivalence_margin` (default 0.005; a report config key is planned);
+    - verdict: `seed_stats.verdict` against ±`equivalence_margin` (the runs' `report.equivalence_margin`);
     - p_improve: P(mean Δ > 0) from the t distribution (`seed_stats.prob_improvement`);
     - power_seeds / power_hint: how many paired seeds a two-sided 95% t-test needs to detect a Δ of
       max(|mean Δ|, margin) with 80% power at the observed sd of the differences (`seed_stats.seeds_for_power`,
@@ -189,7 +186,8 @@ def aggregate_rows(
     teachers = [r["experiment"] for r in out if r["role"] == "teacher" and r[f"{head}_mean"] is not None]
     for row in out:
         group = row["experiment"]
-        for column in (*DELTA_COLUMNS, "pct_of_teacher", "gap_closed", "gap_closed_low", "gap_closed_high"):
+        for column in (*DELTA_COLUMNS, "pct_of_teacher", "gap_closed", "gap_closed_low", "gap_closed_high",
+                       "teacher_lead_note"):  # fmt: skip
             row[column] = None
         if row["role"] == "teacher" and group in teachers:
             ref = group
@@ -198,15 +196,29 @@ def aggregate_rows(
         else:
             ref = teachers[0] if teachers else None
         teacher_mean = means.get(ref) if ref else None
-        if row[f"{head}_mean"] is not None and teacher_mean:
-            row["pct_of_teacher"] = 100.0 * row[f"{head}_mean"] / teacher_mean
-        if row["role"] != "distilled" or row[f"{head}_mean"] is None:
+        if row[f"{head}_mean"] is None:
             continue
         candidates = [
             r for r in out if r["role"] == "student" and r["n"] > 0 and r.get(arch) == row.get(arch)
         ]
         candidates.sort(key=lambda r: _sweep_part(r["experiment"]) != _sweep_part(group))
-        if not candidates:
+        students = [r["experiment"] for r in out if r["role"] == "student" and r["n"] > 0]
+        lead_base = group if row["role"] == "student" else (
+            candidates[0]["experiment"] if candidates else (students[0] if students else None)
+        )  # fmt: skip
+        if ref is None or not teacher_mean:
+            pass
+        elif ref == group:
+            row["pct_of_teacher"] = 100.0
+        elif lead_base is None:
+            row["teacher_lead_note"] = (
+                "no baseline (a student without distillation) to measure the teacher's lead"
+            )
+        else:
+            row["teacher_lead_note"] = _lead_note(values, run_names, rows, ref, lead_base, per_image, layout)
+            if row["teacher_lead_note"] is None:
+                row["pct_of_teacher"] = 100.0 * row[f"{head}_mean"] / teacher_mean
+        if row["role"] != "distilled" or not candidates:
             continue
         baseline = candidates[0]["experiment"]
         seeds = [s for s in values[group] if s in values[baseline]]
@@ -222,11 +234,39 @@ def aggregate_rows(
         if per_image is not None and seeds:
             row.update(_bootstrap(per_image, head, [run_names[group][s] for s in seeds],
                                   [run_names[baseline][s] for s in seeds], group))  # fmt: skip
-        if teacher_mean is None or ref is None:
+        if ref is None or not teacher_mean or row["teacher_lead_note"] is not None:
             continue
         gap = gap_closed(diffs, values[baseline], list(values[ref].values()))
         row.update(gap_closed=gap.point, gap_closed_low=gap.low, gap_closed_high=gap.high)
     return out
+
+
+def _lead_note(
+    values: dict[str, dict[int | None, float]],
+    run_names: dict[str, dict[int | None, str]],
+    rows: list[dict[str, Any]],
+    teacher: str,
+    baseline: str,
+    per_image: PerImageSums | None,
+    layout: ReportLayout,
+) -> str | None:
+    """None when the teacher config's lead over the baseline config is resolved over seeds
+    (`seed_stats.teacher_lead`: margin beyond its 95% half-width); with one run of each, the per-run rule
+    (`collect.teacher_lead_note`, a bootstrap over test images). Else the reason, for the legend."""
+    t_values, b_values = list(values[teacher].values()), list(values[baseline].values())
+    if len(t_values) < 2 and len(b_values) < 2:
+        by_name = {r["experiment"]: r for r in rows}
+        t_row = by_name[next(iter(run_names[teacher].values()))]
+        b_row = by_name[next(iter(run_names[baseline].values()))]
+        return teacher_lead_note(t_row, b_row, dict(per_image or {}), layout)
+    lead = teacher_lead(t_values, b_values)
+    if lead.resolved:
+        return None
+    width = f"±{lead.half_width:.4f}" if lead.half_width is not None else "not estimable"
+    return (
+        f"the teacher {teacher}'s lead over {baseline} ({lead.margin:+.4f} {layout.headline_label}) is within its "
+        f"95% uncertainty over seeds ({width}; {lead.note})"
+    )
 
 
 def _bootstrap(

@@ -2,9 +2,14 @@
 "% of teacher" and "gap closed".
 
 Each run directory is read as the trainer leaves it (summary.json, config.json, logs/metrics.csv and, when
-exported, checkpoints/best_model.onnx.json). Metrics come from the best epoch's validation row. What differs
-per task (columns, headline metric, architecture name, MAC count) comes from the task's `ReportLayout` and
-MAC counter, looked up by the run's task.
+exported, checkpoints/best_model.onnx.json). Metrics are the test split's score of the checkpoint selected
+on validation (summary.json `test_metrics`) when the run has a test split, else the best epoch's validation
+row (selected and reported on the same set; the report says so). What differs per task (columns, headline
+metric, architecture name, MAC count) comes from the task's `ReportLayout` and MAC counter, looked up by the
+run's task; the headline follows the runs' `training.monitor` (the metric that selected their checkpoints).
+
+"% of teacher" and "gap closed" are shown only where the teacher's lead over the baseline exceeds its own
+uncertainty (`teacher_lead_note`): a ratio of two differences within the noise reads as a result.
 """
 
 from __future__ import annotations
@@ -17,13 +22,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdlab.evaluate.report_layout import ReportLayout
+import numpy as np
+
+from kdlab.evaluate.report_layout import HEADLINE_LABELS, ReportLayout, with_headline
 from kdlab.experiments.runner import SEED_SUFFIX
+from kdlab.experiments.seed_stats import paired_bootstrap
 from kdlab.tasks import get_task, task_names, task_of
 
 log = logging.getLogger(__name__)
 
 ROLES: tuple[str, ...] = ("teacher", "student", "distilled")
+# The file a run's test evaluation leaves for the paired bootstrap: float arrays `intersection` and `union`
+# [n_test_images, n_classes], the summed pixel counts per image and class, in the test set's fixed order.
+PER_IMAGE_FILE = "logs/test_per_image.npz"
+# Headline metrics that are ratios of summed intersections and unions, so that a bootstrap can recompute
+# them from per-image sums: metric -> the classes averaged (None: every class with a union, i.e. mIoU).
+# Class ids as in kdlab.evaluate.metrics: 0 background, 1 target, 2 other.
+SUMMED_HEADLINES: dict[str, tuple[int, ...] | None] = {
+    "miou": None, "iou_background": (0,), "iou_target": (1,), "iou_other": (2,),
+}  # fmt: skip
 # Runs whose numbers count: trained now ("completed") or found finished on disk by an export-only pass
 # ("exists"). A "skipped" run (its teacher failed) was not trained, so numbers on disk may be stale.
 RESULT_STATUSES: frozenset[str] = frozenset({"completed", "exists"})
@@ -197,9 +214,35 @@ def report_layouts() -> tuple[ReportLayout, ...]:
 
 def layout_for_configs(configs: list[dict[str, Any] | None]) -> ReportLayout:
     """The layout of the runs' task when every run with a known config has the same task, else the default
-    task's (segmentation)."""
-    tasks = {run_task(c) for c in configs if isinstance(c, dict)}
-    return layout_for_task(tasks.pop() if len(tasks) == 1 else run_task(None))
+    task's (segmentation), headed by the metric that selected the runs' checkpoints (`monitored_metric`)
+    when every run with a known config used the same one and it can head the table; else the task's own."""
+    known = [c for c in configs if isinstance(c, dict)]
+    tasks = {run_task(c) for c in known}
+    layout = layout_for_task(tasks.pop() if len(tasks) == 1 else run_task(None))
+    monitors = {monitored_metric(c) for c in known}
+    if len(monitors) == 1:
+        (metric,) = monitors
+        if metric in layout.metric_columns and metric in HEADLINE_LABELS:
+            return with_headline(layout, metric)
+    if len(monitors) > 1:
+        log.warning("report: the runs select checkpoints by different metrics (%s); the table is headed by %s",
+                    ", ".join(sorted(monitors)), layout.headline)  # fmt: skip
+    return layout
+
+
+def monitored_metric(config: dict[str, Any] | None) -> str:
+    """The metric that picked a run's best epoch: its training.monitor, else its task's default."""
+    monitor = _get(config, "training", "monitor")
+    if isinstance(monitor, str) and monitor:
+        return monitor
+    return get_task(run_task(config)).best_metric
+
+
+def headline_layouts() -> tuple[ReportLayout, ...]:
+    """Every layout a report can have: each task's, headed by each metric that can head it."""
+    return tuple(
+        with_headline(lay, m) for lay in report_layouts() for m in lay.metric_columns if m in HEADLINE_LABELS
+    )
 
 
 def row_columns(layout: ReportLayout) -> tuple[str, ...]:
@@ -207,8 +250,9 @@ def row_columns(layout: ReportLayout) -> tuple[str, ...]:
     and the ONNX columns, which the figures use)."""
     return (
         "experiment", "status", "role", layout.arch_column, *(c for c, _ in layout.params_columns),
-        *(c for c, _ in layout.macs_columns), *layout.metric_columns, "best_epoch", "train_time_min",
+        *(c for c, _ in layout.macs_columns), *layout.metric_columns, "best_epoch", "split", "train_time_min",
         "onnx_latency_ms", "onnx_mb", *onnx_score_columns(layout), "pct_of_teacher", "gap_closed",
+        "teacher_lead_note",
     )  # fmt: skip
 
 
@@ -240,7 +284,7 @@ def layout_for_rows(rows: list[dict[str, Any]]) -> ReportLayout:
     """The layout that collected `rows` (recognised by their keys); the default task's without rows."""
     keys = tuple(rows[0]) if rows else ()
     return next(
-        (lay for lay in report_layouts() if row_columns(lay) == keys), layout_for_task(run_task(None))
+        (lay for lay in headline_layouts() if row_columns(lay) == keys), layout_for_task(run_task(None))
     )
 
 
@@ -266,12 +310,18 @@ def _base_row(record: RunRecord, files: RunFiles, layout: ReportLayout) -> dict[
     best_epoch_value = number(_get(summary, "best_epoch"))
     best_epoch = int(best_epoch_value) if best_epoch_value else None
     best_row = _best_epoch_row(files.metrics_rows, best_epoch, *_monitored(summary, config, layout.headline))
+    test = _get(summary, "test_metrics")
+    split = "val"
     if best_row is not None:
         metrics = {k: number(best_row.get(f"val_{k}")) for k in layout.metric_columns}
         best_epoch = int(number(best_row.get("epoch")) or 0) or best_epoch
     else:
         final = _get(summary, "final_metrics")
         metrics = {k: number(_get(final, k)) for k in layout.metric_columns}
+    if isinstance(test, dict) and number(test.get(layout.headline)) is not None:
+        # the checkpoint selected on validation, scored once on the held-out test split
+        metrics, split = {k: number(test.get(k)) for k in layout.metric_columns}, "test"
+        best_epoch = int(number(_get(summary, "test", "epoch")) or 0) or best_epoch
     total_params = number(_get(summary, "params", "total"))
     train_seconds = number(_get(summary, "timings", "train_seconds"))
     onnx_mb = number(_find_key(files.onnx_meta, "onnx_mb"))
@@ -288,12 +338,14 @@ def _base_row(record: RunRecord, files: RunFiles, layout: ReportLayout) -> dict[
         **{c: macs_g * scale if macs_g is not None else None for c, scale in layout.macs_columns},
         **metrics,
         "best_epoch": best_epoch,
+        "split": split if any(v is not None for v in metrics.values()) else None,
         "train_time_min": train_seconds / 60 if train_seconds is not None else None,
         "onnx_latency_ms": number(_find_key(files.onnx_meta, "onnx_ms_per_image_median")),
         "onnx_mb": onnx_mb,
         **_onnx_scores(files.onnx_meta, layout),
         "pct_of_teacher": None,
         "gap_closed": None,
+        "teacher_lead_note": None,
     }
 
 
@@ -317,8 +369,8 @@ def collect_rows(records: list[RunRecord], latency: dict[str, float] | None = No
     role: RunRecord.role, else inferred (`_infer_roles`).
     pct_of_teacher: 100 * headline / the teacher's (a distilled run's own teacher when it is in the list,
     else the first teacher with a result). gap_closed (distilled rows): (distilled - baseline) /
-    (teacher - baseline) on the headline, baseline = the first 'student' with a result and the same
-    architecture, preferring one of the same seed (the paired run of a --seeds invocation).
+    (teacher - baseline) on the headline, baseline = `_baseline_index`. Both only where the teacher's lead
+    over that baseline is resolved (`teacher_lead_note`; the reason is the row's teacher_lead_note).
     Only completed (or skipped, i.e. earlier) runs serve as teacher or baseline; failed runs keep a row.
     `latency` (run name -> ms, `kdlab.experiments.report_latency`) replaces the export-time ONNX latency.
     """
@@ -338,6 +390,8 @@ def collect_rows(records: list[RunRecord], latency: dict[str, float] | None = No
     _infer_roles(rows, files, teacher_of)
 
     usable_teachers = [j for j, r in enumerate(rows) if r["role"] == "teacher" and has_result(r, head)]
+    per_image = per_image_sums(records)
+    checked: dict[tuple[int, int], str | None] = {}  # (teacher, baseline) -> why the lead is not resolved
     for i, row in enumerate(rows):
         own = [j for j in teacher_of[i] if j in usable_teachers]
         if row["role"] == "teacher" and i in usable_teachers:
@@ -349,25 +403,104 @@ def collect_rows(records: list[RunRecord], latency: dict[str, float] | None = No
         else:
             continue
         teacher_value = rows[ref][head]
-        if row[head] is not None and teacher_value:
-            row["pct_of_teacher"] = 100.0 * row[head] / teacher_value
-        if row["role"] != "distilled" or row[head] is None:
+        if row[head] is None or not teacher_value:
             continue
-        baselines = [
-            k
-            for k, r in enumerate(rows)
-            if r["role"] == "student" and has_result(r, head) and r[arch] == row[arch]
-        ]
-        if not baselines:
+        if ref == i:
+            row["pct_of_teacher"] = 100.0
             continue
-        seed = records[i].group_and_seed()[1]
-        baselines = [rows[k] for k in sorted(baselines, key=lambda k: records[k].group_and_seed()[1] != seed)]
-        baseline_value = baselines[0][head]
-        # Only defined when the teacher beats the baseline: otherwise there is no gap to close, and the
-        # ratio of two negative differences would read as success.
-        if teacher_value - baseline_value > 1e-12:
+        base = _baseline_index(rows, records, i, layout)
+        if base is None:
+            row["teacher_lead_note"] = (
+                "no baseline (a student without distillation) to measure the teacher's lead"
+            )
+            continue
+        if (ref, base) not in checked:
+            checked[(ref, base)] = teacher_lead_note(rows[ref], rows[base], per_image, layout)
+        row["teacher_lead_note"] = checked[(ref, base)]
+        if row["teacher_lead_note"] is not None:
+            continue
+        row["pct_of_teacher"] = 100.0 * row[head] / teacher_value
+        if row["role"] == "distilled" and rows[base][arch] == row[arch]:
+            baseline_value = rows[base][head]
             row["gap_closed"] = (row[head] - baseline_value) / (teacher_value - baseline_value)
     return rows
+
+
+def _baseline_index(
+    rows: list[dict[str, Any]], records: list[RunRecord], i: int, layout: ReportLayout
+) -> int | None:
+    """The baseline the teacher's lead is measured against for row i: a student row itself; for a distilled
+    row the first student with a result and the same architecture, preferring one of the same seed (the paired
+    run of a --seeds invocation), else the first student with a result."""
+    head, arch = layout.headline, layout.arch_column
+    if rows[i]["role"] == "student":
+        return i
+    students = [k for k, r in enumerate(rows) if r["role"] == "student" and has_result(r, head)]
+    same_arch = [k for k in students if rows[k][arch] == rows[i][arch]]
+    seed = records[i].group_and_seed()[1]
+    same_arch.sort(key=lambda k: records[k].group_and_seed()[1] != seed)
+    return (same_arch or students or [None])[0]
+
+
+def teacher_lead_note(
+    teacher: dict[str, Any],
+    baseline: dict[str, Any],
+    per_image: dict[str, tuple[np.ndarray, np.ndarray]],
+    layout: ReportLayout,
+) -> str | None:
+    """None when the teacher's lead over the baseline (one run each) is real: the 95% interval of a paired
+    bootstrap over the test images (both runs scored on the same images) lies above 0. Otherwise the reason,
+    for the report's legend. Without per-image sums the lead's uncertainty is unknown: not shown either."""
+    head, label = layout.headline, layout.headline_label
+    t_name, b_name = teacher["experiment"], baseline["experiment"]
+    lead = teacher[head] - baseline[head]
+    if lead <= 1e-12:
+        return f"the teacher {t_name} does not lead {b_name} on {label} ({lead:+.4f})"
+    if head not in SUMMED_HEADLINES or t_name not in per_image or b_name not in per_image:
+        return (
+            f"one run each and no per-image test sums: the uncertainty of the teacher's lead over {b_name} "
+            f"({lead:+.4f} {label}) is unknown (run --seeds, or give the runs a test split)"
+        )
+    try:
+        boot = paired_bootstrap([per_image[t_name]], [per_image[b_name]], classes=SUMMED_HEADLINES[head])
+    except ValueError as exc:  # e.g. the two runs were scored on different test sets
+        return f"the uncertainty of the teacher's lead over {b_name} cannot be estimated ({exc})"
+    if boot.low <= 0:
+        return (
+            f"the teacher's lead over {b_name} ({lead:+.4f} {label}) is within its 95% bootstrap interval over "
+            f"test images [{boot.low:+.4f}, {boot.high:+.4f}]"
+        )
+    return None
+
+
+def read_per_image(run_dir: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A run's per-image test sums (`PER_IMAGE_FILE`) as (intersection, union), or None when absent or
+    unreadable (logged)."""
+    if run_dir is None:
+        return None
+    path = run_dir / PER_IMAGE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            inter, union = np.asarray(data["intersection"], float), np.asarray(data["union"], float)
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("report: cannot read %s (%s); no bootstrap uses it", path, exc)
+        return None
+    if inter.ndim != 2 or inter.shape != union.shape:
+        log.warning("report: %s holds arrays of shapes %s and %s, not [images, classes]; ignored",
+                    path, inter.shape, union.shape)  # fmt: skip
+        return None
+    return inter, union
+
+
+def per_image_sums(records: list[RunRecord]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Run name -> its per-image test sums, for the runs with a result that left them."""
+    out = {}
+    for record in records:
+        if record.status in RESULT_STATUSES and (sums := read_per_image(record.run_dir)) is not None:
+            out[record.name] = sums
+    return out
 
 
 # What makes numbers of one table incomparable when it differs between runs (summary.json `provenance`).

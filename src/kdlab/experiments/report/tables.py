@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdlab.evaluate.report_layout import ReportLayout
+from kdlab.evaluate.report_layout import HEADLINE_LABELS, ReportLayout
 from kdlab.experiments.report.aggregate import SPREAD_COLUMNS
 from kdlab.experiments.seed_stats import EQUIVALENCE_MARGIN, MAX_SEEDS
 
@@ -50,10 +50,8 @@ _MD_FORMAT: dict[str, tuple[str, str | None]] = {
     "train_time_min": ("train min", "{:.1f}"),
     "onnx_latency_ms": ("ONNX ms", "{:.2f}"),
     "onnx_mb": ("ONNX MB", "{:.1f}"),
-    "onnx_target_iou": ("ONNX target IoU", "{:.4f}"),
-    "onnx_top1": ("ONNX top-1", "{:.4f}"),
-    "int8_target_iou": ("INT8 target IoU", "{:.4f}"),
-    "int8_top1": ("INT8 top-1", "{:.4f}"),
+    **{f"onnx_{m}": (f"ONNX {label}", "{:.4f}") for m, label in HEADLINE_LABELS.items()},
+    **{f"int8_{m}": (f"INT8 {label}", "{:.4f}") for m, label in HEADLINE_LABELS.items()},
     "int8_latency_ratio": ("INT8/FP32 ms", "{:.2f}"),
     "int8_shipped": ("INT8 shipped", None),
     "pct_of_teacher": ("% of teacher", "{:.1f}"),
@@ -91,7 +89,7 @@ def _markdown(cells: pd.DataFrame, numeric: list[bool]) -> str:
 
 # Shown in the Markdown table only when some run has a value (INT8 exists only with export.quantize=int8);
 # the CSV and JSON always have them.
-OPTIONAL_COLUMNS = ("int8_target_iou", "int8_top1", "int8_latency_ratio", "int8_shipped")
+OPTIONAL_COLUMNS = (*(f"int8_{m}" for m in HEADLINE_LABELS), "int8_latency_ratio", "int8_shipped")
 
 
 def _shown(frame: pd.DataFrame, column: str) -> bool:
@@ -183,13 +181,41 @@ def aggregated_markdown(frame: pd.DataFrame, layout: ReportLayout) -> str:
     return _markdown(pd.DataFrame(cols, columns=list(cols)), numeric)
 
 
-def intro(layout: ReportLayout, runs: int, completed: int) -> str:
-    """The intro paragraph: how many runs, what they are (the layout's sentence), what the ratios use."""
+def intro(layout: ReportLayout, runs: int, completed: int, val_only: list[str] | None = None) -> str:
+    """The intro paragraph: how many runs, what they are (the layout's sentence), which split the numbers are
+    on, what the ratios use. `val_only`: the runs (with a result) that have no test split."""
+    head = layout.headline_label
+    text = (
+        f"{runs} experiments ({completed} completed). {layout.intro} Each run's checkpoint is its best epoch by "
+        f"{head} on the validation set; every metric shown is that checkpoint's score on the held-out test "
+        f"split, scored once. The headline, % of teacher and gap closed = (distilled − baseline) / (teacher − "
+        f"baseline) use {head}. {MISSING} = not available."
+    )
+    if val_only:
+        text += (
+            f" Without a test split ({', '.join(val_only)}), the best epoch is chosen on the same validation set "
+            "that is reported, which inflates those numbers a little, each run by a different amount: small "
+            "differences between such runs are not results."
+        )
+    return text
+
+
+def lead_legend(rows: list[dict[str, Any]]) -> str | None:
+    """Why "% of teacher" and "gap closed" read {MISSING} for some rows (their `teacher_lead_note`), grouped
+    by reason; None when every row that could show them does."""
+    reasons: dict[str, list[str]] = {}
+    for row in rows:
+        note = row.get("teacher_lead_note")
+        if isinstance(note, str) and note:
+            reasons.setdefault(note, []).append(str(row["experiment"]))
+    if not reasons:
+        return None
+    parts = [f"{', '.join(names)}: {reason}" for reason, names in reasons.items()]
     return (
-        f"{runs} experiments ({completed} completed). {layout.intro} % of teacher and gap closed = (distilled − "
-        f"baseline) / (teacher − baseline) use {layout.headline_label}. {MISSING} = not available. The best "
-        "epoch is chosen on the same validation set that is reported here, which inflates every number a little, "
-        "each run by a different amount: small differences between runs are not results."
+        f"% of teacher and gap closed read {MISSING} where the teacher's lead over the baseline is not larger "
+        "than its own uncertainty (a ratio of differences within the noise is not a result). "
+        + "; ".join(parts)
+        + "."
     )
 
 
@@ -210,6 +236,8 @@ def seed_method(layout: ReportLayout, equivalence_margin: float = EQUIVALENCE_MA
         "power: how many paired seeds a two-sided 95% t-test needs to detect a Δ of max(|mean Δ|, margin) at the "
         "observed sd (power_hint in the CSV says it in words). Gap closed = mean paired Δ / (mean teacher − "
         "mean baseline), with Fieller's 95% interval, which carries the uncertainty of the teacher and baseline "
-        f"means; {MISSING} when the teacher's margin over the baseline is within its own 95% uncertainty. "
+        f"means; it and % of teacher read {MISSING} when the teacher's margin over the baseline is within its own "
+        "95% uncertainty (over seeds: mean difference ± t·sqrt(s_T²/n_T + s_B²/n_B), Welch degrees of freedom, a "
+        "single run's spread counting 0; one run each: a bootstrap over test images). "
         "Per-seed rows: experiment_comparison_runs.csv and experiment_runs.json."
     )

@@ -13,7 +13,10 @@ from kdlab.experiments.report.collect import (
     RESULT_STATUSES,
     RunRecord,
     layout_for_rows,
+    per_image_sums,
     provenance_note,
+    read_run,
+    row_columns,
     split_seed,
 )
 from kdlab.experiments.report.figures import comparison_figure, curves_figure, plot_points, save_figure_atomic
@@ -22,12 +25,33 @@ from kdlab.experiments.report.tables import (
     frame_to_csv,
     frame_to_json,
     intro,
+    lead_legend,
     runs_markdown,
     seed_method,
     table_frame,
 )
+from kdlab.experiments.seed_stats import EQUIVALENCE_MARGIN
 
 log = logging.getLogger(__name__)
+
+
+def equivalence_margin(records: list[RunRecord]) -> float:
+    """The ±margin of the "equivalent" verdict: the runs' `report.equivalence_margin` (config.json); when
+    runs disagree, the largest (the most cautious claim of equivalence), with a warning."""
+    margins = set()
+    for record in records:
+        config = read_run(record.run_dir).config
+        value = (
+            (config or {}).get("report", {}).get("equivalence_margin") if isinstance(config, dict) else None
+        )
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            margins.add(float(value))
+    if not margins:
+        return EQUIVALENCE_MARGIN
+    if len(margins) > 1:
+        log.warning("report: the runs set different report.equivalence_margin values (%s); using the largest",
+                    ", ".join(f"{m:g}" for m in sorted(margins)))  # fmt: skip
+    return max(margins)
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[RunRecord]) -> dict[str, Path]:
@@ -60,19 +84,28 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
     runs_frame = table_frame(seeded, (*layout.columns[:1], "config", "seed", *layout.columns[1:]))
     write_text_atomic(paths["runs_csv"], frame_to_csv(runs_frame))
     completed = sum(1 for r in rows if r.get("status") in RESULT_STATUSES)
-    text = ["# Experiment comparison", "", intro(layout, len(rows), completed)]
+    val_only = [
+        r["experiment"] for r in rows if r.get("status") in RESULT_STATUSES and r.get("split") == "val"
+    ]
+    text = ["# Experiment comparison", "", intro(layout, len(rows), completed, val_only)]
     note = provenance_note(curves_from)
     if note:
         text += ["", note]
+    margin = equivalence_margin(curves_from)
     if aggregated:
-        table = aggregate_rows(rows, curves_from, layout)
+        table = aggregate_rows(
+            rows, curves_from, layout, equivalence_margin=margin, per_image=per_image_sums(curves_from)
+        )
         frame = table_frame(table, aggregated_columns(layout))
-        text += ["", seed_method(layout)]
+        text += ["", seed_method(layout, margin)]
         body = aggregated_markdown(frame, layout)
     else:
         table = rows
-        frame = table_frame(rows, layout.columns)
+        frame = table_frame(rows, row_columns(layout))
         body = runs_markdown(frame, layout)
+    legend = lead_legend(table)
+    if legend:
+        body += "\n\n" + legend
     write_text_atomic(paths["csv"], frame_to_csv(frame))
     write_text_atomic(paths["json"], frame_to_json(frame))
     write_text_atomic(paths["markdown"], "\n".join([*text, "", body]) + "\n")
