@@ -15,8 +15,8 @@ from PIL import Image
 from kdlab.config.schema import ExperimentConfig, ModelConfig
 from kdlab.evaluate import macs
 from kdlab.evaluate.macs import compute_macs
-from kdlab.experiments import report
 from kdlab.evaluate.report_layout import SEGMENTATION_LAYOUT, with_headline
+from kdlab.experiments import report
 from kdlab.experiments.report import RunRecord, collect_rows, write_report
 from kdlab.experiments.report.collect import row_columns
 
@@ -632,8 +632,9 @@ def test_pct_of_teacher_is_hidden_over_seeds_when_the_teacher_is_within_the_base
     table = {r["experiment"]: r for r in report.aggregate_rows(collect_rows(three_seeds), three_seeds)}
     for name in ("base", "dist"):
         assert table[name]["pct_of_teacher"] is None
-        assert "+0.2000 target IoU) is within its 95% uncertainty over seeds (±0.2484" in (
-            table[name]["teacher_lead_note"]
+        assert (
+            "+0.2000 target IoU) is within its 95% uncertainty over seeds (±0.2484"
+            in (table[name]["teacher_lead_note"])
         )
     assert table["teacher"]["pct_of_teacher"] == pytest.approx(100.0)
 

@@ -49,6 +49,39 @@ def test_suites_expand_and_teachers_run_first():
     assert order.index("quickstart_teacher") < order.index("quickstart_distill")
 
 
+def test_the_quickstart_suite_brings_its_seeds_and_parallelism_unless_the_command_gives_them():
+    import argparse
+
+    from kdlab.cli.experiments import apply_suite_defaults
+    from kdlab.experiments.runner import SUITE_DEFAULTS
+
+    def applied(configs: list[str], **given) -> argparse.Namespace:
+        args = argparse.Namespace(configs=configs, seed=None, seeds=None, parallel=None, gpus=None,
+                                  executor="local")  # fmt: skip
+        vars(args).update(given)
+        apply_suite_defaults(args)
+        return args
+
+    seeds, parallel = SUITE_DEFAULTS["quickstart"]["seeds"], SUITE_DEFAULTS["quickstart"]["parallel"]
+    assert len(seeds) >= 3 and parallel >= 2  # the main job resolves distillation's effect over seeds
+    args = applied(["quickstart"])
+    assert (args.seeds, args.parallel) == (seeds, parallel)
+    args = applied(["quickstart"], seed=7)  # one run, as asked
+    assert (args.seeds, args.seed, args.parallel) == (None, 7, parallel)
+    assert applied(["quickstart"], seeds=[5]).seeds == [5]
+    assert applied(["quickstart"], parallel=1).parallel == 1
+    assert applied(["quickstart"], gpus="all").parallel is None
+    assert applied(["quickstart"], executor="slurm").parallel is None
+    args = applied(["quickstart", "digits"])  # not the one suite alone: nothing added
+    assert (args.seeds, args.parallel) == (None, None)
+    assert applied(["quickstart_baseline"]).seeds is None
+    # the planned runs: the teacher once, each student once per seed
+    planned = plan_runs(["quickstart"], [], {}, [], seeds=seeds)
+    names = [p.run_name for p in planned]
+    assert names.count("quickstart_teacher") == 1
+    assert {f"quickstart_distill__seed-{s}" for s in seeds} <= set(names)
+
+
 def test_sweeps_expand_into_named_runs_and_check_keys():
     assert parse_sweeps(["training.lr=0.1,0.2", "model.encoder=a,b"]) == [
         [("training.lr", "0.1"), ("model.encoder", "a")],
@@ -69,7 +102,7 @@ def quickstart_suite(tmp_path_factory):
     out = tmp / "runs"
     code = run_cli(
         experiments_main,
-        ["--configs", "quickstart", "--epochs", "1", "--batch_size", "4", "--device", "cpu",
+        ["--configs", "quickstart", "--epochs", "1", "--batch_size", "4", "--device", "cpu", "--seed", "0",
          "--output_dir", str(out), "--set", *tiny_set(tmp)],
     )  # fmt: skip
     return code, out
@@ -576,3 +609,25 @@ def test_in_parallel_students_start_after_their_teacher_and_other_runs_overlap_i
     # the baselines need no teacher: with two slots the first one runs beside it
     assert _started_at(out / "digits_student_baseline__seed-3") < teacher_done
     assert "on cpu#" in (out / "digits_student_baseline__seed-3" / "logs" / "stdout.txt").read_text()
+
+
+def test_a_completed_run_that_owes_its_test_pass_is_not_finished(tmp_path):
+    """Killed during the test pass: summary.json says completed (the trainer wrote it) but has no test_metrics;
+    `--resume` must run it again (the trainer has nothing left to train; the test pass runs)."""
+    import json as _json
+
+    from kdlab.experiments.runner import finished_before
+
+    (planned,) = plan_runs(["quickstart_baseline"], [f"output_dir={tmp_path}"], {}, [])
+    run_dir = planned.run_dir()
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "best_model.pth").write_bytes(b"x")
+    summary = {"status": "completed", "epochs": planned.config.training.epochs, "test_images": 64}
+    (run_dir / "summary.json").write_text(_json.dumps(summary))
+    assert not finished_before(planned)
+    summary["test_metrics"] = {"miou": 0.5}
+    (run_dir / "summary.json").write_text(_json.dumps(summary))
+    assert finished_before(planned)
+    summary = {"status": "completed", "epochs": planned.config.training.epochs, "test_images": 0}
+    (run_dir / "summary.json").write_text(_json.dumps(summary))
+    assert finished_before(planned)  # no test split: nothing owed

@@ -3,6 +3,7 @@ in series, export them to ONNX and compare them."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         args.resume = args.resume or "auto"
     if args.seeds is not None and args.seed is not None:
         raise ConfigError("give either --seed or --seeds, not both")
+    apply_suite_defaults(args)
     if args.seed_teachers and not args.seeds:
         raise ConfigError("--seed_teachers needs --seeds")
     flags = {key: getattr(args, flag) for flag, key in CONFIG_FLAG_KEYS.items()}
@@ -169,6 +171,22 @@ def main(argv: list[str] | None = None) -> int:
         if key in paths:
             print(f"{label}: {paths[key]}")
     return status
+
+
+def apply_suite_defaults(args: argparse.Namespace) -> None:
+    """A suite's own seeds and parallelism (`runner.SUITE_DEFAULTS`) where the command gives none: seeds unless
+    --seed or --seeds is given, parallelism unless --parallel, --gpus or a Slurm executor is."""
+    from kdlab.experiments.runner import suite_defaults
+
+    defaults = suite_defaults(args.configs)
+    if "seeds" in defaults and args.seed is None and args.seeds is None:
+        args.seeds = defaults["seeds"]
+        log.info("%s: students over seeds %s, the suite's default (--seed N runs one; --seeds chooses)",
+                 args.configs[0], " ".join(map(str, args.seeds)))  # fmt: skip
+    if "parallel" in defaults and args.parallel is None and args.gpus is None and args.executor == "local":
+        args.parallel = defaults["parallel"]
+        log.info("%s: %d runs at a time, the suite's default (--parallel N to change)", args.configs[0],
+                 args.parallel)  # fmt: skip
 
 
 def slurm_options(args) -> dict:

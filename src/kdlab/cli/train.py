@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = result.get("final_metrics", {})
         best_name = result.get("best_metric_name", "miou")
         secondary = f", miou={metrics.get('miou')}" if "miou" in metrics else ""
+        test = result.get("test_metrics")
+        if test is not None:  # the selected checkpoint on the held-out test split
+            secondary += f", test {best_name}={test.get(best_name)}"
         print(
             f"{cfg.name}: {result['status']}, best {best_name}={result.get('best_metric')} "
             f"(epoch {result.get('best_epoch')}){secondary}, run dir {result.get('run_dir')}"

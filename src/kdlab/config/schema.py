@@ -111,11 +111,18 @@ class ModelConfig(_Section):
 class SyntheticDataConfig(_Section):
     """Generate a synthetic COCO people dataset on first use (quickstart, tests)."""
 
-    root: str = Field("data/generated/synthetic_people", description="where train/ and val/ are written")
+    root: str = Field(
+        "data/generated/synthetic_people", description="where train/, val/ (and test/) are written"
+    )
     train_images: int = Field(64, gt=0)
     val_images: int = Field(16, gt=0)
+    test_images: int = Field(
+        0,
+        ge=0,
+        description="held-out test images (0 = no test split); train/ and val/ are the same with or without",
+    )
     image_size: PositiveSize = Field((256, 256), description="generated image size (H, W), sides >= 32")
-    seed: int = Field(0, description="train split seed (val uses seed + 100003)")
+    seed: int = Field(0, description="train split seed (val uses seed + 100003, test seed + 200003)")
     max_people: int = Field(5, ge=1, le=20)
 
     @field_validator("image_size")
@@ -146,7 +153,9 @@ class ClassificationDataConfig(_Section):
     """Image-classification data: the embedded scikit-learn digits, or an ImageFolder tree of your own.
 
     ImageFolder: `root/<class>/*.png|jpg|...` (split into train/val by val_fraction and split_seed), or
-    `root/train/<class>/...` + `root/val/<class>/...` (used as given). Classes are sorted by name.
+    `root/train/<class>/...` + `root/val/<class>/...` (+ optionally `root/test/<class>/...`; used as given).
+    Classes are sorted by name. `test_fraction` holds out a stratified test split taken from what would
+    otherwise be training data, so the validation split is the same with or without it.
     """
 
     source: Literal["digits", "image_folder"] = Field(
@@ -156,12 +165,30 @@ class ClassificationDataConfig(_Section):
     root: str | None = Field(None, description="image_folder: the dataset directory")
     image_size: int = Field(32, ge=8, le=1024, description="images are resized to image_size x image_size")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share per class (stratified)")
-    split_seed: int = Field(0, description="seed of the deterministic stratified train/val split")
+    test_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="held-out test share per class (stratified, taken from the training part; 0 = no test "
+        "split, the train/val split is then unchanged); val picks the checkpoint, test reports it",
+    )
+    split_seed: int = Field(0, description="seed of the deterministic stratified train/val(/test) split")
     max_train_samples: int | None = Field(
         None, gt=0, description="train on a stratified subset of this many samples (e.g. a data-poor student)"
     )
     random_shift: int = Field(2, ge=0, description="train augmentation: random translation up to N px")
     brightness: float = Field(0.1, ge=0.0, lt=1.0, description="train augmentation: random brightness +-")
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _room_for_training(cls, v: float, info: ValidationInfo) -> float:
+        val_fraction = info.data.get("val_fraction")
+        if v > 0 and val_fraction is not None and val_fraction + v >= 1.0:
+            raise ValueError(
+                f"data.classification.val_fraction ({val_fraction}) + data.classification.test_fraction ({v}) "
+                "must be < 1 so that training data remains; lower one of them"
+            )
+        return v
 
 
 class SequenceDataConfig(_Section):
@@ -201,8 +228,18 @@ class DataConfig(_Section):
     train_images: str | None = Field(None, description="directory of the training images")
     val_annotations: str | None = Field(None, description="COCO instances JSON of the validation split")
     val_images: str | None = Field(None, description="directory of the validation images")
+    test_annotations: str | None = Field(
+        None,
+        description="COCO instances JSON of a held-out test split (optional, with test_images): the checkpoint "
+        "selected on val is scored on it once training ends",
+    )
+    test_images: str | None = Field(
+        None, validate_default=True, description="directory of the test images (with test_annotations)"
+    )
     synthetic: SyntheticDataConfig | None = Field(
-        None, description="when set, the four paths above default to a generated synthetic dataset"
+        None,
+        description="when set, the four train/val paths above default to a generated synthetic dataset (and "
+        "the test paths too when data.synthetic.test_images > 0)",
     )
     person_category: str = Field("person", description="category name of people (found by name, not id)")
     input_size: PositiveSize = Field((640, 640), description="network input size (H, W)")
@@ -218,6 +255,17 @@ class DataConfig(_Section):
     max_val_images: int | None = Field(None, gt=0, description="use only the first N validation images")
     classification: ClassificationDataConfig = ClassificationDataConfig()
     sequence: SequenceDataConfig = SequenceDataConfig()
+
+    @field_validator("test_images")
+    @classmethod
+    def _test_pair(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """A COCO test split needs both files; one alone is almost certainly a forgotten key."""
+        annotations = info.data.get("test_annotations")
+        if (annotations is None) != (v is None):
+            raise ValueError(
+                "data.test_annotations and data.test_images go together: set both (a COCO test split) or neither"
+            )
+        return v
 
     @field_validator("input_size")
     @classmethod
@@ -489,7 +537,7 @@ class ExportConfig(_Section):
     calibration_images: int = Field(32, gt=0, description="training images INT8 calibration runs on")
     max_int8_iou_drop: float = Field(
         0.01, ge=0.0, le=1.0,
-        description="an INT8 model losing more target IoU than this is kept aside with a warning; "
+        description="an INT8 model losing more of the headline metric (mIoU, top-1) than this is kept aside with a warning; "
         "best_model.onnx stays FP32",
     )  # fmt: skip
 
@@ -510,6 +558,16 @@ class LoggingConfig(_Section):
     )
 
 
+class ReportConfig(_Section):
+    """How the comparison report judges a distilled student against its baseline over seeds."""
+
+    equivalence_margin: float = Field(
+        0.005, gt=0.0, le=1.0,
+        description="±margin on the headline metric: a paired 95% interval of Δ inside (−m, +m) reads "
+        "'equivalent within ±m'; one that straddles 0 but leaves the margin reads 'inconclusive'",
+    )  # fmt: skip
+
+
 class ExperimentConfig(_Section):
     """One experiment: everything needed to rebuild the run."""
 
@@ -527,6 +585,7 @@ class ExperimentConfig(_Section):
     distillation: DistillationConfig = DistillationConfig()
     export: ExportConfig = ExportConfig()
     logging: LoggingConfig = LoggingConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _distillation_has_a_teacher(self) -> ExperimentConfig:

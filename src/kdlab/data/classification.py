@@ -126,39 +126,100 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return keep
 
 
-def load_image_sets(cfg: ClassificationDataConfig) -> tuple[ImageSet, ImageSet]:
-    """(train, val) for the configured source; raises ConfigError/DataError with one line on bad input."""
+# The test split's own random stream (with split_seed): drawing it never moves the train/val permutation.
+TEST_SPLIT_STREAM = 0x7E57
+
+
+def split_off_test(
+    train_labels: np.ndarray, class_totals: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified test indices taken out of the training part: per class round(class_total * test_fraction)
+    (at least one, and never the class's last training sample), by a seeded permutation of its own stream.
+    Returns sorted (train_indices, test_indices) into `train_labels`.
+
+    Taken after the train/val split, from the training part only, so the validation split is identical with
+    or without a test split, and test_fraction=0 leaves today's train split byte for byte."""
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, TEST_SPLIT_STREAM])
+    keep: list[int] = []
+    test: list[int] = []
+    for cls in np.unique(train_labels):
+        idx = np.flatnonzero(train_labels == cls)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = int(round(float(class_totals[cls]) * test_fraction))
+        n_test = min(max(n_test, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        test.extend(idx[:n_test].tolist())
+        keep.extend(idx[n_test:].tolist())
+    return np.array(sorted(keep), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
+
+
+def _with_test_split(cfg: ClassificationDataConfig, train: ImageSet, val: ImageSet) -> dict[str, ImageSet]:
+    """{"train", "val"} plus, with test_fraction > 0, a "test" split taken out of train (see split_off_test)."""
+    if cfg.test_fraction == 0:
+        return {"train": train, "val": val}
+    labels = train.labels.numpy()
+    totals = np.bincount(np.concatenate([labels, val.labels.numpy()]), minlength=len(train.classes))
+    keep, test = split_off_test(labels, totals, cfg.test_fraction, cfg.split_seed)
+    return {"train": train.subset(keep), "val": val, "test": train.subset(test)}
+
+
+def _folder_splits(cfg: ClassificationDataConfig, root: Path) -> dict[str, ImageSet]:
+    """An image folder's splits: `train/` + `val/` (+ `test/`) as given, or one tree split here."""
+    if not ((root / "train").is_dir() and (root / "val").is_dir()):
+        full = read_image_folder(root, cfg.image_size)
+        train_idx, val_idx = stratified_split(full.labels.numpy(), cfg.val_fraction, cfg.split_seed)
+        return _with_test_split(cfg, full.subset(train_idx), full.subset(val_idx))
+    splits = {
+        "train": read_image_folder(root / "train", cfg.image_size, "data.classification.root train"),
+        "val": read_image_folder(root / "val", cfg.image_size, "data.classification.root val"),
+    }
+    if (root / "test").is_dir():
+        if cfg.test_fraction > 0:
+            raise ConfigError(
+                f"data.classification.test_fraction={cfg.test_fraction} but {root}/test holds a test split; set "
+                "data.classification.test_fraction=0 to use it, or remove it to split one off"
+            )
+        splits["test"] = read_image_folder(root / "test", cfg.image_size, "data.classification.root test")
+    for name, part in splits.items():
+        if part.classes != splits["train"].classes:
+            raise DataError(
+                f"{root}/train and {root}/{name} have different class directories: "
+                f"{splits['train'].classes} vs {part.classes}"
+            )
+    if "test" in splits:
+        return splits
+    return _with_test_split(cfg, splits["train"], splits["val"])
+
+
+def load_image_splits(cfg: ClassificationDataConfig) -> dict[str, ImageSet]:
+    """{"train", "val"} and, when configured, "test" for the configured source; raises ConfigError/DataError
+    with one line on bad input."""
     if cfg.source == "digits":
         full = load_digits_images(cfg.image_size)
         train_idx, val_idx = stratified_split(full.labels.numpy(), cfg.val_fraction, cfg.split_seed)
-        train, val = full.subset(train_idx), full.subset(val_idx)
+        splits = _with_test_split(cfg, full.subset(train_idx), full.subset(val_idx))
     else:
         if not cfg.root:
             raise ConfigError("data.classification.source=image_folder needs data.classification.root")
-        root = Path(cfg.root)
-        if (root / "train").is_dir() and (root / "val").is_dir():
-            train = read_image_folder(root / "train", cfg.image_size, "data.classification.root train")
-            val = read_image_folder(root / "val", cfg.image_size, "data.classification.root val")
-            if train.classes != val.classes:
-                raise DataError(
-                    f"{root}/train and {root}/val have different class directories: "
-                    f"{train.classes} vs {val.classes}"
-                )
-        else:
-            full = read_image_folder(root, cfg.image_size)
-            train_idx, val_idx = stratified_split(full.labels.numpy(), cfg.val_fraction, cfg.split_seed)
-            train, val = full.subset(train_idx), full.subset(val_idx)
+        splits = _folder_splits(cfg, Path(cfg.root))
     if cfg.max_train_samples is not None:
-        train = train.subset(
+        train = splits["train"]
+        splits["train"] = train.subset(
             stratified_subset(train.labels.numpy(), cfg.max_train_samples, cfg.split_seed + 1)
         )
-    for name, part in (("train", train), ("validation", val)):
+    for name, part in splits.items():
         if len(part.labels) == 0:
+            shown = {"val": "validation"}.get(name, name)
             raise DataError(
-                f"the {name} split of data.classification ({cfg.source}) is empty; add images or change "
-                "data.classification.val_fraction"
+                f"the {shown} split of data.classification ({cfg.source}) is empty; add images or change "
+                f"data.classification.{'test' if name == 'test' else 'val'}_fraction"
             )
-    return train, val
+    return splits
+
+
+def load_image_sets(cfg: ClassificationDataConfig) -> tuple[ImageSet, ImageSet]:
+    """(train, val) for the configured source (see `load_image_splits`, which also gives the test split)."""
+    splits = load_image_splits(cfg)
+    return splits["train"], splits["val"]
 
 
 # ------------------------------------------------------------------------------------------- dataset
@@ -234,6 +295,20 @@ def build_classification_datasets(
         ),
         ClassificationDataset(val, augment=False),
     )
+
+
+def build_classification_test_dataset(cfg: ExperimentConfig) -> ClassificationDataset | None:
+    """The held-out test split (data.classification.test_fraction > 0, or an image folder's `test/`), not
+    augmented, in index order; None when there is none. The images are loaded again, as for
+    `build_classification_datasets` (the split is deterministic, so both see the same partition)."""
+    data = cfg.data.classification
+    if data.source == "digits" and data.test_fraction == 0:
+        return None  # nothing to load
+    test = load_image_splits(data).get("test")
+    if test is None:
+        return None
+    log.info("data (%s): %d test images", data.source, len(test.labels))
+    return ClassificationDataset(test, augment=False)
 
 
 def build_classification_loader(*args: Any, **kwargs: Any) -> DataLoader:

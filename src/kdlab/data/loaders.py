@@ -163,11 +163,21 @@ class DataPaths:
     train_images: Path
     val_annotations: Path
     val_images: Path
+    test_annotations: Path | None = None  # the optional held-out test split (both or neither)
+    test_images: Path | None = None
+
+
+# Seed offsets of the generated splits: each split is its own stream of images (`render_synthetic_image` seeds
+# one generator per (split seed, index)), so adding a test split leaves train/ and val/ byte-identical.
+SYNTHETIC_VAL_SEED_OFFSET = 100_003
+SYNTHETIC_TEST_SEED_OFFSET = 200_003
 
 
 def check_given_data_paths(cfg: DataConfig) -> None:
     """Fail fast on dataset paths the user set that do not exist (cheap, no parsing)."""
-    for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
+    for key in [
+        f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("annotations", "images")
+    ]:
         value = getattr(cfg, key)
         if value and key.endswith("annotations") and not Path(value).is_file():
             raise DataError(f"data.{key} file {value} does not exist (set it to a COCO instances JSON)")
@@ -197,8 +207,9 @@ def resolve_data_paths(cfg: DataConfig, generate: bool = True) -> DataPaths:
                 train_dir, syn.train_images, syn.seed, tuple(syn.image_size), max_people=syn.max_people
             )
             ensure_synthetic_dataset(
-                val_dir, syn.val_images, syn.seed + 100_003, tuple(syn.image_size), max_people=syn.max_people
-            )
+                val_dir, syn.val_images, syn.seed + SYNTHETIC_VAL_SEED_OFFSET, tuple(syn.image_size),
+                max_people=syn.max_people,
+            )  # fmt: skip
         given = {
             "train_annotations": given["train_annotations"] or str(train_dir / "annotations.json"),
             "train_images": given["train_images"] or str(train_dir / "images"),
@@ -211,7 +222,38 @@ def resolve_data_paths(cfg: DataConfig, generate: bool = True) -> DataPaths:
             f"config key data.{missing[0]} is not set; give COCO paths (data.train_annotations, data.train_images, "
             "data.val_annotations, data.val_images) or a data.synthetic block"
         )
-    return DataPaths(**{k: Path(v) for k, v in given.items()})
+    paths = DataPaths(**{k: Path(v) for k, v in given.items()})
+    paths.test_annotations, paths.test_images = _test_paths(cfg, generate)
+    return paths
+
+
+def synthetic_test_dir(cfg: DataConfig) -> Path | None:
+    """Where `data.synthetic` writes its test split (None: no synthetic test split configured)."""
+    syn = cfg.synthetic
+    if syn is None or syn.test_images == 0:
+        return None
+    size_tag = f"{syn.image_size[0]}x{syn.image_size[1]}_seed{syn.seed}"
+    return Path(syn.root) / f"test_{syn.test_images}_{size_tag}"
+
+
+def _test_paths(cfg: DataConfig, generate: bool) -> tuple[Path | None, Path | None]:
+    """The held-out test split's (annotations, images): the given COCO pair, else the synthetic test split
+    (generated on first use, from its own seed stream), else (None, None)."""
+    if cfg.test_annotations and cfg.test_images:
+        return Path(cfg.test_annotations), Path(cfg.test_images)
+    test_dir = synthetic_test_dir(cfg)
+    if test_dir is None:
+        return None, None
+    syn = cfg.synthetic
+    assert syn is not None
+    if generate:
+        from kdlab.data.synthetic import ensure_synthetic_dataset
+
+        ensure_synthetic_dataset(
+            test_dir, syn.test_images, syn.seed + SYNTHETIC_TEST_SEED_OFFSET, tuple(syn.image_size),
+            max_people=syn.max_people,
+        )  # fmt: skip
+    return test_dir / "annotations.json", test_dir / "images"
 
 
 def check_image_files(records: list[Any], images_dir: Path, what: str) -> None:
@@ -286,6 +328,26 @@ def build_datasets(cfg: ExperimentConfig) -> tuple[CocoPeopleDataset, CocoPeople
         sum(len(r.people) for r in val_records),
     )
     return train, val
+
+
+def build_test_dataset(cfg: ExperimentConfig) -> CocoPeopleDataset | None:
+    """The held-out test split (data.test_annotations/test_images or data.synthetic.test_images), viewed like
+    validation (deterministic letterbox, every image kept, in the annotation file's order: a fixed order, so
+    per-image results of two runs on the same data pair up by index); None when no test split is configured."""
+    data = cfg.data
+    paths = resolve_data_paths(data)
+    if paths.test_annotations is None or paths.test_images is None:
+        return None
+    if not paths.test_images.is_dir():
+        raise DataError(f"data.test_images directory {paths.test_images} does not exist")
+    records = read_coco_people(
+        paths.test_annotations, data.person_category, data.min_box_size, keep_images_without_people=True,
+        what="test_annotations",
+    )  # fmt: skip
+    if not data.skip_bad_images:
+        check_image_files(records, paths.test_images, "test_images")
+    log.info("data: %d test images (%d people)", len(records), sum(len(r.people) for r in records))
+    return validation_dataset(cfg, records, paths.test_images)
 
 
 def _worker_ignores_sigterm(_worker_id: int) -> None:

@@ -321,6 +321,17 @@ def build_sequence_datasets(cfg: ExperimentConfig) -> tuple[SequenceDataset, Seq
     return SequenceDataset(train), SequenceDataset(val)
 
 
+def build_sequence_test_dataset(cfg: ExperimentConfig) -> SequenceDataset | None:
+    """The file's optional `test` group (synthetic: written when data.sequence.test_samples > 0), in its stored
+    order; None when the file has none. Validation picks the checkpoint, this split reports it."""
+    splits = load_sequence_splits(cfg.data.sequence, cfg.model.num_classes)
+    test = splits.get("test")
+    if test is None:
+        return None
+    log.info("data (sequence): %d test sequences", len(test.labels))
+    return SequenceDataset(test)
+
+
 def build_sequence_loader(*args: Any, **kwargs: Any) -> DataLoader:
     """The shared loader (`kdlab.data.loaders.build_loader`) with the sequence collate."""
     return build_loader(*args, collate_fn=collate_sequences, **kwargs)

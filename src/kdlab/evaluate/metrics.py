@@ -20,6 +20,7 @@ __all__ = [
     "confusion_matrix",
     "iou_from_confusion",
     "mask_boundary",
+    "per_roi_class_counts",
     "per_roi_iou",
 ]
 
@@ -48,6 +49,27 @@ def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:
     tp = cm.diagonal()
     union = cm.sum(dim=0) + cm.sum(dim=1) - tp
     return torch.where(union > 0, tp / union.clamp_min(1.0), torch.full_like(tp, math.nan))
+
+
+def per_roi_class_counts(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(intersection, union), int64 [N,C]: per ROI and class, TP and TP + FP + FN pixel counts of [N,h,w] maps.
+
+    These are the confusion matrix's IoU terms split by ROI: summed over ROIs, intersection is its diagonal
+    and union its column sum + row sum - diagonal, exactly (integer counts), so dataset-level IoU and mIoU
+    can be recomputed from any regrouping of them (per image: a paired bootstrap over images).
+    """
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(
+            f"pred and target must both be [N,h,w], got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
+    classes = torch.arange(num_classes, device=pred.device).view(1, -1, 1, 1)
+    p = pred.long().unsqueeze(1) == classes  # [N,C,h,w]
+    g = target.long().unsqueeze(1) == classes
+    intersection = (p & g).sum(dim=(2, 3))
+    union = (p | g).sum(dim=(2, 3))
+    return intersection, union
 
 
 def per_roi_iou(pred: torch.Tensor, target: torch.Tensor, cls: int = 1) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Export a finished run's student to ONNX with its task's exporter (the task is read from the run), and score
-the exported file on the validation set with the task's own evaluator."""
+the exported file with the task's own evaluator on the run's held-out test split (the validation set when the
+run has none: the checkpoint was selected on val, so its val score is biased upwards)."""
 
 from __future__ import annotations
 
@@ -29,19 +30,20 @@ def validation_scorer(
     device: torch.device | None = None,
     show_progress: bool = True,
 ) -> Callable[[nn.Module], dict[str, Any]]:
-    """model -> the task's validation metrics on the first `max_images` validation images (None: all), computed
+    """model -> the task's metrics on the first `max_images` images (None: all) of the test split, or of the
+    validation split when the config has no test split (`score.split` says which: "test" / "val"), computed
     by the same evaluator training uses (no pictures), on `device` (default `scoring_device(cfg)`; a training
     process passes its own). PyTorch models are scored there in float32 (no autocast) and handed back on the
     CPU; an ONNX file (`OnnxRuntimeModel`) runs in onnxruntime and returns its outputs on that device. This
     process scores the whole set alone: under torchrun that is rank 0, with no collective call."""
     task = task_of(cfg)
-    _, val = task.build_datasets(cfg)
-    if max_images is not None and max_images < len(val):
-        val = torch.utils.data.Subset(val, range(max_images))
+    split, images = scoring_split(cfg)
+    if max_images is not None and max_images < len(images):
+        images = torch.utils.data.Subset(images, range(max_images))
     device = device if device is not None else scoring_device(cfg)
     loader = task.build_loader(
-        val, cfg.training.batch_size, shuffle=False, seed=cfg.training.seed, num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
+        images, cfg.training.batch_size, shuffle=False, seed=cfg.training.seed,
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
     )  # fmt: skip
     quiet = cfg.model_copy(update={"training": cfg.training.model_copy(update={"num_vis_images": 0})})
     evaluator = task.build_evaluator(quiet, loader, device, None, show_progress)
@@ -60,7 +62,18 @@ def validation_scorer(
         return metrics
 
     score.device = str(device)  # type: ignore[attr-defined]
+    score.split = split  # type: ignore[attr-defined]
     return score
+
+
+def scoring_split(cfg: ExperimentConfig) -> tuple[str, Any]:
+    """("test", the test split) when the config has one, else ("val", the validation split)."""
+    task = task_of(cfg)
+    test = task.build_test_dataset(cfg)
+    if test is not None:
+        return "test", test
+    _, val = task.build_datasets(cfg)
+    return "val", val
 
 
 def export_run_to_onnx(
@@ -98,6 +111,7 @@ def export_record(meta: dict[str, Any]) -> dict[str, Any]:
         "exporter": meta["exporter"],
         "precision": meta["precision"],
         "scored_on": (meta.get("accuracy") or {}).get("device"),
+        "scored_split": (meta.get("accuracy") or {}).get("split"),
     }
 
 

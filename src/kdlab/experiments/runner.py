@@ -61,6 +61,19 @@ SUITES: dict[str, list[str]] = {
     "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
     "sequence": ["sequence_teacher", "sequence_student_baseline", "sequence_student_distill"],
 }
+# What a suite brings when the command names it alone and gives none of these: the main job runs its students
+# over several seeds, side by side, so that its table can resolve distillation's effect (one seed cannot:
+# docs/people-model.md, "The main job's protocol"). --seed N (one run) or --seeds/--parallel override them.
+SUITE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "quickstart": {"seeds": [0, 1, 2, 3], "parallel": 2},
+}
+
+
+def suite_defaults(configs: list[str]) -> dict[str, Any]:
+    """The defaults (`SUITE_DEFAULTS`) of the one suite `configs` names, else {}."""
+    return dict(SUITE_DEFAULTS.get(configs[0], {})) if len(configs) == 1 else {}
+
+
 # The child is the training CLI as a module, so it runs the same from a checkout and from an installed wheel.
 TRAIN_MODULE = "kdlab.cli.train"
 ERROR_TAIL_LINES = 30
@@ -277,8 +290,9 @@ def child_env() -> dict[str, str]:
 
 
 def finished_before(run: PlannedRun) -> bool:
-    """A run that already trained to its planned epochs (summary.json says completed, best_model.pth exists):
-    `--resume` does not train it again."""
+    """A run that already trained to its planned epochs (summary.json says completed, best_model.pth exists)
+    and, when it has a test split, was scored on it (a kill during the test pass leaves a completed summary
+    without test_metrics): `--resume` does not run it again."""
     run_dir = run.run_dir()
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -288,6 +302,7 @@ def finished_before(run: PlannedRun) -> bool:
         summary.get("status") == "completed"
         and summary.get("epochs") == run.config.training.epochs
         and (run_dir / "checkpoints" / "best_model.pth").is_file()
+        and (not summary.get("test_images") or isinstance(summary.get("test_metrics"), dict))
     )
 
 

@@ -6,21 +6,27 @@
 3. `prepare_run_dir` the first write: <output_dir>/<name>/ and its config.json;
 4. `build_parts`     loaders, evaluator, the plain or KD loss task (generating a missing teacher cache);
 5. train             the shared `Trainer`;
-6. `summarise`       summary (written by the trainer) plus the ONNX export when configured.
+6. `evaluate_selected_on_test`  the checkpoint selected on val (best_model.pth) scored once on the held-out
+                     test split, when there is one (summary.json `test_metrics`);
+7. `summarise`       summary (written by the trainer) plus the ONNX export when configured.
 
 What differs between tasks comes from the config's task object (`kdlab.tasks.task_of`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from kdlab.atomic_io import write_json_atomic
+from kdlab.atomic_io import atomic_write, write_json_atomic
 from kdlab.checkpoints import load_checkpoint, load_weights
 from kdlab.config.loader import validate_config
 from kdlab.config.schema import ExperimentConfig
@@ -43,6 +49,10 @@ from kdlab.experiments.run_lock import acquire_run_lock, release_run_lock
 from kdlab.tasks import TaskDefinition, task_of
 
 log = logging.getLogger(__name__)
+
+# What the test pass scores and writes, relative to the run directory.
+TEST_CHECKPOINT = "checkpoints/best_model.pth"  # the checkpoint selected on val (eval/EMA weights)
+TEST_PER_IMAGE = "logs/test_per_image.npz"
 
 
 @dataclass
@@ -80,6 +90,7 @@ class CheckedInputs:
     model: torch.nn.Module
     evaluator: Any
     shard: dict[str, int] = field(default_factory=dict)
+    test_set: Any = None  # the held-out test split (None: not configured); never used for selection
 
 
 def set_up_process(cfg: ExperimentConfig) -> Process:
@@ -140,6 +151,7 @@ def check_inputs(request: RunRequest, proc: Process) -> CheckedInputs:
     if not ctx.is_main:
         distributed.barrier()  # rank 0 generates any synthetic data first
     train_set, val_set = task.build_datasets(cfg)
+    test_set = task.build_test_dataset(cfg)
     if ctx.enabled and ctx.is_main:
         distributed.barrier()
     # Re-seeded here so the student's initial weights depend on the seed alone, not on whether a teacher was
@@ -164,7 +176,7 @@ def check_inputs(request: RunRequest, proc: Process) -> CheckedInputs:
     if cache_plan is not None:
         cache_plan.check(cfg, train_set, val_set, payload, request.allow_teacher_change)
     return CheckedInputs(task, resume_path, payload, auto_fresh, cache_plan, teachers, train_set, val_set,
-                         model, evaluator, shard)  # fmt: skip
+                         model, evaluator, shard, test_set)  # fmt: skip
 
 
 def _loader_options(
@@ -199,8 +211,10 @@ def build_trainer(request: RunRequest, inputs: CheckedInputs, proc: Process, run
     train_loader = task.build_loader(
         train_set, cfg.training.batch_size, **_loader_options(cfg, proc, inputs.shard, True)
     )
+    # test_images > 0 tells the runner that a "completed" summary without test_metrics still owes its test pass
+    test_images = len(inputs.test_set) if inputs.test_set is not None else 0
     extra = {"config_name": cfg.name, "train_images": len(train_set), "val_images": len(inputs.val_set),
-             **task.summary_extra(cfg, model)}  # fmt: skip
+             "test_images": test_images, **task.summary_extra(cfg, model)}  # fmt: skip
     if inputs.cache_plan is not None:
         loss_task, teacher_eval_model, teacher_records, ema = inputs.cache_plan.kd_parts(cfg, model)
         extra["teacher_cache"] = inputs.cache_plan.summary()
@@ -222,6 +236,97 @@ def build_trainer(request: RunRequest, inputs: CheckedInputs, proc: Process, run
         trainer.amp_dtype or "off",
     )  # fmt: skip
     return trainer
+
+
+def build_test_evaluator(
+    cfg: ExperimentConfig, inputs: CheckedInputs, proc: Process, show_progress: bool
+) -> Any:
+    """The task's test evaluator over the test split, sharded across ranks like validation."""
+    loader = inputs.task.build_loader(
+        inputs.test_set, cfg.training.batch_size, **_loader_options(cfg, proc, inputs.shard, False)
+    )
+    return inputs.task.build_test_evaluator(
+        cfg, loader, proc.device, proc.amp_dtype, show_progress, proc.ctx.is_main
+    )
+
+
+def evaluate_selected_on_test(
+    cfg: ExperimentConfig,
+    inputs: CheckedInputs,
+    proc: Process,
+    run_dir: Path,
+    summary: dict[str, Any],
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Score the checkpoint chosen on val (best_model.pth) once on the held-out test split: summary.json gets
+    `test_metrics` and `test`, and a task that keeps per-image sums writes logs/test_per_image.npz first.
+
+    Selection and reporting on one split inflate every number; here val picks, test reports. Runs after
+    every completed fit, a resumed finished run included, so a run killed during this pass redoes it with
+    `--resume auto`. Every rank evaluates its shard (collectives inside the evaluator); rank 0 writes."""
+    if inputs.test_set is None or summary.get("status") != "completed":
+        return summary
+    distributed.barrier()  # rank 0 renamed best_model.pth into place; now every rank reads it
+    path = run_dir / TEST_CHECKPOINT
+    if not path.is_file():
+        log.warning("test: %s does not exist (no validation produced a best checkpoint); not evaluated", path)
+        return summary
+    payload = load_checkpoint(path)
+    load_weights(inputs.model, payload["model_state_dict"], path)
+    inputs.model.to(proc.device)
+    evaluator = build_test_evaluator(cfg, inputs, proc, show_progress)
+    metrics, _ = evaluator(inputs.model, desc="test")
+    epoch = int(payload.get("epoch", summary.get("best_epoch", 0)))
+    summary["test_metrics"] = {k: _json_number(v) for k, v in metrics.items()}
+    summary["test"] = {"images": int(metrics.get("images", 0)), "checkpoint": TEST_CHECKPOINT, "epoch": epoch,
+                       "selected_on": "val"}  # fmt: skip
+    per_image = inputs.task.test_per_image(evaluator)
+    if proc.ctx.is_main:
+        if per_image is not None:  # before summary.json: test_metrics there means the file is complete
+            write_npz_atomic(run_dir / TEST_PER_IMAGE, per_image)
+        write_json_atomic(run_dir / "summary.json", summary)
+    name = summary.get("best_metric_name") or inputs.task.best_metric
+    with logged_to_run(run_dir, proc.ctx.is_main):
+        log.info(
+            "test: %s %.4f on %d test images (checkpoint of epoch %d, selected on val)",
+            name, metrics.get(name, math.nan), summary["test"]["images"], epoch,
+        )  # fmt: skip
+    return summary
+
+
+@contextlib.contextmanager
+def logged_to_run(run_dir: Path, enabled: bool) -> Iterator[None]:
+    """Also append kdlab's log lines to the run's logs/training_log.txt (the trainer closed its handler), so
+    the test result stands in the run's own log after the epochs."""
+    if not enabled:
+        yield
+        return
+    handler = logging.FileHandler(run_dir / "logs" / "training_log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("kdlab")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """`np.savez` through a temp file and a rename (a file object: savez would append .npz to the temp name)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
+            np.savez(fh, **arrays)
+
+    return atomic_write(path, write)
+
+
+def _json_number(value: Any) -> Any:
+    """NaN/inf become null, as in final_metrics (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def summarise(
@@ -262,12 +367,15 @@ def execute(request: RunRequest) -> dict[str, Any]:
     proc = set_up_process(request.config)
     inputs = check_inputs(request, proc)
     if request.test_only:
-        return evaluate_only(request.config, inputs, proc)
+        return evaluate_only(request.config, inputs, proc, request.show_progress)
     run_dir = prepare_run(request, inputs, proc)
     try:
         trainer = build_trainer(request, inputs, proc, run_dir)
+        summary = evaluate_selected_on_test(
+            request.config, inputs, proc, run_dir, trainer.fit(), request.show_progress
+        )
         return summarise(
-            request.config, trainer.fit(), run_dir, proc, record_failure=request.export_in_run,
+            request.config, summary, run_dir, proc, record_failure=request.export_in_run,
             show_progress=request.show_progress,
         )  # fmt: skip
     finally:
@@ -275,18 +383,24 @@ def execute(request: RunRequest) -> dict[str, Any]:
             release_run_lock(run_dir)
 
 
-def evaluate_only(cfg: ExperimentConfig, inputs: CheckedInputs, proc: Process) -> dict[str, Any]:
-    """--test_only: evaluate the given checkpoint (default: the run's best_model.pth) on the val set."""
+def evaluate_only(
+    cfg: ExperimentConfig, inputs: CheckedInputs, proc: Process, show_progress: bool = True
+) -> dict[str, Any]:
+    """--test_only: evaluate the given checkpoint (default: the run's best_model.pth) on the test split when
+    the config has one, else on the val set; `split` in the result (and test_metrics.json) says which."""
     run_dir = run_dir_of(inputs.resume_path, cfg)
     payload, path = inputs.resume_payload, inputs.resume_path
     if payload is None:
-        path = run_dir / "checkpoints" / "best_model.pth"
+        path = run_dir / TEST_CHECKPOINT
         payload = load_checkpoint(path)
     load_weights(inputs.model, payload["model_state_dict"], path)
     inputs.model.to(proc.device)
-    metrics, _ = inputs.evaluator(inputs.model, desc="test")
-    result = {"checkpoint": str(path), "metrics": metrics}
-    if run_dir.is_dir():
+    split, evaluator = "val", inputs.evaluator
+    if inputs.test_set is not None:
+        split, evaluator = "test", build_test_evaluator(cfg, inputs, proc, show_progress)
+    metrics, _ = evaluator(inputs.model, desc=split)
+    result = {"checkpoint": str(path), "split": split, "metrics": metrics}
+    if run_dir.is_dir() and proc.ctx.is_main:
         write_json_atomic(run_dir / "test_metrics.json", result)
     return result
 

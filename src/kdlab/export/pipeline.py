@@ -124,7 +124,7 @@ class OnnxExporter(ABC):
         return tuple(float_images(x) for x in batch)
 
     # The metric the ONNX file is scored by on the validation set (a key of the task's evaluator's metrics).
-    accuracy_metric: str = "target_iou"
+    accuracy_metric: str = "miou"  # the headline that selects checkpoints (SegmentationTask.best_metric)
 
     def as_model_outputs(self, outputs: tuple[torch.Tensor, ...]) -> Any:
         """The graph's outputs shaped like the model's own return value, so the task's evaluator can score an
@@ -465,7 +465,9 @@ def interleaved_onnx_latency(
 
 
 # ------------------------------------------------------------------------------ scoring an ONNX file
-Scorer = Callable[[nn.Module], dict[str, float]]  # model -> the task's validation metrics (its evaluator)
+# model -> the task's metrics (its evaluator) on the test split, or val without one; the scorer may carry
+# `device` (where it runs) and `split` ("test" / "val") attributes, recorded with the accuracy.
+Scorer = Callable[[nn.Module], dict[str, float]]
 
 
 def host_array(x: torch.Tensor) -> np.ndarray:
@@ -498,15 +500,18 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 def onnx_accuracy(
     onnx_path: str | Path, model: nn.Module, exporter: OnnxExporter, score: Scorer
 ) -> dict[str, Any]:
-    """The task's validation metrics of the ONNX file (onnxruntime) next to the PyTorch model's, on the same
-    images; `difference` is ONNX - PyTorch of `exporter.accuracy_metric`."""
+    """The task's metrics of the ONNX file (onnxruntime) next to the PyTorch model's, on the same images (the
+    scorer's split: test when the run has one, else val); `difference` is ONNX - PyTorch of
+    `exporter.accuracy_metric`."""
     metric = exporter.accuracy_metric
     onnx_metrics = _numbers(score(OnnxRuntimeModel(onnx_path, exporter)))
     torch_metrics = _numbers(score(model))
     onnx_value, torch_value = onnx_metrics.get(metric), torch_metrics.get(metric)
+    split = getattr(score, "split", "val")
     return {
         "metric": metric,
-        "data": "validation",
+        "split": split,
+        "data": "test" if split == "test" else "validation",
         "device": getattr(
             score, "device", None
         ),  # where the evaluator ran (onnxruntime itself runs on the CPU)
@@ -639,7 +644,7 @@ def export_run_to_onnx(
     if score is not None and parity["ok"]:
         accuracy = onnx_accuracy(onnx_path, model, exporter, score)
         log.info(
-            "ONNX %s on %d validation images: %.4f (PyTorch %.4f)", accuracy["metric"], accuracy["images"],
+            "ONNX %s on %d %s images: %.4f (PyTorch %.4f)", accuracy["metric"], accuracy["images"], accuracy["data"],
             accuracy["onnx"].get(accuracy["metric"], math.nan), accuracy["pytorch"].get(accuracy["metric"], math.nan),
         )  # fmt: skip
 

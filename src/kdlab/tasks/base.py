@@ -63,6 +63,11 @@ class TaskDefinition:
     def build_datasets(self, cfg: ExperimentConfig) -> tuple[Any, Any]:
         raise NotImplementedError
 
+    def build_test_dataset(self, cfg: ExperimentConfig) -> Any | None:
+        """The held-out test split, viewed like validation, in a fixed order; None when none is configured.
+        Validation picks the checkpoint (best, top k, early stopping, plateau); test only reports it."""
+        return None
+
     def build_loader(self, dataset: Any, batch_size: int, **kwargs: Any) -> Any:
         """kwargs: shuffle, seed, num_workers, pin_memory, rank, world_size."""
         raise NotImplementedError
@@ -87,6 +92,20 @@ class TaskDefinition:
         progress: bool, main_rank: bool = True,
     ) -> Any:  # fmt: skip
         raise NotImplementedError
+
+    def build_test_evaluator(
+        self, cfg: ExperimentConfig, loader: Any, device: torch.device, amp: torch.dtype | None,
+        progress: bool, main_rank: bool = True,
+    ) -> Any:  # fmt: skip
+        """The evaluator of the test pass: the validation evaluator without pictures (same metrics code, same
+        sharding and reduction under DDP). A task whose evaluator keeps per-image sums turns them on here."""
+        quiet = cfg.model_copy(update={"training": cfg.training.model_copy(update={"num_vis_images": 0})})
+        return self.build_evaluator(quiet, loader, device, amp, progress, main_rank)
+
+    def test_per_image(self, evaluator: Any) -> dict[str, Any] | None:
+        """Per-image arrays of the last test pass (saved as logs/test_per_image.npz), or None: the task keeps
+        none."""
+        return None
 
     def write_pictures(self, vis: dict[str, Any], out_dir: Path) -> list[tuple[str, Any]]:
         """Draw the evaluator's picture data (none by default)."""

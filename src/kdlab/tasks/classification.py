@@ -60,6 +60,11 @@ class Classification(TaskDefinition):
 
         return build_classification_datasets(cfg)
 
+    def build_test_dataset(self, cfg: ExperimentConfig) -> Any | None:
+        from kdlab.data.classification import build_classification_test_dataset
+
+        return build_classification_test_dataset(cfg)
+
     def build_loader(self, dataset: Any, batch_size: int, **kwargs: Any) -> Any:
         from kdlab.data.classification import build_classification_loader
 

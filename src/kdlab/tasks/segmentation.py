@@ -86,6 +86,11 @@ class Segmentation(TaskDefinition):
 
         return build_datasets(cfg)
 
+    def build_test_dataset(self, cfg: ExperimentConfig) -> Any | None:
+        from kdlab.data.loaders import build_test_dataset
+
+        return build_test_dataset(cfg)
+
     def build_loader(self, dataset: Any, batch_size: int, **kwargs: Any) -> Any:
         from kdlab.data.loaders import build_loader
 
@@ -130,6 +135,19 @@ class Segmentation(TaskDefinition):
             loader, device, amp, cfg.training.channels_last, vis, progress and main_rank,
             roi_margin=cfg.model.roi_margin,
         )  # fmt: skip
+
+    def build_test_evaluator(
+        self, cfg: ExperimentConfig, loader: Any, device: torch.device, amp: torch.dtype | None,
+        progress: bool, main_rank: bool = True,
+    ) -> Any:  # fmt: skip
+        """The validation evaluator without pictures, also keeping every test image's per-class intersection
+        and union (what the dataset-level IoUs sum), for a paired bootstrap over images."""
+        evaluator = super().build_test_evaluator(cfg, loader, device, amp, progress, main_rank)
+        evaluator.collect_per_image = True
+        return evaluator
+
+    def test_per_image(self, evaluator: Any) -> dict[str, Any] | None:
+        return evaluator.per_image
 
     def write_pictures(self, vis: dict[str, Any], out_dir: Path) -> list[tuple[str, Any]]:
         from kdlab.evaluate.roi_pictures import save_visualizations

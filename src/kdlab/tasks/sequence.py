@@ -80,6 +80,11 @@ class Sequence(TaskDefinition):
 
         return build_sequence_datasets(cfg)
 
+    def build_test_dataset(self, cfg: ExperimentConfig) -> Any | None:
+        from kdlab.data.sequence import build_sequence_test_dataset
+
+        return build_sequence_test_dataset(cfg)
+
     def build_loader(self, dataset: Any, batch_size: int, **kwargs: Any) -> Any:
         from kdlab.data.sequence import build_sequence_loader
 

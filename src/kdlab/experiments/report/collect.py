@@ -256,6 +256,14 @@ def row_columns(layout: ReportLayout) -> tuple[str, ...]:
     )  # fmt: skip
 
 
+def csv_columns(layout: ReportLayout) -> tuple[str, ...]:
+    """The per-run CSV/JSON columns: the table's, plus which split the metrics are on (after best_epoch) and
+    why % of teacher / gap closed are withheld (last)."""
+    columns = list(layout.columns)
+    columns.insert(columns.index("best_epoch") + 1, "split")
+    return (*columns, "teacher_lead_note")
+
+
 def onnx_score_columns(layout: ReportLayout) -> tuple[str, ...]:
     """The exported file's own validation score (and its INT8 model's), named after the headline metric:
     onnx_target_iou for people, onnx_top1 for classifiers."""

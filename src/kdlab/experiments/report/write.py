@@ -12,11 +12,11 @@ from kdlab.experiments.report.aggregate import aggregate_rows, aggregated_column
 from kdlab.experiments.report.collect import (
     RESULT_STATUSES,
     RunRecord,
+    csv_columns,
     layout_for_rows,
     per_image_sums,
     provenance_note,
     read_run,
-    row_columns,
     split_seed,
 )
 from kdlab.experiments.report.figures import comparison_figure, curves_figure, plot_points, save_figure_atomic
@@ -81,7 +81,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
         for g, s in [by_name[row["experiment"]].group_and_seed() if row["experiment"] in by_name
                      else split_seed(row["experiment"])]
     ]  # fmt: skip
-    runs_frame = table_frame(seeded, (*layout.columns[:1], "config", "seed", *layout.columns[1:]))
+    per_run = csv_columns(layout)
+    runs_frame = table_frame(seeded, (*per_run[:1], "config", "seed", *per_run[1:]))
     write_text_atomic(paths["runs_csv"], frame_to_csv(runs_frame))
     completed = sum(1 for r in rows if r.get("status") in RESULT_STATUSES)
     val_only = [
@@ -101,7 +102,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
         body = aggregated_markdown(frame, layout)
     else:
         table = rows
-        frame = table_frame(rows, row_columns(layout))
+        frame = table_frame(rows, csv_columns(layout))
         body = runs_markdown(frame, layout)
     legend = lead_legend(table)
     if legend:
