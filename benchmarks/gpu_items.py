@@ -67,7 +67,7 @@ class Context:
     def people_set(self, train: int, val: int) -> list[str]:
         """--set items of a tiny people run, its synthetic data under the output directory."""
         return [f"data.synthetic.root={self.data_root}", f"data.synthetic.train_images={train}",
-                f"data.synthetic.val_images={val}", *TINY_PEOPLE]  # fmt: skip
+                f"data.synthetic.val_images={val}", f"data.synthetic.test_images={val}", *TINY_PEOPLE]  # fmt: skip
 
     def env(self, **extra: str) -> dict[str, str]:
         """This environment with the checkout's src first on PYTHONPATH (a plain python works as uv run)."""

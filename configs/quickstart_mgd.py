@@ -17,8 +17,13 @@ CONFIG = {
         "bg_fg_weight": 0.0,
         "target_weight": 0.0,
         "features": [
-            {"student": "unet.decoder.blocks.2", "teacher": "unet.decoder.blocks.2", "weight": 50.0,
-             "method": "mgd", "mask_ratio": 0.65},
+            {
+                "student": "unet.decoder.blocks.2",
+                "teacher": "unet.decoder.blocks.2",
+                "weight": 50.0,
+                "method": "mgd",
+                "mask_ratio": 0.65,
+            },
         ],
     },
 }

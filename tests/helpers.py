@@ -21,6 +21,7 @@ def tiny_args(tmp: Path, *extra: str, epochs: int = 2, config: str = "quickstart
         f"data.synthetic.root={tmp / 'data'}",
         "data.synthetic.train_images=8",
         "data.synthetic.val_images=4",
+        "data.synthetic.test_images=4",
         "data.synthetic.image_size=64,64",
         "data.input_size=64,64",
         "data.num_workers=0",

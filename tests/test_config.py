@@ -430,7 +430,7 @@ def test_cli_missing_data_file_creates_no_run_dir(
     argv = [
         "--config", "quickstart_teacher", "--no_progress", "--output_dir", str(tmp_path),
         "--set", "data.train_annotations=/nope.json",
-        "data.synthetic.train_images=2", "data.synthetic.val_images=1",  # keep the generation quick
+        "data.synthetic.train_images=2", "data.synthetic.val_images=1", "data.synthetic.test_images=0",
     ]  # fmt: skip
     assert run_cli(train.main, argv) == 2
     lines = _error_lines(capsys.readouterr().err)

@@ -120,9 +120,9 @@ def test_symmetrized_teacher_outputs_are_exactly_flip_equivariant():
 
 # ------------------------------------------------------------------------------------------ end to end
 TINY = [
-    "data.synthetic.train_images=8", "data.synthetic.val_images=4", "data.synthetic.image_size=64,64",
-    "data.input_size=64,64", "data.num_workers=0", "model.roi_size=16,12", "model.mask_size=32,24",
-    "model.head_channels=16",
+    "data.synthetic.train_images=8", "data.synthetic.val_images=4", "data.synthetic.test_images=4",
+    "data.synthetic.image_size=64,64", "data.input_size=64,64", "data.num_workers=0", "model.roi_size=16,12",
+    "model.mask_size=32,24", "model.head_channels=16",
 ]  # fmt: skip
 
 
