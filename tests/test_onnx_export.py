@@ -6,6 +6,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -499,3 +500,33 @@ def test_runner_quantize_flag_reaches_the_export_config():
 def test_int8_for_a_task_without_int8_calibration_is_refused_before_anything_runs(task_config):
     with pytest.raises(ConfigError, match="export.quantize.* is not implemented for task="):
         validate_config({**task_config, "export": {"quantize": "int8"}})
+
+
+def test_the_pytorch_side_of_the_accuracy_check_reuses_the_runs_float32_test_pass(tmp_path):
+    """The run's test pass scored best_model.pth on the whole test split with the same evaluator: the export
+    takes that as the PyTorch reference instead of a second pass, but only for the whole split, in fp32."""
+    summary = {"amp": "off", "test_metrics": {"miou": 0.5, "images": 8}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert export_runs.pytorch_reference(tmp_path, None, "test") == summary["test_metrics"]
+    assert export_runs.pytorch_reference(tmp_path, 4, "test") is None  # a subset: not the same images
+    assert export_runs.pytorch_reference(tmp_path, None, "val") is None  # scored on val: no such pass
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "amp": "bfloat16"}))
+    assert export_runs.pytorch_reference(tmp_path, None, "test") is None  # the scorer never autocasts
+
+    calls: list[str] = []
+
+    def score(model):
+        calls.append(type(model).__name__)
+        return {"miou": 0.49, "images": 8}
+
+    score.reference = {"miou": 0.5, "images": 8}
+    exporter = SimpleNamespace(accuracy_metric="miou")
+    original = pipeline.OnnxRuntimeModel
+    pipeline.OnnxRuntimeModel = lambda path, exp: object()  # no file needed: `score` ignores it
+    try:
+        result = pipeline.onnx_accuracy(tmp_path / "x.onnx", nn.Linear(1, 1), exporter, score)
+    finally:
+        pipeline.OnnxRuntimeModel = original
+    assert calls == ["object"]  # one pass: the ONNX file's; the PyTorch model was not scored again
+    assert result["pytorch"]["miou"] == 0.5 and result["difference"] == pytest.approx(-0.01)
+    assert "test pass" in result["pytorch_from"]

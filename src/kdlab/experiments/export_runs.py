@@ -4,6 +4,7 @@ run has none: the checkpoint was selected on val, so its val score is biased upw
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,25 @@ def export_run_to_onnx(
         cfg = ExperimentConfig.model_validate(config)
         chosen = export_cfg or cfg.export
         score = validation_scorer(cfg, chosen.accuracy_images, device, show_progress)
+        score.reference = pytorch_reference(Path(run_dir), chosen.accuracy_images, score.split)  # type: ignore[attr-defined]
         if chosen.latency_runs is not None:
             options.setdefault("latency_runs", chosen.latency_runs)
     return export_with(run_dir, exporter, opset=opset, score=score, export_cfg=export_cfg, **options)
+
+
+def pytorch_reference(run_dir: Path, max_images: int | None, split: str) -> dict[str, Any] | None:
+    """The PyTorch side of the ONNX accuracy check without a second pass: the run's own test pass
+    (summary.json `test_metrics`) scored best_model.pth on the same whole test split with the same evaluator.
+    Only when that pass ran in float32 (amp off: the scorer never autocasts) and the scorer uses the whole
+    split; else None (the scorer then scores the PyTorch model itself)."""
+    if split != "test" or max_images is not None:
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    metrics = summary.get("test_metrics")
+    return metrics if isinstance(metrics, dict) and summary.get("amp") == "off" else None
 
 
 def export_record(meta: dict[str, Any]) -> dict[str, Any]:
