@@ -590,6 +590,12 @@ def test_rows_report_the_test_score_of_the_checkpoint_selected_on_val_headed_by_
     assert d["gap_closed"] == pytest.approx((0.65 - 0.5) / (0.8 - 0.5))
     md = write_report(collect_rows(records), tmp_path / "report", records)["markdown"].read_text()
     assert "score on the held-out test split" in md and "Without a test split" not in md
+    from kdlab.experiments.report.write import scored_on
+
+    rows = collect_rows(records)
+    assert scored_on(rows) == "test split, checkpoint chosen on val"
+    rows[0]["split"] = "val"
+    assert scored_on(rows).startswith("test split; val best epoch")
 
 
 def test_ratios_are_hidden_when_the_teachers_lead_is_within_the_test_image_noise(tmp_path: Path) -> None:

@@ -44,7 +44,11 @@ def plot_points(rows: list[dict[str, Any]], layout: ReportLayout, aggregated: bo
     ]  # fmt: skip
 
 
-def comparison_figure(points: list[dict[str, Any]], layout: ReportLayout) -> Figure:
+def comparison_figure(
+    points: list[dict[str, Any]], layout: ReportLayout, scored_on: str = "val, best epoch"
+) -> Figure:
+    """The headline against ONNX latency and parameters; `scored_on` says where the y values come from (e.g.
+    "test split, checkpoint chosen on val")."""
     label = layout.headline_label
     fig = _new_figure(12, 5)
     axes = fig.subplots(1, 2)
@@ -68,7 +72,7 @@ def comparison_figure(points: list[dict[str, Any]], layout: ReportLayout) -> Fig
                 xytext=(6, 6), fontsize=8,
             )  # fmt: skip
         ax.set_xlabel(x_label)
-        ax.set_ylabel(f"{label} (val, best epoch" + (", mean ± std over seeds)" if with_bars else ")"))
+        ax.set_ylabel(f"{label} ({scored_on}" + (", mean ± std over seeds)" if with_bars else ")"))
         ax.set_title(f"{label} vs {x_label.split(' (')[0]}")
         ax.grid(True, alpha=0.3)
         if shown:

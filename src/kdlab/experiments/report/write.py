@@ -35,6 +35,17 @@ from kdlab.experiments.seed_stats import EQUIVALENCE_MARGIN
 log = logging.getLogger(__name__)
 
 
+def scored_on(rows: list[dict[str, Any]]) -> str:
+    """Where the figure's values come from: the test split (checkpoint chosen on val), the validation set
+    (best epoch), or both when some runs have no test split."""
+    splits = {r.get("split") for r in rows if r.get("status") in RESULT_STATUSES and r.get("split")}
+    if splits == {"test"}:
+        return "test split, checkpoint chosen on val"
+    if "test" in splits:
+        return "test split; val best epoch where a run has none"
+    return "val, best epoch"
+
+
 def equivalence_margin(records: list[RunRecord]) -> float:
     """The ±margin of the "equivalent" verdict: the runs' `report.equivalence_margin` (config.json); when
     runs disagree, the largest (the most cautious claim of equivalence), with a warning."""
@@ -111,7 +122,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
     write_text_atomic(paths["json"], frame_to_json(frame))
     write_text_atomic(paths["markdown"], "\n".join([*text, "", body]) + "\n")
     save_figure_atomic(
-        comparison_figure(plot_points(table, layout, aggregated), layout), paths["comparison_png"]
+        comparison_figure(plot_points(table, layout, aggregated), layout, scored_on(rows)),
+        paths["comparison_png"],
     )
     roles = {r["experiment"]: r.get("role") for r in rows}
     roles.update({r["experiment"]: r.get("role") for r in table})
