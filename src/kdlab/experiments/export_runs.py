@@ -98,13 +98,14 @@ def export_run_to_onnx(
         cfg = ExperimentConfig.model_validate(config)
         chosen = export_cfg or cfg.export
         score = validation_scorer(cfg, chosen.accuracy_images, device, show_progress)
-        score.reference = pytorch_reference(Path(run_dir), chosen.accuracy_images, score.split)  # type: ignore[attr-defined]
+        split = getattr(score, "split", None)  # a wrapped scorer (tests) may not carry it: no reference then
+        score.reference = pytorch_reference(Path(run_dir), chosen.accuracy_images, split)  # type: ignore[attr-defined]
         if chosen.latency_runs is not None:
             options.setdefault("latency_runs", chosen.latency_runs)
     return export_with(run_dir, exporter, opset=opset, score=score, export_cfg=export_cfg, **options)
 
 
-def pytorch_reference(run_dir: Path, max_images: int | None, split: str) -> dict[str, Any] | None:
+def pytorch_reference(run_dir: Path, max_images: int | None, split: str | None) -> dict[str, Any] | None:
     """The PyTorch side of the ONNX accuracy check without a second pass: the run's own test pass
     (summary.json `test_metrics`) scored best_model.pth on the same whole test split with the same evaluator.
     Only when that pass ran in float32 (amp off: the scorer never autocasts) and the scorer uses the whole
