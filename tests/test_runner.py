@@ -633,3 +633,24 @@ def test_a_completed_run_that_owes_its_test_pass_is_not_finished(tmp_path):
     summary = {"status": "completed", "epochs": planned.config.training.epochs, "test_images": 0}
     (run_dir / "summary.json").write_text(_json.dumps(summary))
     assert finished_before(planned)  # no test split: nothing owed
+
+
+def test_a_finished_run_exported_by_its_own_process_is_not_exported_again_on_resume(tmp_path):
+    """`--resume` over finished runs ("exists") keeps their own export record: re-exporting and re-scoring
+    every earlier run cost minutes per pass (the 6-seed quickstart re-exported its 7 earlier runs)."""
+    import json as _json
+
+    from kdlab.experiments.runner import exported_before
+
+    (planned,) = plan_runs(["quickstart_baseline"], [f"output_dir={tmp_path}"], {}, [])
+    run_dir = planned.run_dir()
+    (run_dir / "checkpoints").mkdir(parents=True)
+    record = {"ok": True, "exporter": "dynamo", "precision": "fp32"}
+    (run_dir / "summary.json").write_text(_json.dumps({"status": "completed", "export": record}))
+    assert exported_before(planned, run_dir) is None  # the file is gone: export again
+    (run_dir / "checkpoints" / "best_model.onnx").write_bytes(b"onnx")
+    assert exported_before(planned, run_dir) == record
+    (int8,) = plan_runs(["quickstart_baseline"], [f"output_dir={tmp_path}", "export.quantize=int8"], {}, [])
+    assert exported_before(int8, run_dir) is None  # INT8 asked for now: the old export has none
+    (run_dir / "summary.json").write_text(_json.dumps({"status": "completed", "export": {"ok": False}}))
+    assert exported_before(planned, run_dir) is None

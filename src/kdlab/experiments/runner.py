@@ -283,6 +283,16 @@ def recorded_export(run_dir: Path) -> dict[str, Any] | None:
     return export if isinstance(export, dict) else None
 
 
+def exported_before(run: PlannedRun, run_dir: Path) -> dict[str, Any] | None:
+    """The export record of a finished run whose own process exported it (summary.json `export`, ok, and
+    checkpoints/best_model.onnx still there), so that a --resume pass does not export and score it again; None
+    when the run must be exported (no record, a failed one, a missing file, or INT8 now asked for)."""
+    export = recorded_export(run_dir)
+    if export is None or not export.get("ok") or run.config.export.quantize != "none":
+        return None
+    return export if (run_dir / "checkpoints" / "best_model.onnx").is_file() else None
+
+
 def child_env() -> dict[str, str]:
     """This process's environment, unbuffered, with the directory holding this kdlab package first on
     PYTHONPATH, so the child imports the same kdlab (a checkout's src/ or an installed site-packages)."""
@@ -377,7 +387,9 @@ class SuiteBook:
                 run.run_name,
                 run.config.training.epochs,
             )
-            return self._record(self._result(run, "exists", None, 0.0, []))
+            result = self._result(run, "exists", None, 0.0, [])
+            result.export = exported_before(run, run_dir)  # not exported again after the suite
+            return self._record(result)
         holder = run_dir_holder(run_dir)
         if holder is not None:
             message = f"run directory {run_dir} is in use by {holder}; not started"
