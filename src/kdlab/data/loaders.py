@@ -198,10 +198,8 @@ def resolve_data_paths(cfg: DataConfig, generate: bool = True) -> DataPaths:
         from kdlab.data.synthetic import ensure_synthetic_dataset
 
         syn = cfg.synthetic
-        root = Path(syn.root)
-        size_tag = f"{syn.image_size[0]}x{syn.image_size[1]}_seed{syn.seed}"
-        train_dir = root / f"train_{syn.train_images}_{size_tag}"
-        val_dir = root / f"val_{syn.val_images}_{size_tag}"
+        train_dir = synthetic_split_dir(syn, "train", syn.train_images)
+        val_dir = synthetic_split_dir(syn, "val", syn.val_images)
         if generate:
             ensure_synthetic_dataset(
                 train_dir, syn.train_images, syn.seed, tuple(syn.image_size), max_people=syn.max_people
@@ -232,8 +230,12 @@ def synthetic_test_dir(cfg: DataConfig) -> Path | None:
     syn = cfg.synthetic
     if syn is None or syn.test_images == 0:
         return None
-    size_tag = f"{syn.image_size[0]}x{syn.image_size[1]}_seed{syn.seed}"
-    return Path(syn.root) / f"test_{syn.test_images}_{size_tag}"
+    return synthetic_split_dir(syn, "test", syn.test_images)
+
+
+def synthetic_split_dir(syn: Any, split: str, count: int) -> Path:
+    """<root>/<split>_<count>_<H>x<W>_seed<seed>: one directory per generated split and its parameters."""
+    return Path(syn.root) / f"{split}_{count}_{syn.image_size[0]}x{syn.image_size[1]}_seed{syn.seed}"
 
 
 def _test_paths(cfg: DataConfig, generate: bool) -> tuple[Path | None, Path | None]:
