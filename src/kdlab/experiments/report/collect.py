@@ -105,6 +105,11 @@ def read_metrics_csv(path: Path) -> list[dict[str, str]]:
         return []
 
 
+def read_config(run_dir: Path | None) -> dict[str, Any] | None:
+    """A run's config.json alone (None when absent or unreadable), for what needs no other file."""
+    return None if run_dir is None else _read_json(run_dir / "config.json")
+
+
 def read_run(run_dir: Path | None) -> RunFiles:
     if run_dir is None:
         return RunFiles(None, None, None, [], None)

@@ -16,7 +16,7 @@ from kdlab.experiments.report.collect import (
     layout_for_rows,
     per_image_sums,
     provenance_note,
-    read_run,
+    read_config,
     split_seed,
 )
 from kdlab.experiments.report.figures import comparison_figure, curves_figure, plot_points, save_figure_atomic
@@ -51,7 +51,7 @@ def equivalence_margin(records: list[RunRecord]) -> float:
     runs disagree, the largest (the most cautious claim of equivalence), with a warning."""
     margins = set()
     for record in records:
-        config = read_run(record.run_dir).config
+        config = read_config(record.run_dir)
         value = (
             (config or {}).get("report", {}).get("equivalence_margin") if isinstance(config, dict) else None
         )
