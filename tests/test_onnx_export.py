@@ -97,6 +97,21 @@ def test_onnx_matches_pytorch_for_dynamic_batch_and_roi_counts(tiny_export, batc
     assert result["num_images"] == num_images and result["num_rois"] == len(batch_indices)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnxruntime_sessions_keep_to_the_processs_torch_thread_budget(tiny_export, threads):
+    # the runner pins each run to its threads (torch.set_num_threads); onnxruntime's default of one thread per
+    # core would spin on the cores of the runs beside it during the export's scoring and timing
+    _, path = tiny_export
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        options = pipeline.ort_session(path).get_session_options()
+    finally:
+        torch.set_num_threads(before)
+    assert options.intra_op_num_threads == threads
+    assert options.inter_op_num_threads == 1
+
+
 def test_onnx_runs_a_batch_with_no_rois_at_all(tiny_export):
     """N=0 works (torch's GroupNorm symbolic alone would fail on it): the output is [0,3,mask_h,mask_w]."""
     model, path = tiny_export

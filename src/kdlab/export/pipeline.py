@@ -333,9 +333,13 @@ def float_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def ort_session(onnx_path: str | Path) -> ort.InferenceSession:
-    """A CPU onnxruntime session that logs errors only."""
+    """A CPU onnxruntime session that logs errors only, on the process's thread budget: as many intra-op
+    threads as torch has (the runner pins each run's threads; onnxruntime's default, one per core, would spin
+    on the cores of the runs beside it)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.inter_op_num_threads = 1
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
