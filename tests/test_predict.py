@@ -155,6 +155,44 @@ def test_coco_with_a_list_of_files_predicts_and_scores_those_only(ws, tmp_path, 
     assert "target_iou" in stdout  # the table
 
 
+def test_coco_file_names_with_a_subfolder_resolve_under_images_as_in_training(ws, tmp_path, capsys):
+    """A standard COCO export (labelme's: `file_name` = `JPEGImages/x.jpg`) with `--images` at its root, as
+    training's data.*_images takes it: every image is predicted, also two that share a base name in two
+    subfolders (each gets its own overlay)."""
+    coco = json.loads(ws["ann"].read_text())
+    root = tmp_path / "export"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "more").mkdir()
+    for image in coco["images"]:
+        shutil.copy(ws["images"] / image["file_name"], root / "JPEGImages" / image["file_name"])
+        image["file_name"] = f"JPEGImages/{image['file_name']}"
+    first = dict(coco["images"][0], id=9_000, file_name=f"more/{Path(coco['images'][0]['file_name']).name}")
+    shutil.copy(root / coco["images"][0]["file_name"], root / first["file_name"])
+    coco["images"].append(first)
+    coco["annotations"] += [
+        dict(a, id=90_000 + k, image_id=first["id"])
+        for k, a in enumerate(
+            a for a in list(coco["annotations"]) if a["image_id"] == coco["images"][0]["id"]
+        )
+    ]
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    code, _, err = predict(
+        ["--model", str(ws["pth"]), "--images", str(root), "--coco", str(ann), "--output", str(out)], capsys
+    )
+    assert code == 0, err
+    with_people = {a["image_id"] for a in coco["annotations"]}
+    results = json.loads((out / "predictions.json").read_text())
+    assert {r["image_id"] for r in results} == with_people and len(results) == len(coco["annotations"])
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert {i["id"]: i["file_name"] for i in images} == {
+        i["id"]: i["file_name"] for i in coco["images"] if i["id"] in with_people
+    }
+    assert len({i["overlay"] for i in images}) == len(images) == len(list((out / "overlays").iterdir()))
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["images"] == len(with_people)
+
+
 def test_boxes_json_whole_image_and_an_image_of_another_size(ws, tmp_path, capsys):
     """--boxes and --whole_image; a 50x90 image (the model takes 96x96) gets masks at 50x90, the box mapped in
     and the mask pasted back so that a box over the left half yields pixels on the left half only."""

@@ -45,6 +45,13 @@ class ImageRecord:
     people: list[PersonAnnotation] = field(default_factory=list)
 
 
+def image_path(images_dir: str | Path, file_name: str) -> Path:
+    """Where a COCO image entry's `file_name` lies: relative to the images folder, subfolders included
+    (`JPEGImages/x.jpg`, as COCO exports such as labelme's write it). Training (data.*_images) and
+    kdlab-predict (--images FOLDER) both resolve names here."""
+    return Path(images_dir) / file_name
+
+
 def _load_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{what} file {path} does not exist (set data.{what} to a COCO instances JSON)")
@@ -221,13 +228,11 @@ class CocoPeopleDataset(Dataset):
     def load_raw(self, index: int) -> Sample:
         """The image and its people at the original resolution, before any transform."""
         rec = self.records[index]
-        image = read_image(self.images_dir / rec.file_name)
+        path = image_path(self.images_dir, rec.file_name)
+        image = read_image(path)
         h, w = image.shape[-2:]
         if (h, w) != (rec.height, rec.width):
-            raise DataError(
-                f"image file {self.images_dir / rec.file_name} is {w}x{h} but its annotations say "
-                f"{rec.width}x{rec.height}"
-            )
+            raise DataError(f"image file {path} is {w}x{h} but its annotations say {rec.width}x{rec.height}")
         people = rec.people
         if self.max_rois_per_image is not None:
             people = people[: self.max_rois_per_image]

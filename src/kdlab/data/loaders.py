@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdlab.config.schema import DataConfig, ExperimentConfig
-from kdlab.data.coco import CocoPeopleDataset, read_coco_people
+from kdlab.data.coco import CocoPeopleDataset, image_path, read_coco_people
 from kdlab.data.seeds import draw_seed
 from kdlab.data.teacher_cache import collate_teacher_outputs
 from kdlab.data.transforms import EvalTransform, TrainTransform
@@ -260,11 +260,11 @@ def _test_paths(cfg: DataConfig, generate: bool) -> tuple[Path | None, Path | No
 
 def check_image_files(records: list[Any], images_dir: Path, what: str) -> None:
     """Every annotated image must exist before a run starts (one stat per image; decoding stays lazy)."""
-    missing = [r.file_name for r in records if not (images_dir / r.file_name).is_file()]
+    missing = [r.file_name for r in records if not image_path(images_dir, r.file_name).is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise DataError(
-            f"image file {images_dir / missing[0]}{more} listed in the annotations does not exist "
+            f"image file {image_path(images_dir, missing[0])}{more} listed in the annotations does not exist "
             f"(check data.{what}, or set data.skip_bad_images=true to skip such images)"
         )
 
@@ -352,11 +352,13 @@ def build_test_dataset(cfg: ExperimentConfig) -> CocoPeopleDataset | None:
     return validation_dataset(cfg, records, paths.test_images)
 
 
-def _worker_ignores_sigterm(_worker_id: int) -> None:
+def worker_ignores_sigterm(_worker_id: int) -> None:
     """Loader workers leave SIGTERM to the main process. A SIGTERM sent to the whole process group (Slurm
     pre-emption, `kill -- -PGID`, `pkill -f`) would otherwise kill the workers first, and the main process
-    would fail with "DataLoader worker ... killed by signal" instead of saving last.pth and exiting 143.
-    Workers still end with the main process (the loader shuts them down; they watch their parent)."""
+    would fail with "DataLoader worker ... killed by signal" instead of stopping gracefully (training saves
+    last.pth; every command exits 143). Workers still end with the main process (the loader shuts them down;
+    they watch their parent). The `worker_init_fn` of every DataLoader with workers: training's
+    (`build_loader`), kdlab-predict's and the teacher-cache generator's."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -383,5 +385,5 @@ def build_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=False,
-        worker_init_fn=_worker_ignores_sigterm if num_workers > 0 else None,
+        worker_init_fn=worker_ignores_sigterm if num_workers > 0 else None,
     )

@@ -174,7 +174,7 @@ def write_segmentation_split(
     batch_size, symmetrize = request.batch_size, request.symmetrize_flips
     import h5py
 
-    from kdlab.data.loaders import ErrorsAsValues, raise_if_data_error
+    from kdlab.data.loaders import ErrorsAsValues, raise_if_data_error, worker_ignores_sigterm
 
     names = [dataset.records[int(i)].file_name for i in indices]
     group.create_dataset("data", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
@@ -190,9 +190,11 @@ def write_segmentation_split(
         )  # fmt: skip
     labels.create_dataset("boxes", shape=(0, 4), maxshape=(None, 4), dtype=np.float32, chunks=(256, 4))
     offsets = [0]
+    # The workers leave a group-wide SIGTERM to this process: exit 143, and the temp cache file is removed.
     loader = DataLoader(
         ErrorsAsValues(_LetterboxedImages(dataset, indices)), batch_size=batch_size, shuffle=False,
         num_workers=cfg.data.num_workers, collate_fn=_collate_letterboxed,
+        worker_init_fn=worker_ignores_sigterm,
     )  # fmt: skip
     bar = tqdm(loader, desc=f"teacher cache {group.name.strip('/')}", unit="batch", disable=not progress)
     for batch in bar:

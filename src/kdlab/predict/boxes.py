@@ -5,6 +5,9 @@
 - `--boxes boxes.json`: `{file_name: [[x1, y1, x2, y2], ...]}` in original-image pixels;
 - `--whole_image`: one box covering each image.
 
+With a folder, a box source's file names resolve under it exactly as training resolves a COCO file's names
+under data.*_images (`kdlab.data.coco.image_path`: subfolders included, e.g. `JPEGImages/x.jpg`).
+
 Everything here only reads image headers (sizes); a box outside its image, an image without boxes or no
 boxes at all fail as one DataError before anything runs or is written.
 """
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from kdlab.data.coco import ImageRecord, read_coco_people
+from kdlab.data.coco import ImageRecord, image_path, read_coco_people
 from kdlab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -32,18 +35,21 @@ DEFAULT_CATEGORY_ID = 1  # COCO's person id, used when the boxes do not come fro
 
 @dataclass
 class ImageJob:
-    """One image to predict on: its id in predictions.json, file, original size and boxes [K,4] xyxy."""
+    """One image to predict on: its id in predictions.json, file, original size, boxes [K,4] xyxy and its
+    name as the box source gives it (a COCO file_name such as `JPEGImages/x.jpg`, a --boxes key)."""
 
     image_id: Any
     path: Path
     height: int
     width: int
     boxes: np.ndarray  # float32 [K,4], original-image pixels
+    file_name: str
 
 
 @dataclass
 class ImageSelection:
-    """What `--images` names: the files, and the folder when one folder was given (file names resolve in it)."""
+    """What `--images` names: the files (a folder's own, not its subfolders'), and the folder when one folder
+    was given (a box source's file names resolve under it, subfolders included)."""
 
     files: list[Path]
     folder: Path | None
@@ -60,15 +66,12 @@ class BoxPlan:
 
 
 def select_images(paths: list[str]) -> ImageSelection:
-    """`--images`: one folder (its image files, sorted) or image files; a missing path is a DataError."""
+    """`--images`: one folder (its image files, sorted) or image files; a missing path is a DataError. A folder
+    may hold its images in subfolders only (a COCO export's `JPEGImages/`): the box source names them."""
     given = [Path(p) for p in paths]
     if len(given) == 1 and given[0].is_dir():
         folder = given[0]
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(
-                f"image folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}); check --images"
-            )
         return ImageSelection(files, folder)
     for p in given:
         if p.is_dir():
@@ -121,16 +124,23 @@ def _as_boxes(boxes: list[list[float]]) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
-def _numbered(boxes_of: dict[Path, list[list[float]]], sizes: dict[Path, tuple[int, int]]) -> list[ImageJob]:
+def _numbered(
+    boxes_of: dict[Path, list[list[float]]], sizes: dict[Path, tuple[int, int]], names: dict[Path, str]
+) -> list[ImageJob]:
     """Jobs with ids = the index in sorted file order (what images.json maps back to file names)."""
     ordered = sorted(boxes_of, key=str)
-    return [ImageJob(i, p, *sizes[p], _as_boxes(boxes_of[p])) for i, p in enumerate(ordered)]
+    return [ImageJob(i, p, *sizes[p], _as_boxes(boxes_of[p]), names[p]) for i, p in enumerate(ordered)]
 
 
 def whole_image_boxes(selection: ImageSelection) -> BoxPlan:
+    if not selection.files:
+        raise DataError(
+            f"image folder {selection.folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}; its "
+            "subfolders are not searched); check --images"
+        )
     sizes = {p: image_size(p) for p in selection.files}
     boxes = {p: [[0.0, 0.0, float(w), float(h)]] for p, (h, w) in sizes.items()}
-    return BoxPlan(_numbered(boxes, sizes), DEFAULT_CATEGORY_ID)
+    return BoxPlan(_numbered(boxes, sizes, {p: p.name for p in boxes}), DEFAULT_CATEGORY_ID)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -144,13 +154,14 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _resolve_names(names: list[str], selection: ImageSelection, source: str) -> dict[str, Path]:
-    """Map each file name of a box source to its image: inside the folder, or among the listed files."""
+    """Map each file name of a box source to its image: under the folder as training resolves it
+    (subfolders included), or among the listed files (by base name)."""
     by_name = {p.name: p for p in selection.files}
     resolved: dict[str, Path] = {}
     missing: list[str] = []
     for name in names:
         if selection.folder is not None:
-            path = selection.folder / name
+            path = image_path(selection.folder, name)
             found = path if path.is_file() else None
         else:
             found = by_name.get(Path(name).name)
@@ -161,7 +172,9 @@ def _resolve_names(names: list[str], selection: ImageSelection, source: str) -> 
     if missing and selection.folder is not None:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise DataError(
-            f"{source} names image {missing[0]}{more} that is not in {selection.folder} (check --images)"
+            f"{source} names image {missing[0]}{more} that is not in {selection.folder} (no file "
+            f"{image_path(selection.folder, missing[0])}; names resolve under --images as under training's "
+            "data.*_images, subfolders included; check --images)"
         )
     return resolved
 
@@ -190,6 +203,7 @@ def json_boxes(path: Path, selection: ImageSelection) -> BoxPlan:
         raise DataError(f"{source} names image {ignored[0]} that is not among the --images files")
     sizes: dict[Path, tuple[int, int]] = {}
     boxes: dict[Path, list[list[float]]] = {}
+    names: dict[Path, str] = {}
     for name, raw_boxes in data.items():
         image = resolved[name]
         if not raw_boxes:
@@ -197,13 +211,14 @@ def json_boxes(path: Path, selection: ImageSelection) -> BoxPlan:
         sizes[image] = image_size(image)
         h, w = sizes[image]
         boxes[image] = [clip_box(b, h, w, f"{source}, image {name}") for b in raw_boxes]
+        names[image] = name
     _require_all_listed(selection, set(boxes), source)
-    skipped = len(selection.files) - len(boxes)
+    skipped = sum(1 for p in selection.files if p not in boxes)
     if skipped:
         log.info(
             "%d image(s) of %s have no entry in %s and are not predicted", skipped, selection.folder, path
         )
-    return BoxPlan(_numbered(boxes, sizes), DEFAULT_CATEGORY_ID)
+    return BoxPlan(_numbered(boxes, sizes, names), DEFAULT_CATEGORY_ID)
 
 
 def person_category_id(path: Path, person_category: str) -> int:
@@ -240,7 +255,8 @@ def coco_boxes(path: Path, selection: ImageSelection, person_category: str) -> B
         h, w = image_size(image)
         if (h, w) != (rec.height, rec.width):
             raise DataError(f"image file {image} is {w}x{h} but {source} says {rec.width}x{rec.height}")
-        jobs.append(ImageJob(rec.image_id, image, h, w, _as_boxes([list(p.box) for p in rec.people])))
+        people = _as_boxes([list(p.box) for p in rec.people])
+        jobs.append(ImageJob(rec.image_id, image, h, w, people, rec.file_name))
     if not jobs:
         raise DataError(f"{source} has no person boxes for the --images given; nothing to predict")
     files = {r.file_name: resolved[r.file_name] for r in chosen}

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from kdlab.data.loaders import (
     raise_if_data_error,
     readable_samples,
     validation_dataset,
+    worker_ignores_sigterm,
 )
 from kdlab.data.roi_masks import OTHER, TARGET, expand_rois, paste_roi_probabilities
 from kdlab.data.transforms import CropWindow, crop_boxes, crop_image, letterbox_window, uncrop_boxes
@@ -232,18 +234,31 @@ def coco_result(job: ImageJob, box: np.ndarray, roi: RoiPrediction, category_id:
 
 
 def _overlay_names(jobs: list[ImageJob]) -> list[str]:
-    """`<stem>.png`, or `<name>.png` where two images share a stem (a.jpg and a.png)."""
-    stems = [j.path.stem for j in jobs]
-    return [f"{j.path.stem if stems.count(j.path.stem) == 1 else j.path.name}.png" for j in jobs]
+    """`<stem>.png`; `<name>.png` where two images share a stem (a.jpg and a.png); where they share the name
+    too (in two subfolders of --images) the box source's file name, `/` written `__`
+    (`JPEGImages__a.jpg.png`), and if even that repeats, the image id in front."""
+    stems = Counter(j.path.stem for j in jobs)
+    names = Counter(j.path.name for j in jobs)
+    flat = [j.file_name.replace("\\", "/").replace("/", "__") for j in jobs]
+    picked = []
+    for job, flat_name in zip(jobs, flat, strict=True):
+        if stems[job.path.stem] == 1:
+            picked.append(job.path.stem)
+        elif names[job.path.name] == 1:
+            picked.append(job.path.name)
+        else:
+            picked.append(flat_name if flat.count(flat_name) == 1 else f"{job.image_id}__{flat_name}")
+    return [f"{name}.png" for name in picked]
 
 
 def predict_images(plan: PredictPlan, staging: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The model over every job, in batches: (COCO results, one images.json entry per image). Overlays go
     to `staging/overlays/`."""
     req, model, jobs = plan.request, plan.model, plan.boxes.jobs
+    # The workers leave a group-wide SIGTERM to this process: exit 143, nothing written (the staging goes).
     loader = DataLoader(
         ErrorsAsValues(LetterboxedJobs(jobs, model.input_size)), batch_size=req.batch_size, shuffle=False,
-        num_workers=req.num_workers, collate_fn=collate_jobs,
+        num_workers=req.num_workers, collate_fn=collate_jobs, worker_init_fn=worker_ignores_sigterm,
     )  # fmt: skip
     names = _overlay_names(jobs)
     results: list[dict[str, Any]] = []
@@ -273,7 +288,7 @@ def predict_images(plan: PredictPlan, staging: Path) -> tuple[list[dict[str, Any
 
 def _image_entry(job: ImageJob, preds: list[RoiPrediction], overlay: str | None) -> dict[str, Any]:
     return {
-        "id": job.image_id, "file_name": job.path.name, "path": str(job.path), "height": job.height,
+        "id": job.image_id, "file_name": job.file_name, "path": str(job.path), "height": job.height,
         "width": job.width, "num_rois": len(preds), "overlay": f"{OVERLAYS_DIR}/{overlay}" if overlay else None,
     }  # fmt: skip
 
