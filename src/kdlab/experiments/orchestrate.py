@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-import json
+import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from kdlab.errors import ConfigError
-from kdlab.experiments.runner import PlannedRun, RunResult, plan_runs, run_all, write_runs_json
+from kdlab.experiments.runner import PlannedRun, RunResult, plan_runs, run_all
+from kdlab.experiments.runs_record import RECORDED_AT, RUNS_FILE, record_runs
 from kdlab.tasks import task_of
 
 log = logging.getLogger(__name__)
@@ -47,28 +48,22 @@ def export_finished(results: list[Any]) -> None:
             log.error("%s: ONNX export failed: %s", result.name, exc)
 
 
-def read_runs(path: Path) -> list[RunResult]:
-    """The runs recorded in experiment_runs.json ([] when there is none or it cannot be read)."""
-    if not path.is_file():
-        return []
-    try:
-        return [RunResult(**entry) for entry in json.loads(path.read_text())]
-    except (json.JSONDecodeError, TypeError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return []
+def runs_of(records: list[dict[str, Any]]) -> list[RunResult]:
+    """The records of experiment_runs.json as RunResults: keys this version does not know are left out (the
+    file keeps them), and a record lacking a field is skipped with a warning."""
+    known = {f.name for f in dataclasses.fields(RunResult)}
+    runs = []
+    for entry in records:
+        try:
+            runs.append(RunResult(**{k: v for k, v in entry.items() if k in known}))
+        except TypeError as exc:
+            log.warning("experiment_runs.json: ignoring the record of %s: %s", entry.get("name"), exc)
+    return runs
 
 
-def merge_runs(previous: list[RunResult], results: list[RunResult]) -> list[RunResult]:
-    """Earlier runs stay in the table; this invocation's results replace entries of the same name (an
-    export-only pass keeps the original training record and adds the export)."""
-    merged = {r.name: copy.copy(r) for r in previous}
-    for r in results:
-        earlier = merged.get(r.name)
-        if r.status == "exists" and earlier is not None and earlier.status == "completed":
-            earlier.export = r.export
-            continue
-        merged[r.name] = r
-    return list(merged.values())
+def run_record(result: RunResult, recorded_at: float | None) -> dict[str, Any]:
+    """A result as the record file holds it: its fields and when the runner recorded it (None: now)."""
+    return {**dataclasses.asdict(result), RECORDED_AT: recorded_at}
 
 
 def run_task(result: RunResult) -> str:
@@ -135,14 +130,17 @@ def orchestrate(
         from kdlab.experiments.slurm import SubmititLauncher
 
         launcher = SubmititLauncher(executor, out / ".submitit", **(slurm or {}))
-    runs_json = out / "experiment_runs.json"
-    previous = read_runs(runs_json)
+    runs_json = out / RUNS_FILE
     order = {p.run_name: i for i, p in enumerate(planned)}
     done: list[RunResult] = []
+    recorded_at: dict[str, float] = {}
 
     def record(result: RunResult) -> None:  # each run's result on disk as it ends: a killed runner loses none
+        recorded_at[result.name] = time.time()
         done.append(result)
-        write_runs_json(merge_runs(previous, sorted(done, key=lambda r: order[r.name])), runs_json)
+        # merged into the file as it is now (under its lock): what other runners recorded meanwhile stays
+        ordered = sorted(done, key=lambda r: order[r.name])
+        record_runs(runs_json, [run_record(r, recorded_at[r.name]) for r in ordered])
 
     results = run_all(
         planned, flags_argv, out, resume=resume, fail_fast=fail_fast, skip_training=skip_training,
@@ -151,8 +149,8 @@ def orchestrate(
     )  # fmt: skip
     if export:
         export_finished(results)
-    all_runs = merge_runs(previous, results)
-    write_runs_json(all_runs, out / "experiment_runs.json")
+    # the exports, and the results of a --skip_training pass; the report covers every run the file holds
+    all_runs = runs_of(record_runs(runs_json, [run_record(r, recorded_at.get(r.name)) for r in results]))
     records = [
         RunRecord(
             name=r.name,
@@ -167,7 +165,7 @@ def orchestrate(
     ]
     latency = measure_report_latency([(r.name, r.run_dir) for r in records if r.run_dir is not None], out)
     paths = write_report(collect_rows(records, latency), out, records)
-    paths["runs_json"] = out / "experiment_runs.json"
+    paths["runs_json"] = runs_json
     ok_status = {"completed", "exists"}
     failed = [r.name for r in results if r.status not in ok_status]
     failed += [r.name for r in results if r.export is not None and not r.export.get("ok")]

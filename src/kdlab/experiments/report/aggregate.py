@@ -6,6 +6,7 @@ the gap closed with Fieller's interval and, given per-image sums, a paired boots
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,9 +82,48 @@ def aggregated_columns(layout: ReportLayout) -> tuple[str, ...]:
     return tuple(out)
 
 
+UNSEEDED_SUFFIX = " (no seed)"  # the row of a run left out of its config's seed group
+
+
+def separate_unseeded(records: list[RunRecord]) -> list[RunRecord]:
+    """The records, where a run without a seed whose config also has seed runs (`<config>` beside
+    `<config>__seed-0..2`: typically left by an earlier invocation without --seeds, maybe with other settings
+    and the config's default seed) is moved out of that seed group into its own, `<config> (no seed)`.
+    Idempotent; the others are returned as they are."""
+    seeded = {g for g, s in (r.group_and_seed() for r in records) if s is not None}
+    out = []
+    for record in records:
+        group, seed = record.group_and_seed()
+        if seed is None and group in seeded:
+            record = dataclasses.replace(record, group=group + UNSEEDED_SUFFIX)
+        out.append(record)
+    return out
+
+
+def grouping_note(records: list[RunRecord]) -> str | None:
+    """The sentence that says which runs each row over seeds pools and which runs were left out of a seed
+    group, and why; None when no row pools several runs."""
+    records = separate_unseeded(records)
+    groups: dict[str, list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault(record.group_and_seed()[0], []).append(record)
+    pooled = [f"{g}: {', '.join(r.name for r in rs)}" for g, rs in groups.items() if len(rs) > 1]
+    if not pooled:
+        return None
+    text = "Runs pooled per row (one config over its seeds, `<config>__seed-<s>`): " + "; ".join(pooled) + "."
+    left_out = [r for r in records if r.group and r.group.endswith(UNSEEDED_SUFFIX)]
+    if left_out:
+        names = ", ".join(f"{r.name} (its own row, {r.group})" for r in left_out)
+        text += (
+            f" Left out of a seed group: {names}: recorded without a seed, e.g. by an earlier invocation without "
+            "--seeds, so its seed and settings may differ from the seed runs of its config."
+        )
+    return text
+
+
 def is_multi_seed(records: list[RunRecord]) -> bool:
     """True when some config ran more than once (--seeds): the report then aggregates by config."""
-    groups = [r.group_and_seed()[0] for r in records]
+    groups = [r.group_and_seed()[0] for r in separate_unseeded(records)]
     return len(set(groups)) < len(groups)
 
 
@@ -99,11 +139,13 @@ def aggregate_rows(
     equivalence_margin: float = EQUIVALENCE_MARGIN,
     per_image: PerImageSums | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per config (the runs of one group, i.e. config and sweep value, over seeds), in first-seen order.
+    """One row per config (the runs of one group, i.e. config and sweep value, over seeds), in first-seen order;
+    a run without a seed is not pooled with its config's seed runs (`separate_unseeded`).
 
     Runs without a result (failed, skipped) are named in `status` and left out of every mean; n counts the
     runs with a result. Distilled configs get, on the headline metric, from their baseline (the first student
-    config of the same architecture, preferring the same sweep value), over the seeds both have:
+    config of the same architecture, preferring the same sweep value, then one with seeds in common), over the
+    seeds both have:
     - delta_*: the paired difference distilled − baseline, its mean, std, n and 95% Student-t interval (none
       for n < 2 or a zero spread);
     - verdict: `seed_stats.verdict` against ±`equivalence_margin` (the runs' `report.equivalence_margin`);
@@ -122,7 +164,7 @@ def aggregate_rows(
     """
     layout = layout or layout_for_rows(rows)
     head, arch = layout.headline, layout.arch_column
-    by_name = {r.name: r for r in records}
+    by_name = {r.name: r for r in separate_unseeded(records)}
     groups: dict[str, list[tuple[int | None, dict[str, Any], RunRecord | None]]] = {}
     for row in rows:
         record = by_name.get(row["experiment"])
@@ -201,7 +243,9 @@ def aggregate_rows(
         candidates = [
             r for r in out if r["role"] == "student" and r["n"] > 0 and r.get(arch) == row.get(arch)
         ]
-        candidates.sort(key=lambda r: _sweep_part(r["experiment"]) != _sweep_part(group))
+        # the same sweep value first, then a config with seeds in common (not a run left out of its seed group)
+        candidates.sort(key=lambda r: (_sweep_part(r["experiment"]) != _sweep_part(group),
+                                       not values[r["experiment"]].keys() & values[group].keys()))  # fmt: skip
         students = [r["experiment"] for r in out if r["role"] == "student" and r["n"] > 0]
         lead_base = group if row["role"] == "student" else (
             candidates[0]["experiment"] if candidates else (students[0] if students else None)

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.atomic_io import write_text_atomic
-from kdlab.experiments.report.aggregate import aggregate_rows, aggregated_columns, is_multi_seed
+from kdlab.experiments.report.aggregate import (
+    aggregate_rows,
+    aggregated_columns,
+    grouping_note,
+    is_multi_seed,
+    separate_unseeded,
+)
 from kdlab.experiments.report.collect import (
     RESULT_STATUSES,
     RunRecord,
@@ -84,6 +90,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
         "curves_png": out_dir / "training_curves.png",
     }
     layout = layout_for_rows(rows)
+    curves_from = separate_unseeded(curves_from)  # a run without a seed is not pooled with seed runs
     aggregated = is_multi_seed(curves_from)
     by_name = {r.name: r for r in curves_from}
     seeded = [
@@ -110,6 +117,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
         )
         frame = table_frame(table, aggregated_columns(layout))
         text += ["", seed_method(layout, margin)]
+        grouped = grouping_note(curves_from)
+        if grouped:
+            text += ["", grouped]
         body = aggregated_markdown(frame, layout)
     else:
         table = rows
