@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from kdlab.engine.stop_signals import TrainingInterrupted
+from kdlab.engine.stop_signals import StoppedAtOnce, TrainingInterrupted
 from kdlab.errors import KdlabInputError, KdlabRunFailure
 
 # Dedicated flags -> config keys; they rank above `--set` (DESIGN.md's precedence).
@@ -74,7 +74,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except KdlabRunFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except TrainingInterrupted as exc:
+    except (TrainingInterrupted, StoppedAtOnce) as exc:  # the trainer turns the latter into the former
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

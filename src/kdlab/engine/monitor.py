@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +85,26 @@ def top_k_file(rank: int) -> str:
     return "best_model.pth" if rank == 1 else f"best_model_top{rank}.pth"
 
 
+# The top-k files: best_model.pth, best_model_top{r}.pth, and best_model_moving{n}.pth, where
+# `TopK.settle` parks a file for a moment (a crash then leaves it to the next resume, which ranks it too).
+_TOP_K_NAME = re.compile(r"best_model(?:_top(\d+)|_moving(\d+))?\.pth")
+
+
+def top_k_paths(ckpt_dir: Path) -> list[Path]:
+    """The top-k files in `ckpt_dir`, in the order of their names' ranks (parked files last)."""
+
+    def order(path: Path) -> tuple[int, int]:
+        m = _TOP_K_NAME.fullmatch(path.name)
+        assert m is not None
+        if m.group(1):
+            return (0, int(m.group(1)))
+        return (1, int(m.group(2))) if m.group(2) else (0, 1)
+
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.iterdir() if _TOP_K_NAME.fullmatch(p.name) and p.is_file()), key=order)
+
+
 @dataclass
 class TopK:
     """The k best validated epochs, best first, each with its checkpoint file name (by rank)."""
@@ -123,6 +145,61 @@ class TopK:
 
     def to_payload(self) -> list[dict[str, Any]]:
         return [dict(e) for e in self.entries]
+
+    @classmethod
+    def from_files(
+        cls,
+        k: int,
+        ckpt_dir: Path,
+        mode: Mode,
+        resumed_epoch: int,
+        read: Callable[[Path], tuple[int, float] | None],
+    ) -> tuple[TopK, list[str]]:
+        """The top-k list as the files in `ckpt_dir` hold it, for a run resumed after `resumed_epoch` epochs.
+
+        A run killed at an epoch end after shifting the files down a rank (and maybe after writing the new
+        one) but before that epoch's last.pth leaves files that the list saved in last.pth no longer
+        describes. So the list is rebuilt from the files: `read(path)` gives a file's (epoch, monitored
+        value), or None for a file it cannot rank, which is left alone. Files of an epoch after
+        `resumed_epoch` (that epoch is trained again and re-ranked) and second copies of an epoch are
+        deleted; the rest are ranked (ties: the earlier epoch first, as `rank_of` does), renamed to their
+        rank's name and cut to k. Returns the list and the names of the deleted files."""
+        entries: list[dict[str, Any]] = []
+        removed: list[str] = []
+        for path in top_k_paths(ckpt_dir):
+            info = read(path)
+            if info is None:
+                continue
+            epoch, value = info
+            if epoch > resumed_epoch or not math.isfinite(value) or any(e["epoch"] == epoch for e in entries):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+                continue
+            entries.append({"epoch": epoch, "value": value, "file": path.name})
+        entries.sort(key=lambda e: (-e["value"] if mode == "max" else e["value"], e["epoch"]))
+        top = cls(k, entries)
+        removed += top.settle(ckpt_dir)
+        return top, removed
+
+    def settle(self, ckpt_dir: Path) -> list[str]:
+        """Rename each entry's file to its rank's name (`os.replace`; a file in the way that belongs further
+        down is parked under a spare name first), then delete the files past rank k. Returns those."""
+        for rank, entry in enumerate(self.entries[: self.k], start=1):
+            target = top_k_file(rank)
+            if entry["file"] == target:
+                continue
+            occupant = next((e for e in self.entries[rank:] if e["file"] == target), None)
+            if occupant is not None:
+                n = 1
+                while (ckpt_dir / f"best_model_moving{n}.pth").exists():
+                    n += 1
+                os.replace(ckpt_dir / target, ckpt_dir / f"best_model_moving{n}.pth")
+                occupant["file"] = f"best_model_moving{n}.pth"
+            os.replace(ckpt_dir / entry["file"], ckpt_dir / target)
+            entry["file"] = target
+        dropped = [e["file"] for e in self.entries[self.k :]]
+        self.shrink(ckpt_dir)
+        return dropped
 
     @classmethod
     def from_payload(cls, k: int, data: list[dict[str, Any]]) -> TopK:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import distributed as dist
 
 from kdlab.atomic_io import write_json_atomic
 from kdlab.checkpoints import load_checkpoint, load_weights
@@ -221,7 +222,10 @@ class TrainerCheckpoints:
         self.state.amp_overflow_steps = int(payload.get("amp_overflow_steps", 0))
         self.progress = EpochProgress.from_payload(payload.get("epoch_progress"), self.device)
         self.state.last_metrics = dict(payload.get("metrics", {}))
-        self._resume_monitor(payload)
+        in_place = Path(path).resolve().parent == self.ckpt_dir.resolve()  # this run's own checkpoint
+        self._resume_monitor(payload, top_k_from_files=in_place)
+        if Path(path).resolve() == (self.ckpt_dir / "last.pth").resolve():
+            self._last_saved_step = self.state.global_step
         restore_rng_state(payload["rng_state"])
         where = f"epoch {self.state.epoch}" + (
             f" + {self.state.batches_done} batches of epoch {self.state.epoch + 1}"
@@ -230,9 +234,11 @@ class TrainerCheckpoints:
         )
         log.info("resumed from %s at %s (step %d)", path, where, self.state.global_step)
 
-    def _resume_monitor(self, payload: dict[str, Any]) -> None:
+    def _resume_monitor(self, payload: dict[str, Any], top_k_from_files: bool = False) -> None:
         """Plateau factor, early-stopping counter and top-k list as they were (absent in older checkpoints:
-        the top-k list then holds the recorded best epoch, as best_model.pth)."""
+        the top-k list then holds the recorded best epoch, as best_model.pth). With `top_k_from_files` (the
+        run resumes from a checkpoint of its own checkpoints/) the top-k list is rebuilt from the files
+        there, which a crash at an epoch end may have moved after that checkpoint was written."""
         saved = payload.get("monitor")
         if saved and saved.get("name") != self.best_metric_name:
             log.warning(
@@ -253,7 +259,62 @@ class TrainerCheckpoints:
             self.top_k = TopK(self.tcfg.save_top_k, [
                 {"epoch": self.state.best_epoch, "value": self.state.best_metric, "file": "best_model.pth"}
             ])  # fmt: skip
-        self.top_k.shrink(self.ckpt_dir if self.dist.is_main else None)
+        if top_k_from_files:
+            self._top_k_from_files()
+        else:
+            self.top_k.shrink(self.ckpt_dir if self.dist.is_main else None)
+
+    def _top_k_from_files(self) -> None:
+        """The top-k list (and the best value and epoch, its first entry) as the best_model*.pth files hold
+        it: rank 0 reads and tidies the files (`TopK.from_files`: files of epochs after the resumed one are
+        deleted, as those epochs are trained again) and hands the list to the other ranks."""
+        saved = self.top_k.to_payload()
+        entries = saved
+        if self.dist.is_main:
+            top, removed = TopK.from_files(
+                self.tcfg.save_top_k,
+                self.ckpt_dir,
+                self.monitor_mode,
+                self.state.epoch,
+                self._top_k_file_info,
+            )
+            entries = top.to_payload()
+            if removed:
+                log.info(
+                    "removed %s: top-k checkpoints of epochs after the resumed epoch %d (trained again) or "
+                    "past the top %d", ", ".join(removed), self.state.epoch, self.tcfg.save_top_k,
+                )  # fmt: skip
+            if entries != saved[: self.tcfg.save_top_k]:
+                log.warning(
+                    "the top-k checkpoints on disk differ from the list saved in the checkpoint (the run was "
+                    "stopped between moving them and saving last.pth); the list follows the files: %s",
+                    ", ".join(f"{e['file']} (epoch {e['epoch']}, {e['value']:.4g})" for e in entries) or "none",
+                )  # fmt: skip
+        if dist.is_available() and dist.is_initialized():
+            box = [entries]
+            dist.broadcast_object_list(box, src=0)
+            entries = box[0]
+        self.top_k = TopK.from_payload(self.tcfg.save_top_k, entries)
+        if entries:
+            self.state.best_metric, self.state.best_epoch = entries[0]["value"], entries[0]["epoch"]
+        else:  # no best file left: the next validated epoch is the best so far
+            self.state.best_metric, self.state.best_epoch = worst_value(self.monitor_mode), 0
+
+    def _top_k_file_info(self, path: Path) -> tuple[int, float] | None:
+        """(epoch, monitored value) a best_model*.pth file was saved with, or None if it holds no such thing
+        for this run's monitor (it is then not ranked)."""
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("%s; it is not counted among the top-k checkpoints", exc)
+            return None
+        monitor = payload.get("monitor") or {}
+        if monitor.get("name", self.best_metric_name) != self.best_metric_name:
+            return None
+        value, epoch = monitor.get("value", payload.get("best_metric")), payload.get("epoch")
+        if value is None or epoch is None:
+            return None
+        return int(epoch), float(value)
 
     def _extend_schedule(self, payload: dict[str, Any], old_epochs: int) -> None:
         """A run resumed with a new epoch total: continue the LR from where it was. Cosine decays from there to

@@ -2,7 +2,12 @@
 
 The handlers only set a flag that the training loop reads at optimizer-step boundaries (and at epoch
 ends); the loop then saves `last.pth` and raises `TrainingInterrupted`, which the CLI turns into exit
-130 (SIGINT) or 143 (SIGTERM) with the exact resume command. A second signal stops at once.
+130 (SIGINT) or 143 (SIGTERM) with the exact resume command.
+
+A second signal stops at once: the handler raises `StoppedAtOnce` wherever the main thread is (inside a
+step, even inside a checkpoint write, whose temp file is then dropped, so the previous file stands). It is a
+`BaseException`, so no `except Exception` on the way swallows it; the trainer turns it into a
+`TrainingInterrupted` (status `interrupted`, exit 128 + signal, one line naming the last saved last.pth).
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ class TrainingInterrupted(Exception):
         self.exit_code = 128 + signum
 
 
+class StoppedAtOnce(BaseException):
+    """A second SIGINT/SIGTERM while a graceful stop was pending: the run stops where it is, unsaved."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped at once by a second {signal.Signals(signum).name}")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 class StopSignals:
     """Context manager: while active, SIGINT/SIGTERM request a graceful stop instead of killing the run."""
 
@@ -28,6 +42,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.stopping_at_once = False
         self._previous: dict[int, object] = {}
 
     @property
@@ -35,8 +50,11 @@ class StopSignals:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping_at_once:  # a third signal: the stop is under way already
+            return
         if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+            self.stopping_at_once = True
+            raise StoppedAtOnce(signum)
         self.signum = signum
 
     def __enter__(self) -> StopSignals:

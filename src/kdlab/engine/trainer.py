@@ -35,7 +35,7 @@ from kdlab.engine.optim import build_optimizer, build_scheduler
 from kdlab.engine.progress_file import ProgressFile
 from kdlab.engine.run_logger import RunLogger
 from kdlab.engine.state import EpochProgress, LossSums, TrainerCheckpoints, TrainState
-from kdlab.engine.stop_signals import StopSignals, TrainingInterrupted
+from kdlab.engine.stop_signals import StoppedAtOnce, StopSignals, TrainingInterrupted
 from kdlab.engine.tasks import Task, misplaced_loss_terms
 from kdlab.errors import NonFiniteLossError
 
@@ -124,6 +124,7 @@ class Trainer(TrainerCheckpoints):
         self._loss_dict_checked = False
         self._stop: StopSignals | None = None
         self._stop_agreed = False
+        self._last_saved_step: int | None = None  # global_step of the last.pth this process wrote last
         self.dist = distributed.current()
         # The module the task calls: the student, with whatever trains beside it (feature adapters) inside the
         # same module, wrapped in DDP under torchrun so one all-reduce covers every trained weight (never the
@@ -185,6 +186,9 @@ class Trainer(TrainerCheckpoints):
         except (KeyboardInterrupt, TrainingInterrupted):
             status = "interrupted"
             raise
+        except StoppedAtOnce as exc:  # a second signal: an interruption too, only without a save
+            status = "interrupted"
+            raise self._stopped_at_once(exc.signum) from None
         finally:
             self._stop = None
             summary = self._close_run(status)
@@ -336,6 +340,25 @@ class Trainer(TrainerCheckpoints):
             save_checkpoint_atomic(
                 self._full_payload(), self.ckpt_dir / "last.pth", retry=RETRY_AFTER_WRITE_FAILURE
             )
+            self._last_saved_step = self.state.global_step
+
+    def _stopped_at_once(self, signum: int) -> TrainingInterrupted:
+        """The one-line outcome of a second signal: nothing was saved for it, the last complete last.pth
+        (atomic writes: never a half-written one) is where a resume continues."""
+        last = self.ckpt_dir / "last.pth"
+        where = f"epoch {self.state.epoch}" + (
+            f" + {self.state.batches_done} batches" if self.state.batches_done else ""
+        )
+        name, step = signal.Signals(signum).name, self.state.global_step
+        head = f"stopped at once by a second {name} after step {step} ({where}), without saving"
+        if not last.is_file():
+            return TrainingInterrupted(
+                signum, f"{head}; no last.pth was saved yet; start again with: {resume_command(Path('auto'))}"
+            )
+        saved = f" (step {self._last_saved_step})" if self._last_saved_step is not None else ""
+        return TrainingInterrupted(
+            signum, f"{head}; {last}{saved} stands; resume with: {resume_command(last)}"
+        )
 
     def _stop_if_requested(self, epoch: int, at_epoch_end: bool = False) -> None:
         """After a step (or an epoch) a stop signal saves last.pth, then raises TrainingInterrupted."""
@@ -568,4 +591,5 @@ class Trainer(TrainerCheckpoints):
                 epoch_path = self.ckpt_dir / f"checkpoint_epoch_{epoch + 1:04d}.pth"
                 save_checkpoint_atomic(full, epoch_path, retry=RETRY_AFTER_WRITE_FAILURE)
             save_checkpoint_atomic(full, self.ckpt_dir / "last.pth", retry=RETRY_AFTER_WRITE_FAILURE)
+            self._last_saved_step = self.state.global_step
             self.write_summary("running")
