@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import kdlab
-from kdlab.atomic_io import write_json_atomic
 from kdlab.config.loader import parse_set_items, resolve_config
 from kdlab.config.schema import ExperimentConfig
 from kdlab.errors import ConfigError
@@ -334,7 +333,7 @@ class SuiteBook:
     def __init__(
         self, planned: list[PlannedRun], flags_argv: list[str], output_dir: Path, resume: bool, fail_fast: bool,
         on_result: Callable[[RunResult], None] | None, gpus_for: Callable[[int], int] | None = None,
-        job_kind: str | None = None, export: bool = False,
+        job_kind: str | None = None, export: bool = False, adopt: Callable[[str], Any] | None = None,
     ) -> None:  # fmt: skip
         self.by_name = {p.run_name: p for p in planned}
         self.order = {p.run_name: i for i, p in enumerate(planned)}
@@ -344,6 +343,7 @@ class SuiteBook:
         self.gpus_for = gpus_for  # cluster jobs: the GPUs a run's job asks for
         self.job_kind = job_kind  # "Slurm job", "submitit local job"; None for a plain child process
         self.export = export  # each child exports its run to ONNX after training (scored on its own device)
+        self.adopt = adopt  # cluster jobs: run name -> the ChildSpec of a job an earlier runner left, or None
         self.env = child_env()
         self.results: dict[str, RunResult] = {}
         self.commands: dict[str, tuple[list[str], str | None]] = {}
@@ -381,6 +381,13 @@ class SuiteBook:
 
     def prepare(self, run: PlannedRun, slot: Slot | None) -> ChildSpec | RunResult:
         run_dir = run.run_dir()
+        if self.resume and self.adopt is not None and run.resume_from is None:
+            left = self.adopt(run.run_name)  # a job a killed runner submitted: collected, not resubmitted
+            if left is not None:
+                argv = left.command
+                resume_arg = argv[argv.index("--resume") + 1] if "--resume" in argv else None
+                self.commands[run.run_name] = (argv, resume_arg)
+                return left
         if self.resume and run.resume_from is None and finished_before(run):
             log.info(
                 "%s: already trained to %d epochs; not rerun (--resume)",
@@ -508,14 +515,11 @@ def run_all(
         return results
     gpus_for = getattr(launcher, "gpus_for", None)
     book = SuiteBook(planned, flags_argv, output_dir, resume, fail_fast, on_result, gpus_for=gpus_for,
-                     job_kind=getattr(launcher, "job_kind", None), export=export)  # fmt: skip
+                     job_kind=getattr(launcher, "job_kind", None), export=export,
+                     adopt=getattr(launcher, "recorded_job", None))  # fmt: skip
     if launcher is None:
         launcher, pool = ProcessLauncher(), SlotPool(gpus, parallel, threads=threads_per_run)
     else:
         pool = None if launcher.expresses_dependencies else SlotPool(None, parallel, threads=threads_per_run)
     schedule(planned, book, launcher, pool)
     return sorted(book.results.values(), key=lambda r: book.order[r.name])
-
-
-def write_runs_json(results: list[RunResult], path: Path) -> None:
-    write_json_atomic(path, [r.__dict__ for r in results])

@@ -215,6 +215,7 @@ class ChildSpec:
     log_path: Path
     devices: int = 0  # GPUs the job needs (a cluster job; a local child gets its slot's)
     header: str = ""  # first line of the log: where the runner placed the run
+    job_id: str | None = None  # a cluster job an earlier runner submitted for this run: watched, not started
 
 
 class Launcher(Protocol):
