@@ -55,8 +55,9 @@ def setup_logging(verbose: bool = False) -> None:
     root.propagate = False
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(BaseException):
+    """SIGTERM outside training's graceful stop. A BaseException, so no `except Exception` on the way (a
+    reader's "not a readable image", a runner's "this run failed") turns a stop into a wrong error."""
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
