@@ -31,13 +31,18 @@ def build_parser() -> Any:
     gen.add_argument("--seed", type=int, default=None, help="seed of the subset draw (default 0)")
     gen.add_argument("--no_symmetrize_flips", action="store_true", help="cache the teacher on one view only")
     gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="training.device")
-    gen.add_argument("--set", dest="set_items", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    gen.add_argument(
+        "--set", dest="set_items", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override keys of --config, e.g. --set data.num_workers=2 (repeatable)",
+    )  # fmt: skip
     gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    gen.add_argument("--no_progress", action="store_true")
+    gen.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
     exp = sub.add_parser("export-teacher", help="export a segmentation teacher to ONNX with its aux heads")
     exp.add_argument("--teacher", required=True, help="teacher checkpoint (.pth)")
     exp.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
-    exp.add_argument("--opset", type=int, default=18)
+    exp.add_argument(
+        "--opset", type=int, default=18, help="ONNX opset (>= 16: RoiAlign with half-pixel offsets)"
+    )
     for parser in (gen, exp):
         parser.error = p.error  # type: ignore[method-assign]  # one-line errors for subcommands too
     return p

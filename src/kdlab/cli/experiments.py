@@ -34,20 +34,36 @@ def build_parser() -> OneLineArgumentParser:
     )
     p.add_argument("--epochs", type=int, help="override training.epochs (only when given)")
     p.add_argument("--batch_size", type=int, help="override training.batch_size (only when given)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--seed", type=int,
+        help="training.seed of every run (one run per config; --seeds runs each config once per seed)",
+    )  # fmt: skip
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="training.device of every run (auto: CUDA when available)",
+    )
     p.add_argument("--output_dir", help="parent of the run directories and of the report")
     p.add_argument(
         "--teacher_checkpoint", help="teacher for every distillation config (overrides teacher_experiment)"
     )
-    p.add_argument("--distillation_temperature", type=float)
-    p.add_argument("--distillation_alpha", type=float)
+    p.add_argument(
+        "--distillation_temperature",
+        type=float,
+        help="distillation.temperature of every distillation config (> 0)",
+    )
+    p.add_argument(
+        "--distillation_alpha", type=float, help="distillation.alpha of every distillation config (in [0, 1])"
+    )
     p.add_argument(
         "--quantize", choices=["none", "int8"],
         help="export.quantize: also write an onnxruntime INT8 model of each exported run; it becomes "
         "best_model.onnx only if it loses <= export.max_int8_iou_drop of the headline metric",
     )  # fmt: skip
-    p.add_argument("--set", dest="set_items", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set", dest="set_items", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override config keys of every run, e.g. --set training.lr=3e-4 data.num_workers=2 (repeatable)",
+    )  # fmt: skip
     p.add_argument(
         "--sweep", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
         help="one run per value (cartesian product of several sweeps), named <config>__<key>-<value>",
@@ -105,7 +121,9 @@ def build_parser() -> OneLineArgumentParser:
         help="--executor slurm: job time limit",
     )
     p.add_argument("--slurm_cpus_per_run", type=int, metavar="C", help="--executor slurm: CPUs per job")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument(
+        "--verbose", action="store_true", help="log at DEBUG level (more detail from kdlab's own loggers)"
+    )
     return p
 
 

@@ -44,7 +44,9 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--num_workers", type=int, default=0, help="image-decoding worker processes (default 0)")
     p.add_argument("--no_overlays", action="store_true", help="skip the overlay PNGs")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument(
+        "--verbose", action="store_true", help="log at DEBUG level (more detail from kdlab's own loggers)"
+    )
     return p
 
 

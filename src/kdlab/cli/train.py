@@ -56,7 +56,9 @@ def build_parser() -> OneLineArgumentParser:
         "--test_only", action="store_true", help="evaluate best_model.pth (or --resume) on the val set"
     )
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument(
+        "--verbose", action="store_true", help="log at DEBUG level (more detail from kdlab's own loggers)"
+    )
     return p
 
 
