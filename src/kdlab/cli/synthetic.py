@@ -2,14 +2,35 @@
 
 --out DIR --images N --seed S [--height H --width W --min_people A --max_people B]
 Writes DIR/images/*.jpg and DIR/annotations.json (last, atomically) and prints the annotations path.
-`python -m kdlab.data.synthetic` takes the same flags.
 """
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 from kdlab.cli.common import OneLineArgumentParser, run_cli, setup_logging
-from kdlab.data.synthetic import add_generator_arguments, generate_from_args
+from kdlab.data.synthetic import generate_synthetic_people
 from kdlab.errors import KdlabInputError
+
+
+def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generator's flags (--out, --images, --seed, --height, --width, --min/max_people)."""
+    parser.add_argument("--out", required=True, help="output directory (images/ and annotations.json)")
+    parser.add_argument("--images", type=int, required=True, help="number of images")
+    parser.add_argument("--seed", type=int, required=True, help="dataset seed")
+    parser.add_argument("--height", type=int, default=256, help="image height in pixels")
+    parser.add_argument("--width", type=int, default=256, help="image width in pixels")
+    parser.add_argument("--min_people", type=int, default=1, help="fewest figures per image")
+    parser.add_argument("--max_people", type=int, default=5, help="most figures per image")
+
+
+def generate_from_args(args: argparse.Namespace) -> Path:
+    """Generate the dataset the parsed flags describe (with a progress bar); return the annotations path."""
+    return generate_synthetic_people(
+        args.out, args.images, args.seed, (args.height, args.width), args.min_people, args.max_people,
+        show_progress=True,
+    )  # fmt: skip
 
 
 def build_parser() -> OneLineArgumentParser:

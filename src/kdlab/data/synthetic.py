@@ -13,7 +13,6 @@ the whole pipeline can run without downloading COCO.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -601,60 +600,8 @@ def ensure_synthetic_dataset(
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-# The flags live here so that `python -m kdlab.data.synthetic` (below) and the `kdlab-synthetic` CLI
-# (kdlab.cli.synthetic) share one definition without the data layer importing the CLI layer.
-
-
-def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The generator's command-line flags (--out, --images, --seed, --height, --width, --min/max_people)."""
-    parser.add_argument("--out", required=True, help="output directory (images/ and annotations.json)")
-    parser.add_argument("--images", type=int, required=True, help="number of images")
-    parser.add_argument("--seed", type=int, required=True, help="dataset seed")
-    parser.add_argument("--height", type=int, default=256, help="image height in pixels")
-    parser.add_argument("--width", type=int, default=256, help="image width in pixels")
-    parser.add_argument("--min_people", type=int, default=1, help="fewest figures per image")
-    parser.add_argument("--max_people", type=int, default=5, help="most figures per image")
-
-
-def generate_from_args(args: argparse.Namespace) -> Path:
-    """Generate the dataset the parsed flags describe (with a progress bar); return the annotations path."""
-    return generate_synthetic_people(
-        args.out, args.images, args.seed, (args.height, args.width), args.min_people, args.max_people,
-        show_progress=True,
-    )  # fmt: skip
-
-
-class _ArgumentError(Exception):
-    """An invalid command line, reported as one `error: ...` line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises instead of printing usage and exiting, so main() controls the output."""
-
-    def error(self, message: str) -> Any:  # type: ignore[override]
-        raise _ArgumentError(message)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Generate a synthetic people dataset from the command line and print the annotations path.
-
-    `python -m kdlab.data.synthetic`; the same flags as the `kdlab-synthetic` script (kdlab.cli.synthetic).
-    """
-    parser = _Parser(
-        prog="python -m kdlab.data.synthetic", description="Generate a synthetic COCO people dataset."
-    )
-    add_generator_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        path = generate_from_args(args)
-    except (_ArgumentError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
+# The command line is `kdlab-synthetic` (kdlab.cli.synthetic); this module is the generator alone.
 if __name__ == "__main__":
-    raise SystemExit(main())
+    print("error: the generator's command is kdlab-synthetic (or python -m kdlab.cli.synthetic), same flags",
+          file=sys.stderr)  # fmt: skip
+    raise SystemExit(2)

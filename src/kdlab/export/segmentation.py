@@ -35,7 +35,6 @@ from kdlab.export.pipeline import (
     export_with_fallback,
     onnx_latency_of,
     onnx_parity_of,
-    torch_latency_of,
 )
 from kdlab.models.roi_unet import RoiUNet
 
@@ -231,13 +230,6 @@ def onnx_latency_ms(
 ) -> float:
     """Median onnxruntime CPU time per image (ms) over `runs` timed runs after a warm-up."""
     return onnx_latency_of(onnx_path, SegmentationExporter(), (images, rois), runs)
-
-
-def torch_latency_ms(
-    model: RoiUNet, images: torch.Tensor, rois: torch.Tensor, runs: int = DEFAULT_LATENCY_RUNS
-) -> float:
-    """Median PyTorch time per image (ms) on the model's device, eval mode, no grad; the reference for ONNX."""
-    return torch_latency_of(model, SegmentationExporter(), (images, rois), runs)
 
 
 def export_teacher_onnx(

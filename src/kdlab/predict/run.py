@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -411,8 +410,3 @@ def metrics_table(metrics: dict[str, Any]) -> str:
         shown = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
         lines.append(f"{key:<{width}}  {shown}")
     return "\n".join(lines)
-
-
-def as_json(result: PredictResult) -> str:
-    return json.dumps({"output": str(result.output), "images": result.num_images, "rois": result.num_rois,
-                       "metrics": result.metrics}, indent=2)  # fmt: skip
