@@ -22,7 +22,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kdlab.atomic_io import TMP_MARKER, atomic_write
+from kdlab.atomic_io import TMP_MARKER, atomic_write, size_text
 from kdlab.config.schema import ExperimentConfig
 from kdlab.errors import CheckpointError, CheckpointWriteError
 from kdlab.file_hash import file_sha256
@@ -35,7 +35,8 @@ __all__ = [
 # Fault injection for the crash tests: with KDLAB_FAULT_KILL_IN_SAVE=N the process SIGKILLs itself during
 # its N-th checkpoint write, after the temp file is complete and before the rename. With
 # KDLAB_FAULT_ENOSPC_IN_SAVE=N its N-th checkpoint write fails as on a full disk: half the temp file is
-# written, then OSError(ENOSPC) is raised.
+# written, then OSError(ENOSPC) is raised. (kdlab.atomic_io's KDLAB_FAULT_ENOSPC_WRITE=PATTERN:N does the same
+# by file name, for checkpoints and every other file a run writes.)
 FAULT_ENV = "KDLAB_FAULT_KILL_IN_SAVE"
 ENOSPC_FAULT_ENV = "KDLAB_FAULT_ENOSPC_IN_SAVE"
 _saves_in_process = 0
@@ -71,7 +72,7 @@ def save_checkpoint_atomic(payload: dict[str, Any], path: str | Path, *, retry: 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
     try:
-        return atomic_write(path, write, fsync_dir=True)
+        return atomic_write(path, write, fsync_dir=True, wrap_errors=False)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise CheckpointWriteError(_write_failure(path, reason, existed, retry)) from exc
@@ -97,8 +98,8 @@ def _torch_write_reason(directory: Path, needed: int, message: str) -> str:
     except OSError:
         return f"the write failed ({message})"
     if free < needed:
-        return f"No space left on device (the checkpoint needs about {_size(needed)}, {_size(free)} free)"
-    return f"the write failed ({message}; {_size(free)} free)"
+        return f"No space left on device (the checkpoint needs about {size_text(needed)}, {size_text(free)} free)"
+    return f"the write failed ({message}; {size_text(free)} free)"
 
 
 def _payload_bytes(value: Any) -> int:
@@ -109,13 +110,6 @@ def _payload_bytes(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(_payload_bytes(v) for v in value)
     return 0
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / 2**10:.0f} KiB"
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -11,6 +12,14 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
+from kdlab.atomic_io import (
+    FileWriteError,
+    defer_write_failure,
+    inject_write_fault,
+    is_no_space,
+    take_deferred_write_failure,
+    write_failure,
+)
 from kdlab.engine.stop_signals import StoppedAtOnce, TrainingInterrupted
 from kdlab.errors import KdlabInputError, KdlabRunFailure
 
@@ -38,11 +47,36 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 class _TqdmHandler(logging.Handler):
+    """Log lines on stderr, above any progress bar. When stderr is a file on a full disk, the failure is no
+    "--- Logging error ---" traceback: the console falls silent and the failure is raised as one error line at
+    the next safe point (the trainer's next step, or the end of the command)."""
+
+    failed = False
+
     def emit(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
         try:
+            inject_write_fault("stderr")
             tqdm.write(self.format(record), file=sys.stderr)
+        except OSError as exc:
+            if not is_no_space(exc):
+                self.handleError(record)
+                return
+            self.failed = True
+            target = _stderr_file()
+            defer_write_failure(write_failure(target or "stderr", exc, "", on_disk=target is not None))
         except Exception:  # pragma: no cover - logging must never crash the run
             self.handleError(record)
+
+
+def _stderr_file() -> str | None:
+    """The file stderr writes to, when it is one (Linux /proc), else None (a pipe, a terminal, unknown)."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{sys.stderr.fileno()}")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return target if target.startswith("/") and os.path.isfile(target) else None
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -61,18 +95,28 @@ class _Terminated(BaseException):
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run `main`, mapping bad input to exit 2 (`error: ...`), Ctrl-C to 130, SIGTERM to 143, bugs to 1."""
+    """Run `main`, mapping bad input to exit 2 (`error: ...`), a run failure (a full disk included) to 1 with one
+    `error:` line, Ctrl-C to 130, SIGTERM to 143, bugs to 1 with their traceback."""
 
     def _on_term(signum: int, frame: object) -> None:
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, _on_term)
+    take_deferred_write_failure()  # one left by an earlier command in this process is not this one's
+    for handler in logging.getLogger("kdlab").handlers:
+        if isinstance(handler, _TqdmHandler):
+            handler.failed = False  # the console may have room again
     try:
-        return main(argv)
+        code = main(argv)
+        late = take_deferred_write_failure()  # a log line that failed after the last safe point
+        if late is None:
+            return code
+        print(f"error: {late}", file=sys.stderr)
+        return EXIT_FAILURE
     except KdlabInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KdlabRunFailure as exc:
+    except (KdlabRunFailure, FileWriteError) as exc:  # FileWriteError: a full disk, one line
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (TrainingInterrupted, StoppedAtOnce) as exc:  # the trainer turns the latter into the former

@@ -6,12 +6,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kdlab.atomic_io import atomic_path
+from kdlab.atomic_io import FileWriteError, append_bytes, atomic_path, defer_write_failure
 from kdlab.config.schema import WandbConfig
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class RunLogger:
             with self.csv_path.open(newline="") as fh:
                 self.rows = [r for r in csv.DictReader(fh) if int(r.get("epoch", 0)) <= resume_epoch]
         self.writer = SummaryWriter(log_dir=str(self.logs_dir))
-        self.file_handler = logging.FileHandler(self.logs_dir / "training_log.txt", encoding="utf-8")
+        self.file_handler = RunLogHandler(self.logs_dir / "training_log.txt")
         self.file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("kdlab").addHandler(self.file_handler)
 
@@ -80,6 +81,42 @@ class RunLogger:
             self.wandb.close()
         logging.getLogger("kdlab").removeHandler(self.file_handler)
         self.file_handler.close()
+
+
+class RunLogHandler(logging.Handler):
+    """Appends each record to the run's text log as whole lines, in one write (`atomic_io.append_bytes`).
+
+    A write that fails for lack of space leaves the file as it was before that record (no torn last line),
+    prints no "--- Logging error ---" traceback and drops the records after it; the failure is handed to
+    `atomic_io.defer_write_failure`, and the trainer raises it as one error line at its next safe point."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failed or self.fd is None:
+            return
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            append_bytes(self.fd, data, self.path)
+        except FileWriteError as exc:
+            self.failed = True
+            defer_write_failure(exc)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+        finally:
+            self.release()
+        super().close()
 
 
 def _fmt(value: Any) -> Any:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from kdlab.atomic_io import RESUME_ADVICE, raise_deferred_write_failure, write_failure_advice
 from kdlab.checkpoints import remove_stale_temp_files, save_checkpoint_atomic
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.loaders import raise_if_data_error
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 Evaluator = Callable[[nn.Module], tuple[dict[str, float], dict[str, torch.Tensor] | None]]
 # Draws the evaluator's picture data into a directory; returns (file name, RGB array) per picture.
 PictureWriter = Callable[[dict[str, Any], Path], list[tuple[str, Any]]]
-# What a failed checkpoint write (disk full) tells the user to do once there is space again.
-RETRY_AFTER_WRITE_FAILURE = "rerun the same command with --resume auto"
+# What a failed write (disk full: a checkpoint, summary.json, metrics.csv, a picture, the text log) tells the
+# user to do once there is space again.
+RETRY_AFTER_WRITE_FAILURE = RESUME_ADVICE
 
 
 class Trainer(TrainerCheckpoints):
@@ -153,7 +155,13 @@ class Trainer(TrainerCheckpoints):
     def fit(self) -> dict[str, Any]:
         """Train to `training.epochs`; returns the summary written to summary.json.
 
-        SIGINT/SIGTERM finish the current optimizer step, save last.pth and raise TrainingInterrupted."""
+        SIGINT/SIGTERM finish the current optimizer step, save last.pth and raise TrainingInterrupted. A write
+        that fails for lack of space (any file of the run) raises FileWriteError or CheckpointWriteError, one
+        line that says to rerun with --resume auto; last.pth is then the one of the last completed save."""
+        with write_failure_advice(RETRY_AFTER_WRITE_FAILURE):
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         start_epoch = self.state.epoch
         fresh = start_epoch == 0 and self.state.global_step == 0 and self.state.batches_done == 0
         if self.dist.is_main:
@@ -182,6 +190,7 @@ class Trainer(TrainerCheckpoints):
                         break
                     self._train_one_epoch(epoch)
                     self._stop_if_requested(epoch, at_epoch_end=True)
+                raise_deferred_write_failure()  # the text log failed after the last epoch's check
             status = "completed"
         except (KeyboardInterrupt, TrainingInterrupted):
             status = "interrupted"
@@ -454,6 +463,7 @@ class Trainer(TrainerCheckpoints):
                 prog.images += pending_images
                 interval_images += pending_images
             pending, pending_images = [], 0
+            raise_deferred_write_failure()  # a log line failed to be written (disk full): stop before a save
             self.state.batches_done = i + 1
             if self.progress_file is not None:
                 self.progress_file.batch(epoch, i + 1, n_batches, force=i + 1 == n_batches)
@@ -578,6 +588,9 @@ class Trainer(TrainerCheckpoints):
             )
         else:
             log.info("epoch %d/%d: loss %.4f", epoch + 1, tcfg.epochs, row.get("train_loss", float("nan")))
+        # The text log failed during this epoch: stop before its metrics.csv row and last.pth, so --resume auto
+        # redoes the epoch and its log lines.
+        raise_deferred_write_failure()
         if self.logger is not None:
             self.logger.scalars(
                 {k: v for k, v in row.items() if k.startswith("train_") or k in ("lr",)},

@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import roi_align
 
+from kdlab.atomic_io import atomic_path
+
 PALETTE = np.array(
     [
         (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -138,7 +140,8 @@ def _box_in_window(box: torch.Tensor, window: torch.Tensor, tile_w: int, tile_h:
 
 def save_visualizations(vis: dict[str, torch.Tensor], out_dir: Path) -> list[tuple[str, np.ndarray]]:
     """Write one PNG per image of `vis` (images, rois [N,5], windows [N,5] (optional), masks, preds and,
-    for a distilled run, teacher_preds); return (name, HWC array) pairs."""
+    for a distilled run, teacher_preds); return (name, HWC array) pairs. Each is written atomically (no fsync:
+    a picture is redrawn by the next validation); a full disk raises atomic_io.FileWriteError."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     images, rois = vis["images"], vis["rois"]
@@ -151,6 +154,7 @@ def save_visualizations(vis: dict[str, torch.Tensor], out_dir: Path) -> list[tup
             columns.append(("teacher", vis["teacher_preds"][sel]))
         panel = image_panel(images[b], rois[sel, 1:], windows[sel, 1:], columns, f"validation image {b}")
         name = f"val_{b:02d}.png"
-        panel.save(out_dir / name)
+        with atomic_path(out_dir / name, fsync=False) as tmp:
+            panel.save(tmp, format="PNG")
         written.append((name, np.asarray(panel)))
     return written

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kdlab.atomic_io import write_json_atomic
+from kdlab.atomic_io import RESUME_ADVICE, write_failure_advice, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,13 @@ def merge_records(existing: list[Record], incoming: list[Record]) -> list[Record
 
 def record_runs(path: Path, incoming: list[Record]) -> list[Record]:
     """Merge `incoming` into the record file `path` under its lock and replace the file atomically; returns
-    every record the file now holds. A record without `recorded_at` is stamped now."""
+    every record the file now holds. A record without `recorded_at` is stamped now.
+
+    A full disk raises atomic_io.FileWriteError (one line: the file, the free space, rerun with --resume auto)
+    and leaves the file as it was: a finished run missing from it is found on disk (summary.json) then."""
     now = time.time()
     stamped = [r if r.get(RECORDED_AT) is not None else {**r, RECORDED_AT: now} for r in incoming]
-    with records_locked(path):
+    with records_locked(path), write_failure_advice(RESUME_ADVICE):
         merged = merge_records(_records_for_update(path), stamped)
         write_json_atomic(path, merged)
     return merged

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kdlab.atomic_io import write_text_atomic
+from kdlab.atomic_io import RESUME_ADVICE, write_failure_advice, write_text_atomic
 from kdlab.experiments.report.aggregate import (
     aggregate_rows,
     aggregated_columns,
@@ -75,10 +75,18 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[Ru
     """Write experiment_comparison.{csv,md,json,png}, experiment_comparison_runs.csv and training_curves.png
     into `out_dir` (each atomically) from the per-run `rows` of `collect_rows(curves_from)`.
 
+    A full disk raises atomic_io.FileWriteError (one line: the file, the free space, rerun with --resume auto,
+    which writes the whole report again without training the finished runs); the files already there stay.
+
     When some config ran over several seeds the table has one row per config (`aggregate_rows`) and the
     per-run rows (with their seed) go to experiment_comparison_runs.csv; otherwise both hold the per-run rows.
     Returns the paths by kind: "csv", "markdown", "json", "runs_csv", "comparison_png", "curves_png".
     """
+    with write_failure_advice(RESUME_ADVICE):
+        return _write_report(rows, Path(out_dir), curves_from)
+
+
+def _write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[RunRecord]) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
