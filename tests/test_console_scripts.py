@@ -17,6 +17,7 @@ SCRIPTS = {
     "kdlab-synthetic": "kdlab.cli.synthetic:entrypoint",
     "kdlab-average": "kdlab.cli.average:entrypoint",
     "kdlab-predict": "kdlab.cli.predict:entrypoint",
+    "kdlab-weights": "kdlab.cli.weights:entrypoint",
 }
 
 
@@ -35,7 +36,14 @@ def test_each_script_target_is_a_cli_entrypoint(script: str, target: str) -> Non
 
 @pytest.mark.parametrize(
     "module",
-    ["kdlab.cli.train", "kdlab.cli.experiments", "kdlab.cli.synthetic", "kdlab.average", "kdlab.predict"],
+    [
+        "kdlab.cli.train",
+        "kdlab.cli.experiments",
+        "kdlab.cli.synthetic",
+        "kdlab.average",
+        "kdlab.predict",
+        "kdlab.cli.weights",
+    ],
 )
 def test_python_dash_m_help_exits_0(module: str) -> None:
     proc = subprocess.run(

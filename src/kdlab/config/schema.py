@@ -49,7 +49,15 @@ class ModelConfig(_Section):
     )
     encoder: str = Field("timm-efficientnet-b3", description="smp encoder name, e.g. timm-efficientnet-b0")
     encoder_weights: str | None = Field(
-        None, description="null (random init) or a local file path to encoder weights; never downloaded"
+        None,
+        description="null (random init), a weights name smp has for the encoder (e.g. 'imagenet': smp downloads "
+        "it into its Hugging Face cache) or a local weights file, e.g. one `kdlab-weights import` wrote "
+        "(docs/data.md)",
+    )
+    encoder_weights_source: dict[str, str] | None = Field(
+        None,
+        description="written by kdlab when a run starts, not an input: where encoder_weights came from (smp's "
+        "Hub repo and revision, or the file's path, sha256 and origin)",
     )
     decoder_channels: tuple[int, ...] = Field((256, 128, 64, 32, 16), description="smp UNet decoder widths")
     feature_channels: int = Field(16, gt=0, description="per-pixel feature channels the UNet outputs")

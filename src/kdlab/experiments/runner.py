@@ -59,6 +59,13 @@ SUITES: dict[str, list[str]] = {
         "quickstart_mgd",
         "quickstart_kd_dist",
     ],
+    # The quickstart pair from ImageNet encoders (EfficientNet-Lite2 teacher, Lite0 students): weights from
+    # `kdlab-weights import` (docs/data.md, "Encoder weights"). Not part of CI.
+    "quickstart_pretrained": [
+        "quickstart_pretrained_teacher",
+        "quickstart_pretrained_baseline",
+        "quickstart_pretrained_distill",
+    ],
     "people": ["people_b3_teacher", "people_b0_baseline", "people_b0_from_b3"],
     "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
     "sequence": ["sequence_teacher", "sequence_student_baseline", "sequence_student_distill"],

@@ -19,7 +19,8 @@ def available_encoders() -> list[str]:
 
 
 def build_model(cfg: ModelConfig) -> RoiUNet:
-    """The people-segmentation model described by `cfg` (random init unless encoder_weights is a local file)."""
+    """The people-segmentation model described by `cfg` (random init unless `encoder_weights` names smp weights
+    or a local file: `kdlab.models.encoder_weights`)."""
     encoders = available_encoders()
     if cfg.encoder not in encoders:
         close = difflib.get_close_matches(cfg.encoder, encoders, n=3)

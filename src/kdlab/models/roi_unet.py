@@ -8,8 +8,6 @@ target/non-target gated by the foreground probability, and combines them into 3-
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
@@ -18,7 +16,13 @@ from torchvision.ops import roi_align
 
 from kdlab.config.schema import ModelConfig
 from kdlab.data.roi_masks import expand_rois
-from kdlab.errors import CheckpointError
+from kdlab.models.encoder_weights import (
+    check_weights_name,
+    is_weights_name,
+    load_encoder_weights,
+    smp_weights_argument,
+    with_smp_download,
+)
 
 
 def _conv_block(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -211,18 +215,13 @@ class RoiUNet(nn.Module):
         super().__init__()
         self.roi_size = tuple(cfg.roi_size)
         self.sampling_ratio = cfg.roi_sampling_ratio
-        self.unet = smp.Unet(
-            encoder_name=cfg.encoder,
-            encoder_weights=None,
-            decoder_channels=list(cfg.decoder_channels),
-            classes=cfg.feature_channels,
-        )
+        self.unet = build_unet(cfg)
         self.register_buffer("input_mean", torch.tensor(cfg.input_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(cfg.input_std).view(1, 3, 1, 1), persistent=False)
         self.roi_margin = cfg.roi_margin
         self.head = build_head(cfg)
-        if cfg.encoder_weights:
-            load_encoder_weights(self.unet.encoder, cfg.encoder_weights)
+        if cfg.encoder_weights and not is_weights_name(cfg.encoder_weights):
+            load_encoder_weights(self.unet.encoder, cfg.encoder_weights, cfg.encoder)
         freeze_unused_encoder_head(self.unet.encoder)
 
     def forward(self, images: torch.Tensor, rois: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -237,42 +236,22 @@ class RoiUNet(nn.Module):
         return self.head(torch.cat([roi_features, roi_rgb], dim=1))
 
 
-def load_encoder_weights(encoder: nn.Module, path: str) -> None:
-    """Load encoder weights from a local file (never a download); strict, with a readable error."""
-    file = Path(path)
-    if not file.is_file():
-        raise CheckpointError(
-            f"model.encoder_weights file {path} does not exist (give a local weights file or null)"
+def build_unet(cfg: ModelConfig) -> smp.Unet:
+    """The full-image smp Unet; a weights name smp knows (`model.encoder_weights: imagenet`) is fetched by smp
+    itself (its Hugging Face cache), a local file is loaded afterwards by the caller."""
+    name = cfg.encoder_weights if is_weights_name(cfg.encoder_weights) else None
+    if name is not None:
+        check_weights_name(cfg.encoder, name)
+
+    def build() -> smp.Unet:
+        return smp.Unet(
+            encoder_name=cfg.encoder,
+            encoder_weights=smp_weights_argument(cfg.encoder, name) if name is not None else None,
+            decoder_channels=list(cfg.decoder_channels),
+            classes=cfg.feature_channels,
         )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"model.encoder_weights file {path} is not a readable weights file: {exc}"
-        ) from exc
-    if isinstance(state, dict):
-        for key in ("model_state_dict", "state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise CheckpointError(f"model.encoder_weights file {path} does not hold a state dict")
-    # Accept weights saved from a whole RoiUNet / smp Unet as well as the bare encoder.
-    for prefix in ("unet.encoder.", "encoder."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            break
-    own = encoder.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        shown = ", ".join((missing + unexpected + mismatched)[:10])
-        raise CheckpointError(
-            f"model.encoder_weights file {path} does not match the encoder ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(mismatched)} shape-mismatched keys: {shown})"
-        )
-    nn.Module.load_state_dict(encoder, state, strict=True)
+
+    return with_smp_download(cfg.encoder, name, build) if name is not None else build()
 
 
 def count_parameters(module: nn.Module) -> int:
