@@ -21,8 +21,8 @@ import torch
 from benchmarks.common import BenchSettings, Clock, experiment_config, interleaved, median, synthetic_batch
 from kdlab.config.loader import resolve_config
 from kdlab.config.schema import ModelConfig
-from kdlab.export.pipeline import ort_session
 from kdlab.export.quantize import quantize_int8
+from kdlab.export.runtime import ort_session
 from kdlab.export.segmentation import OUTPUT_NAMES, SegmentationExporter, export_model_to_onnx
 from kdlab.models.builders import build_model
 

@@ -32,14 +32,14 @@ def one_latency_run_per_export():
     "auto" exports use TorchScript only (see below)."""
     import functools
 
-    from kdlab.export import pipeline
+    from kdlab.export import graph, measure, pipeline
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "WARMUP_RUNS", 0)
+        patch.setattr(measure, "WARMUP_RUNS", 0)
         # export.exporter=auto means dynamo, then TorchScript; dynamo takes ~25 s per export on these CPUs, so
         # tests that only need some ONNX file get TorchScript (2 s). The dynamo path has its own tests, which
         # ask for it by name (tests/test_onnx_export.py).
-        patch.setattr(pipeline, "AUTO_ORDER", ("torchscript",))
+        patch.setattr(graph, "AUTO_ORDER", ("torchscript",))
         patch.setattr(
             pipeline,
             "export_run_to_onnx",

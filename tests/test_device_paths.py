@@ -208,13 +208,13 @@ def test_an_onnx_file_is_scored_by_an_evaluator_on_the_device(tmp_path, monkeypa
     """The exported file runs in onnxruntime on the host; its outputs go back to the inputs' device, where the
     evaluator's targets are (on a GPU box the scorer's evaluator runs on CUDA)."""
     from kdlab.evaluate.evaluator import SegmentationEvaluator
-    from kdlab.export import pipeline
+    from kdlab.export import runtime
 
     cfg = resolve_config("quickstart_baseline", [f"data.synthetic.root={tmp_path}"], {})
-    monkeypatch.setattr(pipeline, "ort_session", lambda path: _FakeSession(tuple(cfg.model.mask_size)))
+    monkeypatch.setattr(runtime, "ort_session", lambda path: _FakeSession(tuple(cfg.model.mask_size)))
     # meta tensors hold no data to copy to the host: hand onnxruntime zeros of the same shape
-    monkeypatch.setattr(pipeline, "host_array", lambda x: torch.zeros(x.shape).numpy())
-    onnx_model = pipeline.OnnxRuntimeModel(tmp_path / "best_model.onnx", task_of(cfg).exporter())
+    monkeypatch.setattr(runtime, "host_array", lambda x: torch.zeros(x.shape).numpy())
+    onnx_model = runtime.OnnxRuntimeModel(tmp_path / "best_model.onnx", task_of(cfg).exporter())
     evaluator = SegmentationEvaluator(_people_eval_batches(cfg, True), META, show_progress=False)
     metrics, images_seen, _ = evaluator.accumulate(onnx_model, desc="ONNX accuracy")
     assert images_seen == 2

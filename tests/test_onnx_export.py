@@ -24,9 +24,10 @@ from kdlab.data.loaders import build_datasets, build_loader
 from kdlab.engine.batches import batch_to_device
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.experiments import export_runs
-from kdlab.export import pipeline
+from kdlab.export import graph, measure, pipeline, runtime
 from kdlab.export.classification import ClassificationExporter
-from kdlab.export.pipeline import ExportParityError, TraceableGroupNorm, export_run_to_onnx
+from kdlab.export.graph import TraceableGroupNorm
+from kdlab.export.pipeline import ExportParityError, export_run_to_onnx
 from kdlab.export.segmentation import (
     SegmentationExporter,
     export_model_to_onnx,
@@ -105,7 +106,7 @@ def test_onnxruntime_sessions_keep_to_the_processs_torch_thread_budget(tiny_expo
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        options = pipeline.ort_session(path).get_session_options()
+        options = runtime.ort_session(path).get_session_options()
     finally:
         torch.set_num_threads(before)
     assert options.intra_op_num_threads == threads
@@ -386,15 +387,15 @@ def test_dynamo_export_keeps_dynamic_batch_and_rois_with_parity_and_accuracy(tin
 
 
 def test_auto_falls_back_to_torchscript_when_dynamo_raises_and_records_why(tiny_run, monkeypatch):
-    real = pipeline._torch_onnx_export
+    real = graph._torch_onnx_export
 
     def dynamo_breaks(wrapper, exporter, inputs, tmp, opset, method):
         if method == "dynamo":
             raise RuntimeError("simulated torch.export failure\nwith a traceback")
         return real(wrapper, exporter, inputs, tmp, opset, method)
 
-    monkeypatch.setattr(pipeline, "AUTO_ORDER", ("dynamo", "torchscript"))
-    monkeypatch.setattr(pipeline, "_torch_onnx_export", dynamo_breaks)
+    monkeypatch.setattr(graph, "AUTO_ORDER", ("dynamo", "torchscript"))
+    monkeypatch.setattr(graph, "_torch_onnx_export", dynamo_breaks)
     meta = export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=1, latency_runs=1,
                               export_cfg=_export_cfg(tiny_run, exporter="auto"))  # fmt: skip
     assert meta["exporter"] == "torchscript" and meta["exporter_requested"] == "auto"
@@ -414,7 +415,7 @@ def test_auto_falls_back_when_the_first_exporter_misses_parity(tiny_run, monkeyp
         calls.append(result)
         return {**result, "ok": False, "max_abs_diff": 0.5} if len(calls) == 1 else result
 
-    monkeypatch.setattr(pipeline, "AUTO_ORDER", ("torchscript", "dynamo"))
+    monkeypatch.setattr(graph, "AUTO_ORDER", ("torchscript", "dynamo"))
     monkeypatch.setattr(pipeline, "onnx_parity_of", first_misses)
     meta = export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=1, latency_runs=1,
                               export_cfg=_export_cfg(tiny_run, exporter="auto"))  # fmt: skip
@@ -427,7 +428,7 @@ def test_a_named_exporter_that_fails_is_not_replaced(tiny_run, monkeypatch):
     def always_breaks(*args, **kwargs):
         raise RuntimeError("simulated exporter failure")
 
-    monkeypatch.setattr(pipeline, "_torch_onnx_export", always_breaks)
+    monkeypatch.setattr(graph, "_torch_onnx_export", always_breaks)
     with pytest.raises(RuntimeError, match="simulated exporter failure"):
         export_run_to_onnx(tiny_run, SegmentationExporter(), parity_images=1, latency_runs=1,
                            export_cfg=_export_cfg(tiny_run, exporter="torchscript"))  # fmt: skip
@@ -459,7 +460,7 @@ def test_int8_within_the_allowed_drop_becomes_best_model_and_fp32_is_kept(tiny_r
     assert int8["latency"]["int8_over_fp32"] > 0
     # The shipped INT8 file carries the run's config like the FP32 one (kdlab-predict reads it from the file).
     props = {p.key for p in onnx.load(str(ckpt / "best_model.onnx")).metadata_props}
-    assert pipeline.CONFIG_METADATA_KEY in props
+    assert graph.CONFIG_METADATA_KEY in props
     session = ort.InferenceSession(str(ckpt / "best_model.onnx"), providers=["CPUExecutionProvider"])
     (masks,) = session.run(
         ["masks"], {"images": np.zeros((2, 3, 64, 64), np.float32), "rois": np.zeros((0, 5), np.float32)}
@@ -481,7 +482,7 @@ def test_int8_that_loses_too_much_is_kept_aside_and_best_model_stays_fp32(tiny_r
 
         def wrapped(model):
             metrics = dict(score(model))
-            if isinstance(model, pipeline.OnnxRuntimeModel) and "int8" in model.path.name:
+            if isinstance(model, runtime.OnnxRuntimeModel) and "int8" in model.path.name:
                 metrics["miou"] -= 0.2  # the accuracy metric: the headline that selects checkpoints
             return metrics
 
@@ -538,12 +539,12 @@ def test_the_pytorch_side_of_the_accuracy_check_reuses_the_runs_float32_test_pas
 
     score.reference = {"miou": 0.5, "images": 8}
     exporter = SimpleNamespace(accuracy_metric="miou")
-    original = pipeline.OnnxRuntimeModel
-    pipeline.OnnxRuntimeModel = lambda path, exp: object()  # no file needed: `score` ignores it
+    original = measure.OnnxRuntimeModel
+    measure.OnnxRuntimeModel = lambda path, exp: object()  # no file needed: `score` ignores it
     try:
-        result = pipeline.onnx_accuracy(tmp_path / "x.onnx", nn.Linear(1, 1), exporter, score)
+        result = measure.onnx_accuracy(tmp_path / "x.onnx", nn.Linear(1, 1), exporter, score)
     finally:
-        pipeline.OnnxRuntimeModel = original
+        measure.OnnxRuntimeModel = original
     assert calls == ["object"]  # one pass: the ONNX file's; the PyTorch model was not scored again
     assert result["pytorch"]["miou"] == 0.5 and result["difference"] == pytest.approx(-0.01)
     assert "test pass" in result["pytorch_from"]

@@ -18,7 +18,7 @@ from kdlab.config.schema import ModelConfig
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.export import quantize as q
 from kdlab.export.classification import ClassificationExporter
-from kdlab.export.pipeline import ort_feed, ort_session
+from kdlab.export.runtime import ort_feed, ort_session
 from kdlab.export.segmentation import SegmentationExporter, export_model_to_onnx
 from kdlab.models.builders import build_model
 from tests.helpers import tiny_args

@@ -350,7 +350,7 @@ def test_onnx_teacher_round_trip_matches_the_pth_cache(teacher, tmp_path):
 
 def test_a_masks_only_onnx_cache_refuses_aux_kd_weights(teacher, tmp_path, capsys):
     tmp, ckpt = teacher
-    from kdlab.export.pipeline import CONFIG_METADATA_KEY
+    from kdlab.export.graph import CONFIG_METADATA_KEY
     from kdlab.export.segmentation import export_model_to_onnx
     from kdlab.tasks import model_from_checkpoint
 

@@ -3,7 +3,7 @@
 Each export times its own file once, at its own moment, under whatever else the machine was doing: two runs
 of one architecture read 15 and 25 ms in one quickstart. For the table and the figure the runner therefore
 times all the report's `best_model.onnx` files again in one process, in turns (a, b, c, a, b, c, ...), on the
-same image, threads and warm-up, and reports each file's median (`kdlab.export.pipeline.interleaved_onnx_latency`).
+same image, threads and warm-up, and reports each file's median (`kdlab.export.measure.interleaved_onnx_latency`).
 Files traced at different input sizes are timed in separate groups, each on an image of its own size.
 """
 
@@ -31,7 +31,7 @@ def measure_report_latency(
     """run name -> median onnxruntime ms per image of its `checkpoints/best_model.onnx`, every file timed in one
     interleaved loop per input size; written to `<out_dir>/report_latency.json`. Runs without an exported file
     (or config) are left out; a group that cannot be timed is logged and left out, never raised."""
-    from kdlab.export import pipeline
+    from kdlab.export import measure
 
     groups: dict[tuple[Any, ...], list[tuple[str, Path, ExperimentConfig]]] = {}
     for name, run_dir in runs:
@@ -56,7 +56,7 @@ def measure_report_latency(
         try:
             batches = exporter.validation_batches(members[0][2], max(1, exporter.min_parity_images))
             batch = exporter.latency_batch(batches)
-            ms = pipeline.interleaved_onnx_latency(
+            ms = measure.interleaved_onnx_latency(
                 {name: path for name, path, _ in members}, exporter, batch, timed_runs
             )
         except Exception as exc:  # noqa: BLE001 - the report falls back to each export's own figure
@@ -67,7 +67,7 @@ def measure_report_latency(
         records.append({"input_size": list(size), "runs": sorted(ms), **exporter.counts(batch)})
     if result:
         write_json_atomic(out_dir / REPORT_LATENCY_FILE, {
-            "ms_per_image_median": result, "timed_runs": timed_runs, "warmup_runs": pipeline.WARMUP_RUNS,
+            "ms_per_image_median": result, "timed_runs": timed_runs, "warmup_runs": measure.WARMUP_RUNS,
             "interleaved": True, "torch_threads": torch.get_num_threads(), "groups": records,
             "engine": "onnxruntime CPUExecutionProvider",
         })  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdlab.config.schema import ExperimentConfig
-from kdlab.export.pipeline import Batch, OnnxExporter
+from kdlab.export.interface import Batch, OnnxExporter
 
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["logits"]

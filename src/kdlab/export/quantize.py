@@ -34,7 +34,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from kdlab.atomic_io import atomic_write
 from kdlab.config.schema import ExperimentConfig
 from kdlab.errors import CheckpointError, ConfigError
-from kdlab.export.pipeline import Batch, OnnxExporter, ort_feed
+from kdlab.export.interface import Batch, OnnxExporter
+from kdlab.export.runtime import ort_feed
 
 log = logging.getLogger(__name__)
 
@@ -111,34 +112,16 @@ class BatchCalibrationReader(CalibrationDataReader):
         return len(self.batches)
 
 
-def _segmentation_training_batches(cfg: ExperimentConfig, num_images: int) -> list[Batch]:
-    """The first `num_images` training images with their ROIs, letterboxed like validation (no augmentation)."""
-    from kdlab.data.loaders import build_datasets
-    from kdlab.data.transforms import EvalTransform
-    from kdlab.export.segmentation import first_batches
-
-    train, _ = build_datasets(cfg)
-    # Calibration must see the inputs inference sees: the deterministic eval letterbox, not random crops.
-    train.transform = EvalTransform(tuple(cfg.data.input_size))
-    return first_batches(train, cfg, num_images)
-
-
 def calibration_batches(cfg: ExperimentConfig, exporter: OnnxExporter, num_images: int) -> list[Batch]:
-    """The first `num_images` TRAINING images of the run's data, without augmentation, as graph batches.
+    """The first `num_images` TRAINING images of the run's data, without augmentation, as graph batches
+    (`exporter.calibration_batches`; a ConfigError for a task without INT8 calibration).
 
     Training images, not validation ones: the INT8 model is scored on the validation set afterwards, and
     calibrating on it would let the quantization ranges peek at the test data.
     """
-    from kdlab.export.segmentation import SegmentationExporter
-
     if num_images <= 0:
         raise ConfigError(f"config value export.calibration_images={num_images} must be > 0")
-    if not isinstance(exporter, SegmentationExporter):
-        raise ConfigError(
-            f"export.quantize=int8 supports segmentation exports only (got {type(exporter).__name__}); "
-            "set export.quantize=none"
-        )
-    return _segmentation_training_batches(cfg, num_images)
+    return exporter.calibration_batches(cfg, num_images)
 
 
 # --------------------------------------------------------------------------------------- graph patterns

@@ -8,7 +8,7 @@ fixed to the run's `data.input_size`. The teacher is never loaded.
 torchvision's `roi_align(aligned=True)` maps to ONNX RoiAlign with `coordinate_transformation_mode=
 "half_pixel"`, which exists only from opset 16; at lower opsets it is silently exported without the
 half-pixel offset, so opsets below 16 are refused. N = 0 (an image batch without ROIs) returns an empty
-[0,3,mask_h,mask_w] thanks to the pipeline's `TraceableGroupNorm`.
+[0,3,mask_h,mask_w] thanks to `kdlab.export.graph`'s `TraceableGroupNorm`.
 """
 
 from __future__ import annotations
@@ -23,19 +23,19 @@ from kdlab.checkpoints import ModelBuilder, model_from_checkpoint
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.loaders import build_datasets, build_loader, raise_if_data_error
 from kdlab.data.teacher_cache import SEGMENTATION_HEADS
+from kdlab.data.transforms import EvalTransform
 from kdlab.errors import ConfigError
-from kdlab.export.pipeline import (
-    DEFAULT_LATENCY_RUNS,
-    DEFAULT_TOLERANCE,
+from kdlab.export.graph import (
     DYNAMO_MIN_OPSET,
-    Batch,
-    OnnxExporter,
     config_metadata,
     export_methods,
     export_with_fallback,
-    onnx_latency_of,
-    onnx_parity_of,
 )
+from kdlab.export.interface import (
+    Batch,
+    OnnxExporter,
+)
+from kdlab.export.measure import DEFAULT_LATENCY_RUNS, DEFAULT_TOLERANCE, onnx_latency_of, onnx_parity_of
 from kdlab.models.roi_unet import RoiUNet
 
 CLASSES = ["background", "target", "other"]
@@ -152,6 +152,13 @@ class SegmentationExporter(OnnxExporter):
 
     def validation_batches(self, cfg: ExperimentConfig, num_images: int) -> list[Batch]:
         return validation_batches(cfg, num_images)
+
+    def calibration_batches(self, cfg: ExperimentConfig, num_images: int) -> list[Batch]:
+        """The first `num_images` training images with their ROIs, letterboxed like validation (no augmentation)."""
+        train, _ = build_datasets(cfg)
+        # Calibration must see the inputs inference sees: the deterministic eval letterbox, not random crops.
+        train.transform = EvalTransform(tuple(cfg.data.input_size))
+        return first_batches(train, cfg, num_images)
 
     def latency_batch(self, batches: list[Batch]) -> Batch:
         """One image with its ROIs (the first image that has any; else one full-image ROI)."""

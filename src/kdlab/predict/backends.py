@@ -21,7 +21,8 @@ from torch import nn
 from kdlab.checkpoints import load_checkpoint
 from kdlab.config.schema import ExperimentConfig
 from kdlab.errors import CheckpointError
-from kdlab.export.pipeline import CONFIG_METADATA_KEY, ort_session
+from kdlab.export.graph import CONFIG_METADATA_KEY
+from kdlab.export.runtime import ort_session
 from kdlab.export.segmentation import INPUT_NAMES
 from kdlab.tasks import model_from_checkpoint, task_of
 from kdlab.tasks.segmentation import Segmentation

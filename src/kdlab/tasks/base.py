@@ -54,7 +54,8 @@ class TaskDefinition:
 
     # ------------------------------------------------------------------ inputs and data
     def check_inputs(self, cfg: ExperimentConfig) -> None:
-        """Cheap checks of the user's paths before anything runs (no parsing)."""
+        """Checks of the user's inputs before anything is written: paths (no parsing); the segmentation task also
+        resolves and records its encoder weights."""
 
     def metric_names(self, cfg: ExperimentConfig) -> list[str]:
         """The validation metrics the task's evaluator reports (what training.monitor may name)."""
@@ -112,7 +113,7 @@ class TaskDefinition:
         return []
 
     def exporter(self) -> Any | None:
-        """The task's ONNX exporter (`kdlab.export.pipeline.OnnxExporter`), or None: export not implemented.
+        """The task's ONNX exporter (`kdlab.export.interface.OnnxExporter`), or None: export not implemented.
         A method, so onnx and onnxruntime load only when something is exported."""
         return None
 

@@ -77,9 +77,14 @@ class Segmentation(TaskDefinition):
         return ["target_iou", "miou", "boundary_f1", "pixel_accuracy", *(f"iou_{n}" for n in CLASS_NAMES)]
 
     def check_inputs(self, cfg: ExperimentConfig) -> None:
+        """Data paths, and `model.encoder_weights`: smp's named weights are fetched into its cache now (offline:
+        one error line), a file must be readable; where they came from goes into the run's config
+        (`model.encoder_weights_source`, saved in config.json and every checkpoint)."""
         from kdlab.data.loaders import check_given_data_paths
+        from kdlab.models.encoder_weights import resolve_encoder_weights
 
         check_given_data_paths(cfg.data)
+        cfg.model.encoder_weights_source = resolve_encoder_weights(cfg.model)
 
     def build_datasets(self, cfg: ExperimentConfig) -> tuple[Any, Any]:
         from kdlab.data.loaders import build_datasets
