@@ -16,7 +16,6 @@ from kdlab.data.synthetic import (
     GENERATOR_VERSION,
     ensure_synthetic_dataset,
     generate_synthetic_people,
-    main,
     render_synthetic_image,
 )
 
@@ -202,32 +201,3 @@ def test_invalid_arguments_raise(tmp_path: Path, kwargs: dict[str, object], mess
     with pytest.raises(ValueError, match=message):
         ensure_synthetic_dataset(tmp_path, **params)  # type: ignore[arg-type]
     assert not (tmp_path / "annotations.json").exists()
-
-
-def test_cli_generates_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "cli"
-    rc = main(["--out", str(out), "--images", "2", "--seed", "9", "--height", "64", "--width", "96"])
-    assert rc == 0
-    printed = capsys.readouterr().out.strip()
-    assert Path(printed) == out / "annotations.json"
-    data = json.loads((out / "annotations.json").read_text())
-    assert data["info"]["image_size"] == [64, 96] and data["info"]["seed"] == 9
-    assert len(list((out / "images").glob("*.jpg"))) == 2
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--images", "0", "--seed", "1"],
-        ["--images", "2", "--seed", "1", "--min_people", "3", "--max_people", "2"],
-        ["--images", "two", "--seed", "1"],
-    ],
-)
-def test_cli_rejects_invalid_arguments(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
-) -> None:
-    out = tmp_path / "cli"
-    assert main(["--out", str(out), *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:")
-    assert not (out / "annotations.json").exists()
