@@ -200,15 +200,17 @@ def load_encoder_weights(encoder: nn.Module, path: str, encoder_name: str = "") 
     if not Path(path).is_file():
         raise CheckpointError(missing_file_message(path, encoder_name))
     state, _ = read_weights_file(path)
-    state = encoder_part(state)
-    own = encoder.state_dict()
-    missing, unexpected, mismatched = describe_mismatch(own, state)
+    load_strictly(
+        encoder, encoder_part(state), f"model.encoder_weights file {path} does not match the encoder"
+    )
+
+
+def load_strictly(encoder: nn.Module, state: dict[str, Any], what: str) -> None:
+    """Load `state` into `encoder` with every key and shape matching; else one CheckpointError,
+    `what (N missing: ...; M unexpected: ...; shape mismatches: ...)`."""
+    missing, unexpected, mismatched = describe_mismatch(encoder.state_dict(), state)
     if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"model.encoder_weights file {path} does not match the encoder ("
-            + mismatch_summary(missing, unexpected, mismatched)
-            + ")"
-        )
+        raise CheckpointError(f"{what} ({mismatch_summary(missing, unexpected, mismatched)})")
     nn.Module.load_state_dict(encoder, state, strict=True)
 
 

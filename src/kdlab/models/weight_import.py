@@ -31,8 +31,7 @@ from kdlab.atomic_io import atomic_write
 from kdlab.errors import CheckpointError, ConfigError, KdlabInputError
 from kdlab.file_hash import file_sha256
 from kdlab.models.encoder_weights import (
-    describe_mismatch,
-    mismatch_summary,
+    load_strictly,
     read_weights_file,
 )
 
@@ -267,14 +266,9 @@ def fit_encoder(
 ) -> tuple[str, list[str]]:
     """Map `state` onto `encoder` and load it strictly; (layout, dropped classifier keys)."""
     mapped, layout, dropped = map_to_encoder(state, encoder)
-    missing, unexpected, mismatched = describe_mismatch(encoder.state_dict(), mapped)
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"{label} does not fit encoder {encoder_name} after mapping its {layout}-style keys ("
-            + mismatch_summary(missing, unexpected, mismatched)
-            + ")"
-        )
-    nn.Module.load_state_dict(encoder, mapped, strict=True)
+    load_strictly(
+        encoder, mapped, f"{label} does not fit encoder {encoder_name} after mapping its {layout}-style keys"
+    )
     return layout, dropped
 
 
