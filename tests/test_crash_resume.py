@@ -2,14 +2,18 @@
 bit-identical to an uninterrupted run; SIGTERM saves last.pth mid-epoch and exits 143 with the resume command;
 SIGINT goes through the real StopSignals handler (graceful stop, and a second signal stops at once).
 
-Every killed or terminated run is a real `train_advanced.py` process, as on a pre-empted GPU node. The
-uninterrupted reference they are compared with runs in-process: nothing about it needs a process of its own,
-and the SIGKILL test itself shows that resumed subprocess runs and the in-process run agree bit for bit.
+Every killed or terminated run is a real `train_advanced.py` process, as on a pre-empted GPU node, and so is
+the uninterrupted reference they are compared with. CPU results depend on the thread count (a reduction split
+over 2 threads adds in another order than over 1), so every process here runs with one thread
+(OMP_NUM_THREADS=1, `THREADS`), and so do the in-process runs (`one_thread`): the guarantee under test is
+same machine, same torch, same thread count (docs/reliability.md). One thread also keeps the runs fast on a
+loaded machine: two OpenMP threads per process on two busy cores made a training step 10-60x slower.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shlex
@@ -25,11 +29,16 @@ import torch
 from kdlab.checkpoints import FAULT_ENV
 from kdlab.cli.common import run_cli
 from kdlab.cli.train import main as train_main
+from kdlab.config.loader import resolve_config
+from kdlab.engine.device import check_resume_threads
+from kdlab.experiments.single_run import recorded_threads
 from tests.helpers import assert_same_weights, error_lines, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3  # 12 images, batch 2: 6 optimizer steps per epoch, 18 in all
 RANDOM_KILLS = 5  # plus one inside a checkpoint write and one during start-up
+THREADS = 1  # every training process of this module, the reference included
+PINNED = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
 
 
 def _args(tmp: Path, out: str) -> list[str]:
@@ -54,7 +63,7 @@ def _popen(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **PINNED, **(env or {})},
     )
 
 
@@ -66,7 +75,9 @@ def _step_of(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
-def _wait_for_saves(proc: subprocess.Popen, last: Path, saves: int, timeout: float = 180.0) -> bool:
+def _wait_for_saves(
+    proc: subprocess.Popen, last: Path, saves: int, timeout: float = 180.0, log: object = ""
+) -> bool:
     """Wait until last.pth has been replaced `saves` times (one per optimizer step here) or the process
     ends; True if the saves happened. Counting saves, not seconds, keeps the kill points inside the run
     however fast or loaded the machine is."""
@@ -82,14 +93,67 @@ def _wait_for_saves(proc: subprocess.Popen, last: Path, saves: int, timeout: flo
             if saves <= 0:
                 return True
         time.sleep(0.01)
-    raise AssertionError("the training process made no progress")
+    proc.kill()
+    proc.communicate(timeout=60)
+    raise AssertionError(f"the training process saved no last.pth for {timeout:.0f} s; {log}")
+
+
+def _threads_of(run: Path) -> int:
+    """The CPU thread count the run's last process trained with (summary.json provenance)."""
+    return json.loads((run / "summary.json").read_text())["provenance"]["threads"]
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs compared with the reference use its thread count; the pytest process's is put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def _reference_run(tmp: Path) -> Path:
+    """The uninterrupted run: a subprocess pinned like the killed ones, not the pytest process (whose thread
+    settings earlier tests may have changed)."""
+    proc = _popen(_args(tmp, "reference"))
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-2000:]
+    run = tmp / "reference" / "quickstart_baseline"
+    assert _threads_of(run) == THREADS
+    return run
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crash")
-    assert run_cli(train_main, _args(tmp, "reference")) == 0
-    return tmp, tmp / "reference" / "quickstart_baseline"
+    return tmp, _reference_run(tmp)
+
+
+class KillLog:
+    """What each kill hit (the step of last.pth it left, the process's exit) and where each run resumed: part
+    of every assertion message of the SIGKILL test, so a failure says at which kill and step it happened."""
+
+    def __init__(self, run: Path) -> None:
+        self.run, self.lines = run, []
+
+    def step(self) -> int | None:
+        return _step_of(_last(self.run)) if _last(self.run).exists() else None
+
+    def add(self, what: str, proc: subprocess.Popen, resumed_from: int | None) -> None:
+        start = "started fresh" if resumed_from is None else f"resumed from step {resumed_from}"
+        self.lines.append(
+            f"{len(self.lines) + 1}. {what}: {start}, exit {proc.returncode}, last.pth now at step {self.step()}"
+        )
+
+    def __str__(self) -> str:
+        return "kill log:\n  " + "\n  ".join(self.lines)
+
+
+def _same_weights(a: Path, b: Path, log: KillLog) -> None:
+    try:
+        assert_same_weights(a, b)
+    except AssertionError as exc:
+        raise AssertionError(f"{b.name} differs from the reference at {exc}; {log}") from None
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference):
@@ -97,54 +161,60 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference):
     args = _args(tmp, "crashed")
     run = tmp / "crashed" / "quickstart_baseline"
     rng = random.Random(20261123)
-    kill_log: list[str] = []
+    log = KillLog(run)
 
     # 1. Killed inside a checkpoint write: the temp file of the 3rd save (last.pth after step 2) is complete,
     #    the rename never happens.
     proc = _popen(args, env={FAULT_ENV: "3"})
     proc.communicate(timeout=600)
-    assert proc.returncode == -signal.SIGKILL
-    assert list((run / "checkpoints").glob(".last.pth.tmp-*")), "the interrupted write leaves its temp file"
-    kill_log.append(f"in save: last.pth at step {_step_of(_last(run))}")
+    log.add("SIGKILL inside the 3rd checkpoint write", proc, None)
+    assert proc.returncode == -signal.SIGKILL, log
+    temp_files = list((run / "checkpoints").glob(".last.pth.tmp-*"))
+    assert temp_files, f"the interrupted write leaves its temp file; {log}"
 
     # 2. Killed during start-up, then at random steps (and a random moment within the step).
+    before = log.step()
     proc = _popen(["--resume", "auto", *args])
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    kill_log.append(f"start-up: last.pth at step {_step_of(_last(run))}")
+    log.add("SIGKILL 1 s after start", proc, before)
     # One random step in each of 5 windows over the 18 steps (leaving the end for the final resume).
     targets = [base + rng.randrange(2) for base in (2, 5, 8, 11, 13)][:RANDOM_KILLS]
     for target in targets:
-        before = _step_of(_last(run))
+        before = log.step()
         proc = _popen(["--resume", "auto", *args])
-        assert _wait_for_saves(proc, _last(run), max(1, target - before)), f"finished early: {kill_log}"
-        time.sleep(rng.uniform(0.0, 0.15))  # anywhere in the next step, its save included
+        saved = _wait_for_saves(proc, _last(run), max(1, target - (before or 0)), log=log)
+        delay = rng.uniform(0.0, 0.15)
+        time.sleep(delay)  # anywhere in the next step, its save included
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-        kill_log.append(f"random (target step {target}): last.pth at step {_step_of(_last(run))}")
+        log.add(f"SIGKILL aimed at step {target} (+{delay:.2f} s)", proc, before)
+        assert saved, f"the run finished before the kill aimed at step {target}; {log}"
 
     # 3. Finish with an explicit path; leftovers of the interrupted write are gone, and the weights,
     #    optimizer and EMA-free state equal the uninterrupted run bit for bit.
+    before = log.step()
     proc = _popen(["--resume", str(_last(run)), "--no_progress"])
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
-    assert not list((run / "checkpoints").glob(".*tmp-*"))
-    assert_same_weights(_last(ref_run), _last(run))
-    assert_same_weights(ref_run / "checkpoints" / "best_model.pth", run / "checkpoints" / "best_model.pth")
+    log.add("final resume, to the end", proc, before)
+    assert proc.returncode == 0, f"{err[-2000:]}\n{log}"
+    assert not list((run / "checkpoints").glob(".*tmp-*")), log
+    assert _threads_of(run) == _threads_of(ref_run) == THREADS, log
+    _same_weights(_last(ref_run), _last(run), log)
+    _same_weights(ref_run / "checkpoints" / "best_model.pth", run / "checkpoints" / "best_model.pth", log)
     ref = torch.load(_last(ref_run), map_location="cpu", weights_only=True)
     got = torch.load(_last(run), map_location="cpu", weights_only=True)
-    assert got["global_step"] == ref["global_step"] == EPOCHS * 6
-    for a, b in zip(
-        ref["optimizer_state_dict"]["state"].values(),
-        got["optimizer_state_dict"]["state"].values(),
-        strict=True,
-    ):
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    print("kill points:", "; ".join(kill_log))
+    assert got["global_step"] == ref["global_step"] == EPOCHS * 6, log
+    ref_moments, got_moments = (list(p["optimizer_state_dict"]["state"].values()) for p in (ref, got))
+    assert len(ref_moments) == len(got_moments), log
+    for index, (a, b) in enumerate(zip(ref_moments, got_moments, strict=True)):
+        same = torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert same, f"Adam moments of parameter {index} differ; {log}"
+    print(log)
 
 
-def test_sigterm_saves_last_pth_mid_epoch_and_prints_the_resume_command(reference):
+def test_sigterm_saves_last_pth_mid_epoch_and_prints_the_resume_command(reference, one_thread):
     tmp, ref_run = reference
     args = _args(tmp, "terminated")
     args[args.index("training.checkpoint_every_steps=1")] = "training.checkpoint_every_steps=1000"
@@ -167,6 +237,7 @@ def test_sigterm_saves_last_pth_mid_epoch_and_prints_the_resume_command(referenc
     assert payload["epoch"] == 0 and 0 < payload["batches_done"] < 6, "saved mid-epoch, not at an epoch end"
     assert payload["global_step"] == payload["batches_done"]
     assert payload["epoch_progress"] is not None  # the partial epoch's sums, for an exact resume
+    assert _threads_of(run) == THREADS  # the interrupted run's summary.json: what a resume is checked against
 
     command = shlex.split(errors[0].split("resume with: ", 1)[1])
     # the command this run was started with (the interpreter by name, the script as given), plus --resume
@@ -217,7 +288,7 @@ def _signal_at_step(monkeypatch, step: int, signals: list[int]) -> None:
 
 @pytest.mark.parametrize("stop_after", [3, 8])
 def test_sigint_mid_epoch_stops_after_the_step_and_resumes_bit_identical(
-    reference, monkeypatch, capsys, stop_after
+    reference, one_thread, monkeypatch, capsys, stop_after
 ):
     """In-process: a real SIGINT during optimizer step `stop_after` lets that step finish, saves last.pth
     (mid-epoch) and exits 130 with the resume command; resuming equals the uninterrupted run."""
@@ -258,3 +329,22 @@ def test_a_second_signal_stops_at_once_without_finishing_the_step(tmp_path, monk
     payload = torch.load(_last(run), map_location="cpu", weights_only=True)
     assert payload["global_step"] == 2  # the last finished step; the interrupted one left no trace
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_a_deterministic_resume_with_another_thread_count_warns(tmp_path, caplog):
+    """The thread count a run trained with comes from the checkpoint's provenance or, without one, its run's
+    summary.json; a resume with another count warns (it continues, but is no longer bit-exact)."""
+    last = tmp_path / "run" / "checkpoints" / "last.pth"
+    last.parent.mkdir(parents=True)
+    cfg = resolve_config("quickstart_baseline")
+    assert recorded_threads({}, last, cfg) is None
+    (last.parent.parent / "summary.json").write_text(json.dumps({"provenance": {"threads": 2}}))
+    assert recorded_threads({}, last, cfg) == 2
+    assert recorded_threads({"provenance": {"threads": 3}}, last, cfg) == 3
+    with caplog.at_level(logging.WARNING, logger="kdlab.engine.device"):
+        check_resume_threads(2, 2, last)
+        check_resume_threads(None, 1, last)
+        assert not caplog.records
+        check_resume_threads(2, 1, last)
+    assert "trained with 2 CPU threads and this process has 1" in caplog.text
+    assert "OMP_NUM_THREADS=2" in caplog.text

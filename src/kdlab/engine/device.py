@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import platform
 import socket
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 import torch
 
 from kdlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,6 +61,41 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     return None
+
+
+def set_up_determinism(device: torch.device) -> int:
+    """`training.deterministic=true`: deterministic algorithms, oneDNN's deterministic mode, and an explicit
+    CPU thread count; returns that count (recorded as `threads` in summary.json's provenance).
+
+    On the CPU a run is bit-reproducible only at one thread count: a reduction split over N threads adds in
+    another order than over M (the crash test's model gives other gradients from step 1 with 1 and 2
+    threads). The count is the one torch chose at start-up (OMP_NUM_THREADS / MKL_NUM_THREADS when set, as
+    the runner does for its children; else one per physical core), now set explicitly, which also turns off
+    MKL's dynamic choice of fewer threads, so OpenMP, MKL and oneDNN all use exactly this many.
+    On CUDA some kernels have no deterministic version (the backward of torchvision's ROI Align and of
+    bilinear upsampling, both in the people model): torch warns about them (warn_only) instead of stopping
+    the run, so a CUDA run is not guaranteed bit-exact."""
+    if device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace; read when its handle is made (first matmul)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    if hasattr(torch.backends, "mkldnn") and hasattr(torch.backends.mkldnn, "deterministic"):
+        torch.backends.mkldnn.deterministic = True
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def check_resume_threads(recorded: object, threads: int, where: object) -> None:
+    """Warn when a deterministic run is resumed with another CPU thread count than it was trained with
+    (`recorded`, None when unknown): it continues, but no longer bit-identical to an uninterrupted run."""
+    if isinstance(recorded, int) and recorded != threads:
+        log.warning(
+            "%s was trained with %d CPU threads and this process has %d: the resumed run continues but is not "
+            "bit-identical to an uninterrupted one; resume with OMP_NUM_THREADS=%d (run_experiments.py: "
+            "--threads_per_run %d) for an exact resume",
+            where, recorded, threads, recorded, recorded,
+        )  # fmt: skip
 
 
 def device_name(device: torch.device) -> str:

@@ -16,6 +16,7 @@ What differs between tasks comes from the config's task object (`kdlab.tasks.tas
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -32,7 +33,12 @@ from kdlab.config.loader import validate_config
 from kdlab.config.schema import ExperimentConfig
 from kdlab.distill.teacher import LoadedTeacher
 from kdlab.engine import distributed
-from kdlab.engine.device import resolve_amp_dtype, resolve_device
+from kdlab.engine.device import (
+    check_resume_threads,
+    resolve_amp_dtype,
+    resolve_device,
+    set_up_determinism,
+)
 from kdlab.engine.trainer import Trainer
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.experiments.cache_plan import TeacherCachePlan, plan_teacher_cache
@@ -73,6 +79,7 @@ class Process:
     device: torch.device
     ctx: distributed.DistContext
     amp_dtype: torch.dtype | None = None
+    threads: int | None = None  # the CPU thread count a deterministic run pinned (set_up_determinism)
 
 
 @dataclass
@@ -100,10 +107,23 @@ def set_up_process(cfg: ExperimentConfig) -> Process:
         device = torch.device("cuda", ctx.local_rank)
     if not ctx.is_main:
         logging.getLogger("kdlab").setLevel(logging.WARNING)
-    if cfg.training.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    threads = set_up_determinism(device) if cfg.training.deterministic else None
     torch.manual_seed(cfg.training.seed)
-    return Process(device, ctx, resolve_amp_dtype(cfg.training.amp, device))
+    return Process(device, ctx, resolve_amp_dtype(cfg.training.amp, device), threads)
+
+
+def recorded_threads(payload: dict[str, Any], resume_path: Path, cfg: ExperimentConfig) -> int | None:
+    """The CPU thread count a run was trained with: the checkpoint's provenance when it has one, else the
+    provenance in its run's summary.json (written at every epoch end and when a run stops); None if unknown."""
+    provenance = payload.get("provenance")
+    if not isinstance(provenance, dict):
+        try:
+            summary = json.loads((run_dir_of(resume_path, cfg) / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        provenance = summary.get("provenance") if isinstance(summary, dict) else None
+    threads = provenance.get("threads") if isinstance(provenance, dict) else None
+    return threads if isinstance(threads, int) else None
 
 
 def check_monitor(cfg: ExperimentConfig, task: TaskDefinition) -> None:
@@ -132,6 +152,8 @@ def check_inputs(request: RunRequest, proc: Process) -> CheckedInputs:
         auto_fresh = resume_path is None
         if resume_path is not None:
             payload = load_checkpoint(resume_path)
+            if proc.threads is not None and proc.device.type == "cpu" and not request.test_only:
+                check_resume_threads(recorded_threads(payload, resume_path, cfg), proc.threads, resume_path)
     task.check_inputs(cfg)
     training = not request.test_only
     if training:
