@@ -666,6 +666,20 @@ def test_loader_independent_of_worker_count(synthetic_set: Path) -> None:
             torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
 
 
+def test_loader_iteration_leaves_torch_global_rng_alone(synthetic_set: Path) -> None:
+    """A checkpoint saves torch's global RNG state. A loader's first iter() (a persistent one: once per process)
+    must not draw from it, or a resumed run saves another state than an uninterrupted one (the kill soak's
+    finding). Both shuffled and fixed-order loaders, with and without workers."""
+    ds = _dataset(synthetic_set)
+    for shuffle, workers in ((True, 0), (False, 0), (True, 1), (False, 1)):
+        loader = build_loader(ds, 4, shuffle, 3, workers, False)
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        _batches(loader, 0)
+        _batches(loader, 1)
+        assert torch.equal(torch.get_rng_state(), before), (shuffle, workers)
+
+
 # ----------------------------------------------------------------------------------------------- data paths
 
 

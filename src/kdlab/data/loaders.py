@@ -376,6 +376,11 @@ def build_loader(
     """A loader over `dataset` with the EpochSeededSampler contract (order and augmentation depend on
     (seed, epoch, position); under DDP each rank gets its block of every global batch); any task's collate."""
     sampler = EpochSeededSampler(len(dataset), shuffle, seed, batch_size, rank, world_size, pad_even=shuffle)
+    # The first iter() of a loader draws its workers' base seed. From torch's global RNG that draw would make the
+    # RNG state a checkpoint saves depend on when the process started (persistent workers draw once per
+    # process), so a resumed run would save another state than an uninterrupted one; the loader's own
+    # generator keeps the global RNG out of it. Nothing depends on the base seed (see `kdlab.data.seeds`).
+    generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF)
     return DataLoader(
         ErrorsAsValues(dataset),
         batch_size=batch_size,
@@ -386,4 +391,5 @@ def build_loader(
         persistent_workers=num_workers > 0,
         drop_last=False,
         worker_init_fn=worker_ignores_sigterm if num_workers > 0 else None,
+        generator=generator,
     )

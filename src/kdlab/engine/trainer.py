@@ -420,12 +420,7 @@ class Trainer(TrainerCheckpoints):
         t_interval = t_start
         interval_images = 0
         accum = tcfg.grad_accum_steps
-        # Creating the loader iterator draws a base seed from torch's global RNG. On a mid-epoch resume put the
-        # RNG back to the saved state afterwards, as the uninterrupted run drew that seed at the epoch start.
-        rng_at_resume = torch.get_rng_state() if resume_batches else None
-        batches = iter(self.train_loader)
-        if rng_at_resume is not None:
-            torch.set_rng_state(rng_at_resume)
+        batches = iter(self.train_loader)  # draws nothing from torch's global RNG (the loader has its own)
         bar = tqdm(
             batches,
             desc=f"train {epoch + 1}/{tcfg.epochs}",
