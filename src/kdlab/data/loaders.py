@@ -7,8 +7,12 @@ once per image, never once per ROI.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import multiprocessing.util  # noqa: F401  (its exit handler is registered before ours: ours runs first)
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,10 +360,51 @@ def worker_ignores_sigterm(_worker_id: int) -> None:
     """Loader workers leave SIGTERM to the main process. A SIGTERM sent to the whole process group (Slurm
     pre-emption, `kill -- -PGID`, `pkill -f`) would otherwise kill the workers first, and the main process
     would fail with "DataLoader worker ... killed by signal" instead of stopping gracefully (training saves
-    last.pth; every command exits 143). Workers still end with the main process (the loader shuts them down;
-    they watch their parent). The `worker_init_fn` of every DataLoader with workers: training's
-    (`build_loader`), kdlab-predict's and the teacher-cache generator's."""
+    last.pth; every command exits 143). Workers still end with the main process: the loader shuts them down,
+    they watch their parent, and `_stop_workers_at_exit` covers loaders still alive at exit. Only set through
+    `WorkerLoader` (training's `build_loader`, kdlab-predict's and the teacher-cache generator's loaders)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_LIVE_ITERATORS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose workers ignore SIGTERM (`worker_ignores_sigterm`) and are stopped at interpreter exit.
+
+    Python's multiprocessing ends daemonic children at exit with SIGTERM and then joins them without a timeout:
+    workers that ignore SIGTERM would hang the exit of any process that still holds their iterator (a
+    persistent loader, or a loader kept alive by the traceback of an exiting SystemExit). Every iterator with
+    workers is therefore tracked, and `_stop_workers_at_exit` shuts them down the loader's own way first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs.setdefault("worker_init_fn", worker_ignores_sigterm)
+        super().__init__(*args, **kwargs)
+
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(iterator)
+        return iterator
+
+
+def _stop_workers_at_exit() -> None:
+    """Registered after multiprocessing's exit handler, so it runs before it (atexit is last in, first out):
+    each live iterator shuts its workers down (end-of-work message, join); a worker still alive after that
+    (it cannot be stopped with SIGTERM) gets SIGKILL, since nothing is waiting for its work any more."""
+    for iterator in list(_LIVE_ITERATORS):
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            with contextlib.suppress(Exception):
+                shutdown()
+    for child in multiprocessing.active_children():
+        if child.daemon and child.is_alive():
+            with contextlib.suppress(Exception):
+                child.kill()
+
+
+atexit.register(_stop_workers_at_exit)
 
 
 def build_loader(
@@ -381,7 +426,7 @@ def build_loader(
     # process), so a resumed run would save another state than an uninterrupted one; the loader's own
     # generator keeps the global RNG out of it. Nothing depends on the base seed (see `kdlab.data.seeds`).
     generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF)
-    return DataLoader(
+    return WorkerLoader(
         ErrorsAsValues(dataset),
         batch_size=batch_size,
         sampler=sampler,
@@ -390,6 +435,5 @@ def build_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=False,
-        worker_init_fn=worker_ignores_sigterm if num_workers > 0 else None,
         generator=generator,
     )

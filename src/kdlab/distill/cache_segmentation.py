@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from kdlab.config.schema import ExperimentConfig
@@ -174,7 +174,7 @@ def write_segmentation_split(
     batch_size, symmetrize = request.batch_size, request.symmetrize_flips
     import h5py
 
-    from kdlab.data.loaders import ErrorsAsValues, raise_if_data_error, worker_ignores_sigterm
+    from kdlab.data.loaders import ErrorsAsValues, WorkerLoader, raise_if_data_error
 
     names = [dataset.records[int(i)].file_name for i in indices]
     group.create_dataset("data", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
@@ -191,10 +191,9 @@ def write_segmentation_split(
     labels.create_dataset("boxes", shape=(0, 4), maxshape=(None, 4), dtype=np.float32, chunks=(256, 4))
     offsets = [0]
     # The workers leave a group-wide SIGTERM to this process: exit 143, and the temp cache file is removed.
-    loader = DataLoader(
+    loader = WorkerLoader(
         ErrorsAsValues(_LetterboxedImages(dataset, indices)), batch_size=batch_size, shuffle=False,
         num_workers=cfg.data.num_workers, collate_fn=_collate_letterboxed,
-        worker_init_fn=worker_ignores_sigterm,
     )  # fmt: skip
     bar = tqdm(loader, desc=f"teacher cache {group.name.strip('/')}", unit="batch", disable=not progress)
     for batch in bar:

@@ -24,18 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from kdlab.atomic_io import atomic_path, write_json_atomic
 from kdlab.data.coco import read_coco_people, read_image
 from kdlab.data.loaders import (
     ErrorsAsValues,
+    WorkerLoader,
     build_loader,
     raise_if_data_error,
     readable_samples,
     validation_dataset,
-    worker_ignores_sigterm,
 )
 from kdlab.data.roi_masks import OTHER, TARGET, expand_rois, paste_roi_probabilities
 from kdlab.data.transforms import CropWindow, crop_boxes, crop_image, letterbox_window, uncrop_boxes
@@ -255,9 +255,9 @@ def predict_images(plan: PredictPlan, staging: Path) -> tuple[list[dict[str, Any
     to `staging/overlays/`."""
     req, model, jobs = plan.request, plan.model, plan.boxes.jobs
     # The workers leave a group-wide SIGTERM to this process: exit 143, nothing written (the staging goes).
-    loader = DataLoader(
+    loader = WorkerLoader(
         ErrorsAsValues(LetterboxedJobs(jobs, model.input_size)), batch_size=req.batch_size, shuffle=False,
-        num_workers=req.num_workers, collate_fn=collate_jobs, worker_init_fn=worker_ignores_sigterm,
+        num_workers=req.num_workers, collate_fn=collate_jobs,
     )  # fmt: skip
     names = _overlay_names(jobs)
     results: list[dict[str, Any]] = []
