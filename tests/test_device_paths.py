@@ -92,11 +92,8 @@ def test_a_training_step_and_its_log_reduction_run_on_the_device(tmp_path, confi
     window = [trainer.forward_backward(meta_batch(cfg), micro_index=i) for i in range(2)]
     flags = trainer.step_flags(window, torch.zeros((), device=META))
     assert flags.device == META
-    interval = trainer.new_loss_sums()
-    for losses in window:
-        interval.add(losses)
-        trainer.progress.add(losses)
-    for sums in (interval, trainer.progress):
+    trainer.losses.add_step(window, images=2)
+    for sums in (trainer.losses.interval, trainer.losses.epoch):
         keys, means = sums.stacked_means()
         assert means.device == META and means.shape == (len(keys),)
         assert {"loss", "alpha"} <= set(keys)

@@ -383,7 +383,7 @@ def test_logit_standardize_applies_to_classifier_kl():
 
 
 def test_methods_suite_students_share_the_baselines_schedule_and_initial_weights():
-    from kdlab.experiments.runner import expand_configs
+    from kdlab.experiments.plan import expand_configs
 
     names = expand_configs(["quickstart_methods"])
     assert names[:2] == ["quickstart_teacher", "quickstart_baseline"]

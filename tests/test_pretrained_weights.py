@@ -420,7 +420,7 @@ def test_the_checkpoint_config_records_where_the_encoder_weights_came_from(tmp_p
 # ----------------------------------------------------------------------------------------- configs and suite
 def test_the_pretrained_configs_use_the_import_defaults():
     from kdlab.config.loader import resolve_config
-    from kdlab.experiments.runner import SUITES
+    from kdlab.experiments.plan import SUITES
 
     names = [
         "quickstart_pretrained_teacher",

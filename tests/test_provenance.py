@@ -10,7 +10,8 @@ from torch import nn
 
 from kdlab.config.schema import ExperimentConfig, TrainingConfig
 from kdlab.engine.trainer import Trainer
-from kdlab.experiments.report.collect import RunRecord, provenance_note
+from kdlab.experiments.report.provenance import provenance_note
+from kdlab.experiments.report.run_files import RunRecord
 
 
 def test_summary_records_the_runs_provenance(tmp_path):

@@ -18,7 +18,7 @@ from kdlab.evaluate.macs import compute_macs
 from kdlab.evaluate.report_layout import SEGMENTATION_LAYOUT, with_headline
 from kdlab.experiments import report
 from kdlab.experiments.report import RunRecord, collect_rows, write_report
-from kdlab.experiments.report.collect import row_columns
+from kdlab.experiments.report.layouts import row_columns
 
 # The fabricated runs select their checkpoints by target IoU (training.monitor): the report follows it.
 COLUMNS = row_columns(with_headline(SEGMENTATION_LAYOUT, "target_iou"))
@@ -479,7 +479,7 @@ def test_a_first_seed_that_failed_before_writing_its_config_keeps_the_config_dis
 
 # ------------------------------------------------------------------------------------ layouts (per task)
 def test_each_layout_is_recognised_from_its_rows_and_can_be_rendered() -> None:
-    from kdlab.experiments.report.collect import report_layouts, row_columns
+    from kdlab.experiments.report.layouts import report_layouts, row_columns
     from kdlab.experiments.report.tables import _MD_FORMAT
 
     layouts = report_layouts()
@@ -495,7 +495,7 @@ def test_each_layout_is_recognised_from_its_rows_and_can_be_rendered() -> None:
 
 def test_a_run_without_a_task_is_segmentation_and_an_unknown_task_is_named() -> None:
     from kdlab.errors import ConfigError
-    from kdlab.experiments.report.collect import layout_for_task, run_task
+    from kdlab.experiments.report.layouts import layout_for_task, run_task
 
     assert run_task(None) == run_task({"model": {}}) == "segmentation"
     assert run_task({"task": "sequence"}) == "sequence"

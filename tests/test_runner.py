@@ -16,7 +16,7 @@ import pytest
 from kdlab.cli.common import run_cli
 from kdlab.cli.experiments import main as experiments_main
 from kdlab.errors import ConfigError
-from kdlab.experiments.runner import expand_configs, parse_sweeps, plan_runs
+from kdlab.experiments.plan import expand_configs, parse_sweeps, plan_runs
 from tests.helpers import assert_same_weights, error_lines, tree_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_the_quickstart_suite_brings_its_seeds_and_parallelism_unless_the_comman
     import argparse
 
     from kdlab.cli.experiments import apply_suite_defaults
-    from kdlab.experiments.runner import SUITE_DEFAULTS
+    from kdlab.experiments.plan import SUITE_DEFAULTS
 
     def applied(configs: list[str], **given) -> argparse.Namespace:
         args = argparse.Namespace(configs=configs, seed=None, seeds=None, parallel=None, gpus=None,
@@ -618,7 +618,7 @@ def test_a_completed_run_that_owes_its_test_pass_is_not_finished(tmp_path):
     `--resume` must run it again (the trainer has nothing left to train; the test pass runs)."""
     import json as _json
 
-    from kdlab.experiments.runner import finished_before
+    from kdlab.experiments.child_run import finished_before
 
     (planned,) = plan_runs(["quickstart_baseline"], [f"output_dir={tmp_path}"], {}, [])
     run_dir = planned.run_dir()
@@ -640,7 +640,7 @@ def test_a_finished_run_exported_by_its_own_process_is_not_exported_again_on_res
     every earlier run cost minutes per pass (the 6-seed quickstart re-exported its 7 earlier runs)."""
     import json as _json
 
-    from kdlab.experiments.runner import exported_before
+    from kdlab.experiments.child_run import exported_before
 
     (planned,) = plan_runs(["quickstart_baseline"], [f"output_dir={tmp_path}"], {}, [])
     run_dir = planned.run_dir()

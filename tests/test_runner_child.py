@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kdlab.config.loader import CONFIGS_ENV, resolve_config
-from kdlab.experiments.runner import PlannedRun, child_command, child_env
+from kdlab.experiments.child_run import child_command, child_env
+from kdlab.experiments.plan import PlannedRun
 
 
 def test_the_child_is_the_training_module_not_a_script_path(tmp_path: Path) -> None:

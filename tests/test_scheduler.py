@@ -17,8 +17,10 @@ from kdlab.cli.common import run_cli
 from kdlab.cli.experiments import main as experiments_main
 from kdlab.engine.progress_file import ProgressFile, read_progress
 from kdlab.errors import ConfigError
+from kdlab.experiments.child_run import with_torchrun
+from kdlab.experiments.plan import PlannedRun, plan_runs
 from kdlab.experiments.run_lock import run_dir_holder
-from kdlab.experiments.runner import PlannedRun, SuiteBook, plan_runs, with_torchrun
+from kdlab.experiments.runner import SuiteBook
 from kdlab.experiments.scheduler import ChildSpec, LiveLines, ProcessLauncher, SlotPool, parse_gpus, schedule
 from kdlab.experiments.slurm import slurm_parameters
 from tests.helpers import error_lines

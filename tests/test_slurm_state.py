@@ -207,7 +207,8 @@ def test_resume_collects_a_recorded_job_that_runs_or_succeeded_and_forgets_one_t
 
 
 def test_the_runner_hands_a_recorded_job_to_the_launcher_under_resume(tmp_path):
-    from kdlab.experiments.runner import SuiteBook, plan_runs
+    from kdlab.experiments.plan import plan_runs
+    from kdlab.experiments.runner import SuiteBook
 
     [run] = plan_runs(["sequence_teacher"], [f"data.sequence.path={tmp_path / 'seq.h5'}"], {}, [])
     command = ["python", "-m", "kdlab.cli.train", "--config", "sequence_teacher", "--resume", "auto"]

@@ -128,10 +128,10 @@ def test_top_k_files_and_list_agree_after_a_crash_between_the_shift_and_last_pth
     resumed.resume_from(ckpt / "last.pth")
     # Right after the resume the list is what the files hold: epoch 4's file is gone (that epoch is trained
     # again), epoch 1's was replaced in the shift, and epochs 2 and 3 are back under their ranks' names.
-    assert [(e["epoch"], e["value"], e["file"]) for e in resumed.top_k.entries] == [
+    assert [(e["epoch"], e["value"], e["file"]) for e in resumed.monitor.top_k.entries] == [
         (2, 0.7, "best_model.pth"), (3, 0.6, "best_model_top2.pth")
     ]  # fmt: skip
-    assert {e["file"]: (e["epoch"], e["value"]) for e in resumed.top_k.entries} == _on_disk(ckpt)
+    assert {e["file"]: (e["epoch"], e["value"]) for e in resumed.monitor.top_k.entries} == _on_disk(ckpt)
     assert (resumed.state.best_epoch, resumed.state.best_metric) == (2, 0.7)
     summary = resumed.fit()
 

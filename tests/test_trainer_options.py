@@ -5,10 +5,12 @@ epoch is fixed in advance), so every test runs in well under a second."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -106,7 +108,28 @@ def test_plateau_multiplies_the_lr_by_gamma_after_patience_validations_without_i
     trainer.fit()
     # epochs 3 and 4 do not improve on 0.6: the LR halves after epoch 4; epoch 6 alone is one bad validation
     assert trainer.task.lrs == [1.0] * 8 + [0.5] * 4
-    assert (trainer.plateau.factor, trainer.plateau.bad, trainer.plateau.best) == (0.5, 1, 0.7)
+    assert (trainer.monitor.plateau.factor, trainer.monitor.plateau.bad, trainer.monitor.plateau.best) == (
+        0.5,
+        1,
+        0.7,
+    )
+
+
+def test_a_plateau_reduction_is_reported_at_once_and_survives_a_checkpoint_round_trip(tmp_path):
+    """The LR drops for the step right after the validation that reduced it: the optimizer, get_last_lr() and
+    the scheduler state saved in last.pth all say so, and a trainer resumed from that last.pth does too."""
+    values = [0.5, 0.4, 0.4]  # epochs 2 and 3 do not improve: the LR halves after epoch 3, the last one
+    trainer = _trainer(tmp_path / "run", values, lr_schedule="plateau", lr_patience=2, lr_gamma=0.5)
+    trainer.fit()
+    assert trainer.task.lrs == [1.0] * 6 and trainer.monitor.plateau.factor == 0.5
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.5, 0.5]
+    assert trainer.scheduler.get_last_lr() == [0.5, 0.5]
+    payload = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pth")
+    assert payload["scheduler_state_dict"]["_last_lr"] == [0.5, 0.5]
+    resumed = _trainer(tmp_path / "resumed", values, lr_schedule="plateau", lr_patience=2, lr_gamma=0.5)
+    resumed.resume_from(tmp_path / "run" / "checkpoints" / "last.pth")
+    assert resumed.scheduler.get_last_lr() == [0.5, 0.5] and resumed.monitor.plateau.factor == 0.5
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [0.5, 0.5]
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "step", "plateau", "constant"])
@@ -128,7 +151,7 @@ def test_resume_mid_schedule_is_bit_identical(tmp_path, schedule):
     assert resumed.task.lrs == full.task.lrs[3 * STEPS_PER_EPOCH :]
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert resumed.plateau == full.plateau and resumed.top_k == full.top_k
+    assert resumed.monitor.plateau == full.monitor.plateau and resumed.monitor.top_k == full.monitor.top_k
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "step", "plateau", "constant"])
@@ -183,7 +206,7 @@ def test_unknown_monitor_is_one_error_line_before_anything_is_written(tmp_path, 
 def test_early_stopping_ends_the_run_cleanly_at_the_right_epoch(tmp_path, caplog):
     values = [0.5, 0.6, 0.6, 0.59, 0.6, 0.9, 0.9, 0.9, 0.9, 0.9]
     trainer = _trainer(tmp_path, values, early_stopping_patience=3)
-    with caplog.at_level(logging.INFO, logger="kdlab.engine.trainer"):
+    with caplog.at_level(logging.INFO, logger="kdlab.engine"):
         summary = trainer.fit()
     assert summary["status"] == "completed" and summary["epochs_completed"] == 5
     assert summary["stopped_early"] == {"epoch": 5, "best_epoch": 2}
@@ -210,7 +233,7 @@ def test_the_patience_counter_survives_resume(tmp_path):
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     resumed = _trainer(tmp_path / "resumed", values, early_stopping_patience=3)
     resumed.resume_from(tmp_path / "resumed" / "checkpoints" / "checkpoint_epoch_0004.pth")
-    assert resumed.early_stopping.bad == 2
+    assert resumed.monitor.early_stopping.bad == 2
     summary = resumed.fit()  # a counter reset to 0 would train on to epoch 6 and see 0.9
     assert summary["stopped_early"] == {"epoch": 5, "best_epoch": 2}
     assert len(resumed.task.lrs) == STEPS_PER_EPOCH
@@ -275,3 +298,20 @@ def test_report_best_epoch_follows_the_monitor_and_stays_on_the_headline_by_defa
     assert (
         _best_epoch_row(rows, 1, *_monitored(summary, config, "miou"))["epoch"] == "1"
     )  # summary's best_epoch
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_the_trainer_is_freed_by_reference_counting(tmp_path, schedule):
+    """No part of the trainer (steps, checkpoints, the scheduler's lambdas) refers back to it: a cycle would leave
+    it, and its loader's persistent workers, to the garbage collector, and a run stopped by SIGTERM would hang at
+    exit joining workers that ignore SIGTERM (tests/test_crash_resume.py, the process-group test)."""
+    cfg = ExperimentConfig(training=TrainingConfig(epochs=1, lr_schedule=schedule, device="cpu", amp="off"))
+    gc.disable()
+    try:
+        trainer = Trainer(cfg, nn.Linear(3, 1), RecordingTask(), _batches(), ScriptedEvaluator([0.5]), tmp_path,
+                          torch.device("cpu"), show_progress=False, best_metric="acc")  # fmt: skip
+        ref = weakref.ref(trainer)
+        del trainer
+        assert ref() is None
+    finally:
+        gc.enable()

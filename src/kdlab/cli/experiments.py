@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdlab.experiments.orchestrate import orchestrate
 
     if args.list_configs:
-        from kdlab.experiments.runner import SUITES
+        from kdlab.experiments.plan import SUITES
 
         print_named_configs(SUITES)
         return 0
@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def apply_suite_defaults(args: argparse.Namespace) -> None:
-    """A suite's own seeds and parallelism (`runner.SUITE_DEFAULTS`) where the command gives none: seeds unless
+    """A suite's own seeds and parallelism (`plan.SUITE_DEFAULTS`) where the command gives none: seeds unless
     --seed or --seeds is given, parallelism unless --parallel, --gpus or a Slurm executor is."""
-    from kdlab.experiments.runner import suite_defaults
+    from kdlab.experiments.plan import suite_defaults
 
     defaults = suite_defaults(args.configs)
     if "seeds" in defaults and args.seed is None and args.seeds is None:

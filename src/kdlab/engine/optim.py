@@ -63,15 +63,29 @@ def schedule_fn(
     return lambda step: schedule_factor(step, cfg, steps_per_epoch, warmup_steps, plateau_factor())
 
 
+class StepLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR (one step per optimizer step) whose multiplier may change between two steps: the plateau
+    factor drops after a validation, and the rate of the coming step must drop with it, not one step later.
+
+    Its state is LambdaLR's (the same state_dict), so checkpoints and resumes are unchanged."""
+
+    def apply_current_factor(self) -> list[float]:
+        """Set every group's rate for the current step from the lambdas as they are now, as `step()` does for a
+        new step but without advancing; `get_last_lr()` and the saved state report the new rates. Returns them."""
+        for group, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas, strict=True):
+            group["lr"] = base * fn(self.last_epoch)
+        # What LRScheduler.step records after setting the rates; it goes into state_dict (and last.pth).
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        return self.get_last_lr()
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps_per_epoch: int,
     plateau_factor: Callable[[], float] = lambda: 1.0,
-) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
+) -> StepLambdaLR:  # fmt: skip
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = warmup_steps_for(cfg, total, steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, schedule_fn(cfg, steps_per_epoch, total, warmup, plateau_factor)
-    )
+    return StepLambdaLR(optimizer, schedule_fn(cfg, steps_per_epoch, total, warmup, plateau_factor))
 
 
 def extended_schedule(

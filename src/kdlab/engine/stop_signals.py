@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
+
+from kdlab.engine.launch import resume_command
 
 
 class TrainingInterrupted(Exception):
@@ -67,3 +70,33 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+
+
+def where_stopped(epoch: int, batches_done: int) -> str:
+    """ "epoch 3" at an epoch boundary, "epoch 3 + 5 batches" inside epoch 4."""
+    return f"epoch {epoch}" + (f" + {batches_done} batches" if batches_done else "")
+
+
+def interrupted_after_save(signum: int, step: int, where: str, last: Path) -> TrainingInterrupted:
+    """The one-line outcome of a graceful stop: last.pth was saved after `step`, resume from it."""
+    return TrainingInterrupted(
+        signum,
+        f"stopped by {signal.Signals(signum).name} after step {step} ({where}); "
+        f"saved {last}; resume with: {resume_command(last)}",
+    )
+
+
+def interrupted_at_once(
+    signum: int, step: int, where: str, last: Path, saved_step: int | None
+) -> TrainingInterrupted:
+    """The one-line outcome of a second signal: nothing was saved for it, the last complete last.pth
+    (atomic writes: never a half-written one; of step `saved_step` when this process wrote it) is where a
+    resume continues."""
+    name = signal.Signals(signum).name
+    head = f"stopped at once by a second {name} after step {step} ({where}), without saving"
+    if not last.is_file():
+        return TrainingInterrupted(
+            signum, f"{head}; no last.pth was saved yet; start again with: {resume_command(Path('auto'))}"
+        )
+    saved = f" (step {saved_step})" if saved_step is not None else ""
+    return TrainingInterrupted(signum, f"{head}; {last}{saved} stands; resume with: {resume_command(last)}")

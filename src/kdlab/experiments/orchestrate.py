@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.errors import ConfigError
-from kdlab.experiments.runner import PlannedRun, RunResult, plan_runs, run_all
+from kdlab.experiments.plan import PlannedRun, plan_runs
+from kdlab.experiments.runner import RunResult, run_all
 from kdlab.experiments.runs_record import RECORDED_AT, RUNS_FILE, record_runs
 from kdlab.tasks import task_of
 

@@ -1,113 +1,37 @@
 """Run several experiments, each as its own process (in series, or several at once), then export and compare them.
 
 Each experiment runs `python -m kdlab.cli.train ...` (the CLI behind train_advanced.py) through an argument
-list (never a shell); its output is streamed live and into `<run>/logs/stdout.txt`; its true exit status is
-recorded. A failed experiment is recorded with the tail of its log and the others still run (unless
-fail_fast). An experiment whose teacher is another experiment (`distillation.teacher_experiment`) runs after
-it and gets its best_model.pth; if that teacher failed, it is skipped.
-
-With several seeds every config runs once per seed (`<config>__seed-<s>`, `training.seed=<s>`); a teacher of a
-listed config runs once and serves every seed of its students unless `seed_teachers`, when student seed s
-learns from teacher seed s. A baseline and a distilled student of one seed share their initial weights and
-data order (both come from `training.seed`), so their difference is a paired comparison.
+list (never a shell; `kdlab.experiments.child_run`); its output is streamed live and into
+`<run>/logs/stdout.txt`; its true exit status is recorded. A failed experiment is recorded with the tail of
+its log and the others still run (unless fail_fast). An experiment whose teacher is another experiment runs
+after it (`kdlab.experiments.plan`); if that teacher failed, it is skipped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import kdlab
-from kdlab.config.loader import parse_set_items, resolve_config
-from kdlab.config.schema import ExperimentConfig
-from kdlab.errors import ConfigError
+from kdlab.experiments.child_run import (
+    child_command,
+    child_env,
+    error_tail,
+    exported_before,
+    exports_in_run,
+    finished_before,
+    keep_child_log,
+    recorded_export,
+    with_torchrun,
+)
+from kdlab.experiments.plan import PlannedRun
 from kdlab.experiments.run_lock import run_dir_holder
 from kdlab.experiments.scheduler import ChildSpec, Launcher, ProcessLauncher, Slot, SlotPool, schedule
 
 log = logging.getLogger(__name__)
-
-SUITES: dict[str, list[str]] = {
-    # The main job: does distillation help? Its students run over the seeds of SUITE_DEFAULTS. The faster
-    # student has its own suite: three more runs per seed do not fit the main job's 15 minutes on 2 cores.
-    "quickstart": ["quickstart_teacher", "quickstart_baseline", "quickstart_distill"],
-    # quickstart_fast_distill: the faster student (docs/people-model.md, "A faster student"), beside the plain
-    # distilled B0, so the table shows what its lighter decoder and head cost in accuracy.
-    "quickstart_fast": [
-        "quickstart_teacher",
-        "quickstart_baseline",
-        "quickstart_distill",
-        "quickstart_fast_distill",
-    ],
-    # The distillation methods compared on the quickstart data and teacher (docs/distillation-methods.md):
-    # every student shares the baseline's schedule, seed and so initial weights. Not part of CI.
-    "quickstart_methods": [
-        "quickstart_teacher",
-        "quickstart_baseline",
-        "quickstart_distill",
-        "quickstart_kd_ls",
-        "quickstart_dist",
-        "quickstart_cwd",
-        "quickstart_mgd",
-        "quickstart_kd_dist",
-    ],
-    # The quickstart pair from ImageNet encoders (EfficientNet-Lite2 teacher, Lite0 students): weights from
-    # `kdlab-weights import` (docs/data.md, "Encoder weights"). Not part of CI.
-    "quickstart_pretrained": [
-        "quickstart_pretrained_teacher",
-        "quickstart_pretrained_baseline",
-        "quickstart_pretrained_distill",
-    ],
-    "people": ["people_b3_teacher", "people_b0_baseline", "people_b0_from_b3"],
-    "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
-    "sequence": ["sequence_teacher", "sequence_student_baseline", "sequence_student_distill"],
-}
-# What a suite brings when the command names it alone and gives none of these: the main job runs its students
-# over several seeds, side by side, so that its table can resolve distillation's effect (one seed cannot:
-# docs/people-model.md, "The main job's protocol"). --seed N (one run) or --seeds/--parallel override them.
-SUITE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "quickstart": {"seeds": [0, 1, 2], "parallel": 2},
-}
-
-
-def suite_defaults(configs: list[str]) -> dict[str, Any]:
-    """The defaults (`SUITE_DEFAULTS`) of the one suite `configs` names, else {}."""
-    return dict(SUITE_DEFAULTS.get(configs[0], {})) if len(configs) == 1 else {}
-
-
-# The child is the training CLI as a module, so it runs the same from a checkout and from an installed wheel.
-TRAIN_MODULE = "kdlab.cli.train"
-ERROR_TAIL_LINES = 30
-
-
-@dataclass
-class PlannedRun:
-    """One experiment to run: its config name, extra `--set` items (sweeps) and resolved config."""
-
-    config_name: str
-    run_name: str
-    set_items: list[str]
-    config: ExperimentConfig
-    depends_on: str | None = None
-    seed: int | None = None  # set when the runner varies seeds (--seeds)
-    group: str = ""  # run_name without the seed suffix: the runs of one config (and sweep value)
-    resume_from: str | None = None  # an explicit checkpoint to continue (--resume PATH)
-
-    def run_dir(self) -> Path:
-        """Where the run lives: the run directory of an explicit resume checkpoint, else <output_dir>/<run>."""
-        if self.resume_from is not None:
-            path = Path(self.resume_from)
-            if path.parent.name == "checkpoints":
-                return path.parent.parent
-        return Path(self.config.output_dir) / self.run_name
 
 
 @dataclass
@@ -124,214 +48,6 @@ class RunResult:
     export: dict[str, Any] | None = None
     seed: int | None = None
     group: str | None = None
-
-
-def expand_configs(names: list[str]) -> list[str]:
-    """Expand suite names (e.g. `quickstart`) into their configs, keeping order and dropping repeats."""
-    out: list[str] = []
-    for name in names:
-        for item in SUITES.get(name, [name]):
-            if item not in out:
-                out.append(item)
-    return out
-
-
-def parse_sweeps(sweeps: list[str]) -> list[list[tuple[str, str]]]:
-    """`["a.b=1,2", "c=x,y"]` -> the cartesian product as lists of (key, value) pairs."""
-    combos: list[list[tuple[str, str]]] = [[]]
-    for sweep in sweeps:
-        if "=" not in sweep:
-            raise ConfigError(f"--sweep expects key=v1,v2,..., got '{sweep}'")
-        key, values = sweep.split("=", 1)
-        items = [v for v in values.split(",") if v != ""]
-        if not items:
-            raise ConfigError(f"--sweep {key} has no values")
-        parse_set_items([f"{key}={items[0]}"])  # validates the key, naming the closest one on a typo
-        combos = [combo + [(key, v)] for combo in combos for v in items]
-    return combos
-
-
-def _sweep_suffix(combo: list[tuple[str, str]]) -> str:
-    parts = []
-    for key, value in combo:
-        safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in value)
-        parts.append(f"{key.rsplit('.', 1)[-1]}-{safe}")
-    return "__" + "__".join(parts) if parts else ""
-
-
-SEED_SUFFIX = "__seed-"
-
-
-def check_seeds(seeds: list[int] | None) -> list[int]:
-    """The seeds of --seeds, each a distinct integer >= 0 (a ConfigError otherwise)."""
-    seeds = list(seeds or [])
-    for seed in seeds:
-        if seed < 0:
-            raise ConfigError(f"--seeds must be integers >= 0, got {seed}")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        raise ConfigError(
-            f"--seeds lists {', '.join(map(str, repeated))} more than once; give each seed once"
-        )
-    return seeds
-
-
-def plan_runs(
-    config_names: list[str],
-    set_items: list[str],
-    flags: dict[str, Any],
-    sweeps: list[str],
-    seeds: list[int] | None = None,
-    seed_teachers: bool = False,
-) -> list[PlannedRun]:
-    """Resolve every config (failing early on bad input) and order teachers before their students.
-
-    Sweeps vary the students: a config that another listed config names as its
-    `distillation.teacher_experiment` runs once, unswept, so `--configs digits --sweep model.name=a,b`
-    compares several students against one teacher in one table. Seeds multiply every run (one per
-    (sweep value, seed)) except such teachers, which run once unless `seed_teachers`.
-    """
-    planned: list[PlannedRun] = []
-    names = expand_configs(config_names)
-    seeds = check_seeds(seeds)
-    bases = {name: resolve_config(name, set_items, flags) for name in names}
-    teachers = {
-        b.distillation.teacher_experiment for b in bases.values() if b.distillation.teacher_experiment
-    }
-    listed = {b.name for b in bases.values()}
-    combos_all = parse_sweeps(sweeps)
-    for name in names:
-        base = bases[name]
-        is_teacher = base.name in teachers
-        combos = [[]] if sweeps and is_teacher else combos_all
-        if sweeps and is_teacher:
-            log.info("%s is the teacher of a listed config: it runs once, not swept", base.name)
-        run_seeds: list[int | None] = list(seeds) if seeds else [None]
-        if seeds and is_teacher and not seed_teachers:
-            log.info("%s is the teacher of a listed config: it runs once for all seeds", base.name)
-            run_seeds = [None]
-        teacher = base.distillation.teacher_experiment
-        for combo in combos:
-            group = base.name + _sweep_suffix(combo)
-            for seed in run_seeds:
-                run_name = group + (f"{SEED_SUFFIX}{seed}" if seed is not None else "")
-                items = list(set_items) + [f"{k}={v}" for k, v in combo]
-                if seed is not None:
-                    items.append(f"training.seed={seed}")
-                depends_on = teacher
-                if seed is not None and seed_teachers and teacher in listed:
-                    depends_on = f"{teacher}{SEED_SUFFIX}{seed}"
-                    items.append(f"distillation.teacher_experiment={depends_on}")
-                if run_name != base.name:
-                    items.append(f"name={run_name}")
-                cfg = resolve_config(name, items, flags)
-                planned.append(PlannedRun(name, run_name, items, cfg, depends_on, seed, group))
-    run_names = {p.run_name for p in planned}
-    ordered: list[PlannedRun] = []
-    pending = list(planned)
-    while pending:
-        ready = [
-            p
-            for p in pending
-            if p.depends_on not in run_names or p.depends_on in {o.run_name for o in ordered}
-        ]
-        if not ready:
-            cycle = ", ".join(p.run_name for p in pending)
-            raise ConfigError(f"distillation.teacher_experiment forms a cycle among: {cycle}")
-        for p in ready:
-            ordered.append(p)
-            pending.remove(p)
-    return ordered
-
-
-def _tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
-    if not path.is_file():
-        return ""
-    with path.open(errors="replace") as fh:
-        return "".join(deque(fh, maxlen=lines))
-
-
-def child_command(
-    run: PlannedRun,
-    flags_argv: list[str],
-    teacher_ckpt: Path | None,
-    resume: str | None,
-    export: bool = False,
-) -> list[str]:
-    """The training argument list of one run; `resume` is "auto" or a checkpoint path; `export`: the child
-    exports its student to ONNX after training (`--export_onnx`), on its own device, in its own job."""
-    command = [sys.executable, "-m", TRAIN_MODULE, "--config", run.config_name, "--no_progress"]
-    if run.set_items:
-        command += ["--set", *run.set_items]
-    command += flags_argv
-    if teacher_ckpt is not None:
-        command += ["--teacher_checkpoint", str(teacher_ckpt)]
-    if resume:
-        command += ["--resume", resume]
-    if export:
-        command += ["--export_onnx"]
-    return command
-
-
-def exports_in_run(run: PlannedRun) -> bool:
-    """Whether the run's task ships as ONNX (the sequence task has no exporter)."""
-    from kdlab.tasks import task_of
-
-    return task_of(run.config).exporter() is not None
-
-
-def recorded_export(run_dir: Path) -> dict[str, Any] | None:
-    """The export outcome a child wrote into summary.json (`export`), if any."""
-    try:
-        export = json.loads((run_dir / "summary.json").read_text()).get("export")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return export if isinstance(export, dict) else None
-
-
-def exported_before(run: PlannedRun, run_dir: Path) -> dict[str, Any] | None:
-    """The export record of a finished run whose own process exported it (summary.json `export`, ok, and
-    checkpoints/best_model.onnx still there), so that a --resume pass does not export and score it again; None
-    when the run must be exported (no record, a failed one, a missing file, or INT8 now asked for)."""
-    export = recorded_export(run_dir)
-    if export is None or not export.get("ok") or run.config.export.quantize != "none":
-        return None
-    return export if (run_dir / "checkpoints" / "best_model.onnx").is_file() else None
-
-
-def child_env() -> dict[str, str]:
-    """This process's environment, unbuffered, with the directory holding this kdlab package first on
-    PYTHONPATH, so the child imports the same kdlab (a checkout's src/ or an installed site-packages)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    package_parent = str(Path(kdlab.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = package_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def finished_before(run: PlannedRun) -> bool:
-    """A run that already trained to its planned epochs (summary.json says completed, best_model.pth exists)
-    and, when it has a test split, was scored on it (a kill during the test pass leaves a completed summary
-    without test_metrics): `--resume` does not run it again."""
-    run_dir = run.run_dir()
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        summary.get("status") == "completed"
-        and summary.get("epochs") == run.config.training.epochs
-        and (run_dir / "checkpoints" / "best_model.pth").is_file()
-        and (not summary.get("test_images") or isinstance(summary.get("test_metrics"), dict))
-    )
-
-
-def with_torchrun(command: list[str], devices: int) -> list[str]:
-    """A training command launched under torchrun on `devices` local processes (one per GPU), when > 1."""
-    if devices <= 1:
-        return command
-    assert command[1:3] == ["-m", TRAIN_MODULE]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}"]
-    return launch + ["-m", TRAIN_MODULE, *command[3:]]
 
 
 class SuiteBook:
@@ -455,7 +171,7 @@ class SuiteBook:
             if self.results[teacher].status not in ("completed", "exists"):  # a cluster job cancelled with it
                 status = "skipped"
         result = self._result(
-            run, status, code, seconds, command, _tail(final_log) if status != "completed" else ""
+            run, status, code, seconds, command, error_tail(final_log) if status != "completed" else ""
         )
         result.export = export
         log.info("%s: %s (exit %d) in %.1f s", run.run_name, status, code, seconds)
@@ -468,24 +184,6 @@ class SuiteBook:
             log.error("--fail_fast: stopping after %s failed", result.name)
             return True
         return False
-
-
-def keep_child_log(staging: Path, run_dir: Path, append: bool) -> Path:
-    """Move a child's log from the runner's staging area into `<run>/logs/stdout.txt` (appended to the earlier
-    one when the run resumed); it stays in staging when the run never made its directory."""
-    if not staging.is_file():
-        return staging
-    if not run_dir.is_dir():
-        return staging
-    final_log = run_dir / "logs" / "stdout.txt"
-    final_log.parent.mkdir(parents=True, exist_ok=True)
-    if final_log.exists() and append:
-        with final_log.open("a") as out, staging.open() as inp:
-            shutil.copyfileobj(inp, out)
-        staging.unlink()
-    else:
-        shutil.move(staging, final_log)
-    return final_log
 
 
 def run_all(

@@ -8,22 +8,17 @@ Roles (teacher / student / distilled) come from the runner or are inferred from 
 Everything that differs per task (columns, headline, architecture name, MAC count) is the task's
 `kdlab.evaluate.report_layout.ReportLayout` and MAC counter; the report never compares task names.
 
-Modules: collect (run directories -> rows, roles), aggregate (over seeds), tables (CSV/JSON/Markdown and
-the text), figures (PNG), write (the files of a report).
+Modules: run_files (one run directory read), layouts (which layout and columns), teacher_lead (is the
+teacher's lead resolved), collect (run directories -> rows, roles), aggregate (over seeds), tables
+(CSV/JSON/Markdown and the text), figures (PNG), provenance (what differs between runs), write (the files of
+a report).
 """
 
 from kdlab.evaluate.report_layout import SEGMENTATION_LAYOUT, ReportLayout
 from kdlab.experiments.report.aggregate import aggregate_rows, aggregated_columns, is_multi_seed
-from kdlab.experiments.report.collect import (
-    RESULT_STATUSES,
-    ROLES,
-    RunRecord,
-    collect_rows,
-    layout_for_configs,
-    layout_for_rows,
-    read_metrics_csv,
-    split_seed,
-)
+from kdlab.experiments.report.collect import ROLES, collect_rows
+from kdlab.experiments.report.layouts import layout_for_configs, layout_for_rows
+from kdlab.experiments.report.run_files import RESULT_STATUSES, RunRecord, read_metrics_csv, split_seed
 from kdlab.experiments.report.tables import (
     MISSING,
     aggregated_markdown,

@@ -15,17 +15,10 @@ from typing import Any
 import numpy as np
 
 from kdlab.evaluate.report_layout import HEADLINE_LABELS, ReportLayout
-from kdlab.experiments.report.collect import (
-    SUMMED_HEADLINES,
-    RunRecord,
-    has_result,
-    is_inside,
-    layout_for_rows,
-    read_run,
-    split_seed,
-    teacher_checkpoints,
-    teacher_lead_note,
-)
+from kdlab.experiments.report.collect import has_result, is_inside, teacher_checkpoints
+from kdlab.experiments.report.layouts import layout_for_rows
+from kdlab.experiments.report.run_files import RunRecord, read_run, split_seed
+from kdlab.experiments.report.teacher_lead import SUMMED_HEADLINES, teacher_lead_note
 from kdlab.experiments.seed_stats import (
     EQUIVALENCE_MARGIN,
     gap_closed,
@@ -296,7 +289,7 @@ def _lead_note(
 ) -> str | None:
     """None when the teacher config's lead over the baseline config is resolved over seeds
     (`seed_stats.teacher_lead`: margin beyond its 95% half-width); with one run of each, the per-run rule
-    (`collect.teacher_lead_note`, a bootstrap over test images). Else the reason, for the legend."""
+    (`teacher_lead.teacher_lead_note`, a bootstrap over test images). Else the reason, for the legend."""
     t_values, b_values = list(values[teacher].values()), list(values[baseline].values())
     if len(t_values) < 2 and len(b_values) < 2:
         by_name = {r["experiment"]: r for r in rows}

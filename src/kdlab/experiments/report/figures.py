@@ -14,7 +14,8 @@ from matplotlib.ticker import MaxNLocator
 
 from kdlab.atomic_io import atomic_write
 from kdlab.evaluate.report_layout import ReportLayout
-from kdlab.experiments.report.collect import RunRecord, has_result, number, read_metrics_csv
+from kdlab.experiments.report.collect import has_result
+from kdlab.experiments.report.run_files import RunRecord, number, read_metrics_csv
 from kdlab.experiments.seed_stats import t_interval
 
 _ROLE_STYLE: dict[str, tuple[str, str]] = {  # marker, colour

@@ -15,17 +15,10 @@ from kdlab.experiments.report.aggregate import (
     is_multi_seed,
     separate_unseeded,
 )
-from kdlab.experiments.report.collect import (
-    RESULT_STATUSES,
-    RunRecord,
-    csv_columns,
-    layout_for_rows,
-    per_image_sums,
-    provenance_note,
-    read_config,
-    split_seed,
-)
 from kdlab.experiments.report.figures import comparison_figure, curves_figure, plot_points, save_figure_atomic
+from kdlab.experiments.report.layouts import csv_columns, layout_for_rows
+from kdlab.experiments.report.provenance import provenance_note
+from kdlab.experiments.report.run_files import RESULT_STATUSES, RunRecord, read_config, split_seed
 from kdlab.experiments.report.tables import (
     aggregated_markdown,
     frame_to_csv,
@@ -36,6 +29,7 @@ from kdlab.experiments.report.tables import (
     seed_method,
     table_frame,
 )
+from kdlab.experiments.report.teacher_lead import per_image_sums
 from kdlab.experiments.seed_stats import EQUIVALENCE_MARGIN
 
 log = logging.getLogger(__name__)
