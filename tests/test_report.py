@@ -661,3 +661,28 @@ def test_the_equivalence_margin_comes_from_the_runs_report_config(
         config_path.write_text(json.dumps(config))
     md = write_report(rows, tmp_path / "b", three_seeds)["markdown"].read_text()
     assert "| inconclusive" in md and "equivalent within ±0.002 when" in md
+
+
+def test_the_teacher_is_found_after_the_output_directory_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner writes teacher paths relative to the cwd under the config's output_dir
+    (experiments/<teacher>/checkpoints/best_model.pth). Moved to another folder and reported from elsewhere,
+    the distilled run's teacher is still its teacher (role, % of teacher), not a 'student'."""
+    moved = tmp_path / "archive" / "2026-12"
+    teacher = fabricate_run(moved, "teacher_b3", B3, [0.6, 0.7, 0.8], params_total=13_500_000)
+    baseline = fabricate_run(moved, "baseline_b0", B0, [0.4, 0.5, 0.45])
+    distilled = fabricate_run(moved, "distilled_b0", B0, [0.5, 0.65, 0.6])
+    config = tiny_config("distilled_b0", B0, Path("experiments/teacher_b3/checkpoints/best_model.pth"))
+    assert config["output_dir"] == "experiments"
+    (distilled / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)  # where `experiments/` is not
+    records = [RunRecord("teacher_b3", teacher, "completed"), RunRecord("baseline_b0", baseline, "completed"),
+               RunRecord("distilled_b0", distilled, "completed")]  # fmt: skip
+    named = by_name(collect_rows(records))
+    assert named["teacher_b3"]["role"] == "teacher"
+    assert named["teacher_b3"]["pct_of_teacher"] == pytest.approx(100.0)
+    # a path outside output_dir is not re-rooted: nothing matches, and the run stays a student
+    config["distillation"]["teacher_checkpoint"] = "elsewhere/teacher_b3/checkpoints/best_model.pth"
+    (distilled / "config.json").write_text(json.dumps(config))
+    assert by_name(collect_rows(records))["teacher_b3"]["role"] == "student"

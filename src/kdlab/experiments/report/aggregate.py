@@ -207,7 +207,7 @@ def aggregate_rows(
         own_teacher[group] = None
         for _, _, rec in members[:1]:
             files = read_run(rec.run_dir) if rec is not None else None
-            for ckpt in teacher_checkpoints(files.config if files else None):
+            for ckpt in teacher_checkpoints(files.config if files else None, rec.run_dir if rec else None):
                 own_teacher[group] = next(
                     (
                         g

@@ -68,14 +68,30 @@ def _monitored(
     return headline, "max"
 
 
-def teacher_checkpoints(config: dict[str, Any] | None) -> list[Path]:
-    """Every teacher checkpoint a (distillation-enabled) config names, resolved against the cwd."""
+def teacher_checkpoints(config: dict[str, Any] | None, run_dir: Path | None = None) -> list[Path]:
+    """Every teacher checkpoint a (distillation-enabled) config names, resolved against the cwd. A relative
+    path under the config's own `output_dir` (as the runner writes them: experiments/<teacher>/...) is also
+    tried under the directory that holds `run_dir` now, so a report still finds the teacher when the output
+    directory was moved or renamed, or the report runs from another directory."""
     distill = nested(config, "distillation")
     if not isinstance(distill, dict) or not distill.get("enabled"):
         return []
     paths = [distill.get("teacher_checkpoint")]
     paths += [t.get("checkpoint") for t in distill.get("teachers") or [] if isinstance(t, dict)]
-    return [Path(p).resolve() for p in paths if isinstance(p, str) and p]
+    found = [Path(p).resolve() for p in paths if isinstance(p, str) and p]
+    output_dir = nested(config, "output_dir")
+    if (
+        run_dir is not None
+        and isinstance(output_dir, str)
+        and output_dir
+        and not Path(output_dir).is_absolute()
+    ):
+        for p in paths:
+            if isinstance(p, str) and p and not Path(p).is_absolute() and Path(p).is_relative_to(output_dir):
+                moved = (Path(run_dir).parent / Path(p).relative_to(output_dir)).resolve()
+                if moved not in found:
+                    found.append(moved)
+    return found
 
 
 def is_inside(path: Path, run_dir: Path | None) -> bool:
@@ -194,9 +210,9 @@ def collect_rows(records: list[RunRecord], latency: dict[str, float] | None = No
             row["onnx_latency_ms"] = latency[row["experiment"]]
     teacher_of: dict[int, list[int]] = {}  # distilled row index -> indices of its teacher rows
     for i, f in enumerate(files):
-        ckpts = teacher_checkpoints(f.config)
+        ckpts = teacher_checkpoints(f.config, records[i].run_dir)
         teacher_of[i] = [
-            j for c in ckpts for j, rec in enumerate(records) if j != i and is_inside(c, rec.run_dir)
+            j for j, rec in enumerate(records) if j != i and any(is_inside(c, rec.run_dir) for c in ckpts)
         ]
     _infer_roles(rows, files, teacher_of)
 
