@@ -436,3 +436,28 @@ def test_the_pretrained_configs_use_the_import_defaults():
     assert distill.distillation.enabled and distill.distillation.teacher_experiment == names[0]
     quick = resolve_config("quickstart_teacher")
     assert (teacher.data, teacher.training) == (quick.data, quick.training)
+
+
+def test_the_seed_size_pretrained_pair_is_people_b3_teachers_recipe_with_lite_encoders():
+    from kdlab.config.loader import resolve_config
+    from kdlab.experiments.plan import SUITES
+
+    names = ["people_lite2_teacher", "people_lite0_baseline", "people_lite0_from_lite2"]
+    assert SUITES["people_pretrained"] == names
+    teacher, baseline, distill = (resolve_config(n) for n in names)
+    for cfg, packaged in ((teacher, PACKAGED["efficientnet-lite2"]), (baseline, PACKAGED["efficientnet-lite0"]),
+                          (distill, PACKAGED["efficientnet-lite0"])):  # fmt: skip
+        assert (cfg.model.encoder, cfg.model.encoder_weights) == (packaged.encoder, str(packaged.default_out))
+        assert cfg.model.input_mean == cfg.model.input_std == (0.5, 0.5, 0.5)
+    seed_teacher, seed_student = resolve_config("people_b3_teacher"), resolve_config("people_b0_from_b3")
+    assert (teacher.data, teacher.training) == (seed_teacher.data, seed_teacher.training)
+    assert (
+        teacher.model.roi_size == seed_teacher.model.roi_size
+        and teacher.model.mask_size == seed_teacher.model.mask_size
+    )
+    assert distill.distillation.enabled and distill.distillation.teacher_experiment == names[0]
+    assert (distill.training.lr, distill.distillation.temperature, distill.distillation.alpha) == (
+        seed_student.training.lr,
+        seed_student.distillation.temperature,
+        seed_student.distillation.alpha,
+    )

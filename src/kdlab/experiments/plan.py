@@ -55,6 +55,8 @@ SUITES: dict[str, list[str]] = {
         "quickstart_pretrained_distill",
     ],
     "people": ["people_b3_teacher", "people_b0_baseline", "people_b0_from_b3"],
+    # the same pair from ImageNet at the seed sizes (Lite2 teacher, Lite0 students), on people_b3_teacher's data
+    "people_pretrained": ["people_lite2_teacher", "people_lite0_baseline", "people_lite0_from_lite2"],
     "digits": ["digits_teacher", "digits_student_baseline", "digits_student_distill"],
     "sequence": ["sequence_teacher", "sequence_student_baseline", "sequence_student_distill"],
 }
