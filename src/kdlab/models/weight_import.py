@@ -30,10 +30,7 @@ from torch import nn
 from kdlab.atomic_io import atomic_write
 from kdlab.errors import CheckpointError, ConfigError, KdlabInputError
 from kdlab.file_hash import file_sha256
-from kdlab.models.encoder_weights import (
-    load_strictly,
-    read_weights_file,
-)
+from kdlab.models.weights_file import load_strictly, read_weights_file
 
 log = logging.getLogger(__name__)
 
