@@ -25,14 +25,7 @@ from torch import nn
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.file_hash import file_sha256
-from kdlab.models.weights_file import (  # noqa: F401  (read_weights_file, load_strictly: also used from here)
-    describe_mismatch,
-    encoder_part,
-    load_strictly,
-    mismatch_summary,
-    read_weights_file,
-    unwrap_state_dict,
-)
+from kdlab.models.weights_file import encoder_part, load_strictly, read_weights_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
