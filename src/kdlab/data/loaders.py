@@ -391,17 +391,17 @@ class WorkerLoader(DataLoader):
 
 def _stop_workers_at_exit() -> None:
     """Registered after multiprocessing's exit handler, so it runs before it (atexit is last in, first out):
-    each live iterator shuts its workers down (end-of-work message, join); a worker still alive after that
-    (it cannot be stopped with SIGTERM) gets SIGKILL, since nothing is waiting for its work any more."""
+    each live iterator shuts its workers down (end-of-work message, join); a worker of ours still alive after
+    that (it cannot be stopped with SIGTERM) gets SIGKILL, since nothing is waiting for its work any more."""
     for iterator in list(_LIVE_ITERATORS):
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             with contextlib.suppress(Exception):
                 shutdown()
-    for child in multiprocessing.active_children():
-        if child.daemon and child.is_alive():
-            with contextlib.suppress(Exception):
-                child.kill()
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                with contextlib.suppress(Exception):
+                    worker.kill()
 
 
 atexit.register(_stop_workers_at_exit)
