@@ -458,6 +458,13 @@ def test_the_seed_report_files_hold_one_row_per_config(three_seeds: list[RunReco
     assert "Student t" in md and "gain" in md
     assert "[+0.0" in md  # the paired interval, signed
     assert len(pd.read_csv(paths["runs_csv"])) == 7
+    # the verdicts in words close the report (the runner prints it, so they are its last lines)
+    last = md.rstrip().splitlines()[-1]
+    assert last.startswith("- **dist** vs base, 3 paired seeds (1, 2, 42): Δ +0.0633, 95% CI [+0.0")
+    assert last.endswith("**gain** (the whole interval lies above 0).")
+    assert (
+        "Verdicts (target IoU, val, best epoch, paired by seed):" in md
+    )  # this fixture: val only, target IoU
 
 
 def test_a_single_seed_report_is_the_per_run_table(trio: list[RunRecord], tmp_path: Path) -> None:

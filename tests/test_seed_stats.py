@@ -444,3 +444,65 @@ def test_aggregate_rows_bootstraps_when_per_image_sums_are_given() -> None:
     for lay, sums in ((layout, partial), (target, per_image)):
         dist = {r["experiment"]: r for r in aggregate_rows(rows, [], lay, per_image=sums)}["dist"]
         assert dist["boot_low"] is None and dist["boot_p_improve"] is None
+
+
+# ---------------------------------------------------------------------------------- the verdicts in words
+def _summary(table: dict[str, dict[str, Any]]) -> str:
+    from kdlab.experiments.report.tables import verdict_summary
+
+    rows = list(table.values())
+    text = verdict_summary(rows, layout_for_rows(rows), "test split")
+    assert text is not None
+    return text
+
+
+def test_suggested_seeds_keep_the_seeds_run_and_add_the_smallest_unused() -> None:
+    from kdlab.experiments.report.tables import suggested_seeds
+
+    assert suggested_seeds([0, 1, 2], 6) == [0, 1, 2, 3, 4, 5]
+    assert suggested_seeds([42, 1, 2], 5) == [0, 1, 2, 3, 42]
+    assert suggested_seeds([2, 0, 1], 2) == [0, 1, 2]  # never fewer than were run
+    assert suggested_seeds([None], 5) is None  # unseeded runs: nothing to extend
+
+
+def test_an_inconclusive_verdict_says_why_and_gives_the_command_that_adds_the_seeds_the_power_hint_asks_for() -> (
+    None
+):
+    base, dist = {0: 0.3625, 1: 0.4070, 2: 0.3923}, {0: 0.4302, 1: 0.4296, 2: 0.4196}  # the main job's seeds
+    table = _table([0.4461], base, dist)
+    row = table["dist"]
+    assert row["verdict"] == INCONCLUSIVE and row["delta_seeds"] == [0, 1, 2]
+    wanted = seeds_for_power(row["delta_std"], row["delta_mean"])
+    assert wanted is not None and wanted > 3
+    text = _summary(table)
+    assert text.startswith("Verdicts (mIoU, test split, paired by seed):")
+    (line,) = [x for x in text.splitlines() if x.startswith("- ")]
+    d = [dist[s] - base[s] for s in base]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(d) / math.sqrt(3)
+    low, high = statistics.mean(d) - half, statistics.mean(d) + half  # -0.0224, +0.1008: hand values below
+    assert f"{low:.4f}, {high:.4f}" == "-0.0224, 0.1008"
+    assert line.startswith(
+        "- **dist** vs base, 3 paired seeds (0, 1, 2): Δ +0.0392, 95% CI [−0.0224, +0.1008]"
+    )
+    assert "**inconclusive** (the interval holds 0" in line
+    assert f"about {wanted} seeds detect a Δ of 0.0392" in line
+    assert f"--seeds {' '.join(str(s) for s in range(wanted))} --resume" in line
+
+
+def test_gain_hurts_equivalent_and_one_seed_read_as_such_without_a_seeds_command() -> None:
+    gain = _summary(_table([0.9], {1: 0.5, 2: 0.6, 3: 0.7}, {1: 0.56, 2: 0.68, 3: 0.75}))
+    assert "**gain** (the whole interval lies above 0)" in gain and "--resume" not in gain
+    hurts = _summary(_table([0.9], {1: 0.56, 2: 0.68, 3: 0.75}, {1: 0.5, 2: 0.6, 3: 0.7}))
+    assert "**hurts** (the whole interval lies below 0)" in hurts and "--resume" not in hurts
+    same = _summary(_table([0.9], {1: 0.5, 2: 0.6, 3: 0.7}, {1: 0.501, 2: 0.599, 3: 0.7005}))
+    assert "**equivalent within ±0.005** (the whole interval lies inside that margin)" in same
+    one = _summary(_table([0.9], {1: 0.5}, {1: 0.56}))
+    assert "1 paired seed (1): Δ +0.0600: no verdict from one seed" in one
+    assert "95% CI" not in one
+
+
+def test_no_verdict_lines_without_a_distilled_config_with_a_baseline() -> None:
+    from kdlab.experiments.report.tables import verdict_summary
+
+    rows = list(_table([0.9], {1: 0.5, 2: 0.6}, {}).values())
+    assert verdict_summary(rows, layout_for_rows(rows), "test split") is None

@@ -263,7 +263,7 @@ def aggregate_rows(
         diff = t_interval(list(diffs.values()))
         row.update(baseline=baseline, delta_mean=diff.mean, delta_std=diff.std, delta_low=diff.low,
                    delta_high=diff.high, delta_n=diff.n, verdict=verdict(diff, equivalence_margin),
-                   p_improve=prob_improvement(list(diffs.values())))  # fmt: skip
+                   p_improve=prob_improvement(list(diffs.values())), delta_seeds=seeds)  # fmt: skip
         if diff.std and diff.mean is not None:  # n >= 2 and a non-zero spread
             target = max(abs(diff.mean), equivalence_margin)
             row["power_seeds"] = seeds_for_power(diff.std, target)

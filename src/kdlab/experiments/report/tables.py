@@ -12,7 +12,7 @@ import pandas as pd
 
 from kdlab.evaluate.report_layout import HEADLINE_LABELS, ReportLayout
 from kdlab.experiments.report.aggregate import SPREAD_COLUMNS
-from kdlab.experiments.seed_stats import EQUIVALENCE_MARGIN, MAX_SEEDS
+from kdlab.experiments.seed_stats import EQUIVALENCE_MARGIN, GAIN, HURTS, INCONCLUSIVE, MAX_SEEDS, ZERO_SPREAD
 
 MISSING = "—"
 
@@ -241,3 +241,71 @@ def seed_method(layout: ReportLayout, equivalence_margin: float = EQUIVALENCE_MA
         "single run's spread counting 0; one run each: a bootstrap over test images). "
         "Per-seed rows: experiment_comparison_runs.csv and experiment_runs.json."
     )
+
+
+def _seed_list(seeds: list[Any]) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def suggested_seeds(seeds: list[Any], wanted: int) -> list[int] | None:
+    """The seeds to pass to --seeds for `wanted` paired seeds: the ones already run, then the smallest unused
+    integers. None when the runs have no integer seeds (nothing to extend)."""
+    have = [s for s in seeds if isinstance(s, int) and not isinstance(s, bool)]
+    if len(have) != len(seeds) or not have:
+        return None
+    out, candidate = sorted(have), 0
+    while len(out) < wanted:
+        if candidate not in out:
+            out.append(candidate)
+        candidate += 1
+    return sorted(out)
+
+
+def verdict_summary(rows: list[dict[str, Any]], layout: ReportLayout, scored_on: str) -> str | None:
+    """The verdicts in words, one line per distilled config with a baseline: the paired Δ, its interval, the
+    seeds, what the verdict means and, when it is inconclusive, how many seeds would settle it and the
+    `--seeds ... --resume` that adds them. The report's last lines (and so the runner's last output)."""
+    lines = []
+    for row in rows:
+        if _missing(row.get("delta_mean")):
+            continue
+        seeds = list(row.get("delta_seeds") or [])
+        if all(isinstance(s, int) for s in seeds):
+            seeds.sort()
+        name, base = row["experiment"], row["baseline"]
+        n = len(seeds) if seeds else int(row.get("delta_n") or 0)
+        text = f"- **{name}** vs {base}, {n} paired seed{'s' if n != 1 else ''}"
+        text += f" ({_seed_list(seeds)})" if seeds else ""
+        text += f": Δ {_signed(row['delta_mean'], '{:.4f}')}"
+        if not _missing(row.get("delta_low")):
+            text += (
+                f", 95% CI [{_signed(row['delta_low'], '{:.4f}')}, {_signed(row['delta_high'], '{:.4f}')}]"
+            )
+        word = row.get("verdict")
+        if _missing(word):
+            text += ": no verdict from one seed (an interval needs two or more)."
+        elif word == GAIN:
+            text += ": **gain** (the whole interval lies above 0)."
+        elif word == HURTS:
+            text += ": **hurts** (the whole interval lies below 0)."
+        elif word == ZERO_SPREAD:
+            text += ": **inconclusive**: every seed gave the same Δ, so there is no spread to build an interval from."
+        elif word == INCONCLUSIVE:
+            text += ": **inconclusive** (the interval holds 0 and reaches beyond the equivalence margin)."
+        else:  # equivalent within ±m
+            text += f": **{word}** (the whole interval lies inside that margin)."
+        hint, wanted = row.get("power_hint"), row.get("power_seeds")
+        if word not in (GAIN, HURTS) and isinstance(hint, str) and hint:
+            text += f" {hint[0].upper()}{hint[1:]}"
+            more = None if _missing(wanted) else suggested_seeds(seeds, int(wanted))
+            if more is not None and len(more) > n:
+                text += (
+                    f": rerun the same command with `--seeds {' '.join(str(s) for s in more)} --resume` "
+                    "(finished runs are reused, not retrained)."
+                )
+            else:
+                text += "."
+        lines.append(text)
+    if not lines:
+        return None
+    return "\n".join([f"Verdicts ({layout.headline_label}, {scored_on}, paired by seed):", "", *lines])

@@ -28,6 +28,7 @@ from kdlab.experiments.report.tables import (
     runs_markdown,
     seed_method,
     table_frame,
+    verdict_summary,
 )
 from kdlab.experiments.report.teacher_lead import per_image_sums
 from kdlab.experiments.seed_stats import EQUIVALENCE_MARGIN
@@ -130,6 +131,9 @@ def _write_report(rows: list[dict[str, Any]], out_dir: Path, curves_from: list[R
     legend = lead_legend(table)
     if legend:
         body += "\n\n" + legend
+    verdicts = verdict_summary(table, layout, scored_on(rows)) if aggregated else None
+    if verdicts:
+        body += "\n\n" + verdicts
     write_text_atomic(paths["csv"], frame_to_csv(frame))
     write_text_atomic(paths["json"], frame_to_json(frame))
     write_text_atomic(paths["markdown"], "\n".join([*text, "", body]) + "\n")
