@@ -111,6 +111,12 @@ def test_a_newer_record_of_a_run_replaces_the_older_and_an_older_one_loses():
     # a run found finished on disk keeps its training record and gains the export
     exists = {"name": "x", "status": "exists", "export": {"ok": True}, RECORDED_AT: 30.0}
     assert merge_records([new], [exists]) == [{**new, "export": {"ok": True}}]
+    # ... and the directory it was found in: the old path was relative to the first runner's working directory
+    trained = {**new, "run_dir": "experiments/x", "duration_s": 200.0}
+    found = {**exists, "run_dir": "/elsewhere/experiments/x"}
+    assert merge_records([trained], [found]) == [
+        {**trained, "run_dir": "/elsewhere/experiments/x", "export": {"ok": True}}
+    ]
     # records never move; a new one goes before the next record of its batch already in the file
     file = [{"name": "p"}, {"name": "c"}]
     batch = [{"name": n} for n in ("a", "b", "c")]

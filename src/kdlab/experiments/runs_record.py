@@ -88,14 +88,16 @@ def _records_for_update(path: Path) -> list[Record]:
 def _newer(old: Record | None, new: Record) -> Record:
     """The record a run keeps: the newer one; an older incoming record (another runner recorded the run since)
     loses. A run found finished on disk ("exists": --resume, --skip_training) keeps its training record and
-    gains the export result."""
+    gains the export result and the directory it was found in: the old record's `run_dir` may be relative to
+    another working directory, or the output directory may have moved, and the report reads the run from it."""
     if old is None:
         return new
     if (old.get(RECORDED_AT) or 0.0) > (new.get(RECORDED_AT) or 0.0):
         return old
     if new.get("status") == "exists" and old.get("status") == "completed":
         export = new.get("export") if new.get("export") is not None else old.get("export")
-        return {**old, "export": export}
+        found_in = {"run_dir": new["run_dir"]} if new.get("run_dir") else {}
+        return {**old, **found_in, "export": export}
     return new
 
 
