@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import types
 import warnings
 from pathlib import Path
 
@@ -276,6 +277,7 @@ class FakeHub:
         self.httpx = httpx
         self.files: dict[tuple[str, str], bytes] = {}
         self.requests: list[tuple[str, str]] = []
+        self.waits: list[float] = []  # the client's back-off waits between retries, recorded, not slept
         self.online = True
 
     def handle(self, request):
@@ -295,10 +297,13 @@ class FakeHub:
 def fake_hub(tmp_path, monkeypatch):
     httpx = pytest.importorskip("httpx2", reason="huggingface_hub's HTTP client here is httpx2")
     from huggingface_hub import constants, set_client_factory
+    from huggingface_hub.utils import _http as hf_http
     from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 
     hub = FakeHub(httpx)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    # The client's retries on a failed connection still happen, without their back-off waits (1+2+4+8 s here).
+    monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=hub.waits.append), raising=False)
     # the default client's settings (its request hook enforces HF_HUB_OFFLINE), with the fake network
     set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(hub.handle), follow_redirects=True,
                                             event_hooks={"request": [hf_request_event_hook]}))  # fmt: skip
