@@ -243,10 +243,6 @@ def seed_method(layout: ReportLayout, equivalence_margin: float = EQUIVALENCE_MA
     )
 
 
-def _seed_list(seeds: list[Any]) -> str:
-    return ", ".join(str(s) for s in seeds)
-
-
 def suggested_seeds(seeds: list[Any], wanted: int) -> list[int] | None:
     """The seeds to pass to --seeds for `wanted` paired seeds: the ones already run, then the smallest unused
     integers. None when the runs have no integer seeds (nothing to extend)."""
@@ -273,9 +269,9 @@ def verdict_summary(rows: list[dict[str, Any]], layout: ReportLayout, scored_on:
         if all(isinstance(s, int) for s in seeds):
             seeds.sort()
         name, base = row["experiment"], row["baseline"]
-        n = len(seeds) if seeds else int(row.get("delta_n") or 0)
+        n = int(row["delta_n"])  # = len(seeds): the seeds both configs have
         text = f"- **{name}** vs {base}, {n} paired seed{'s' if n != 1 else ''}"
-        text += f" ({_seed_list(seeds)})" if seeds else ""
+        text += f" ({', '.join(str(s) for s in seeds)})" if seeds else ""
         text += f": Δ {_signed(row['delta_mean'], '{:.4f}')}"
         if not _missing(row.get("delta_low")):
             text += (
